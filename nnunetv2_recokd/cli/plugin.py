@@ -1,0 +1,132 @@
+"""Making our trainers visible to nnU-Net: install / uninstall the shim, ext-path, doctor."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+SHIM_NAME = "nnunetv2_recokd_trainers.py"
+SHIM_MARKER = "# written by `nnunetv2_recokd install`; remove with `nnunetv2_recokd install --uninstall`\n"
+
+
+def ext_folder() -> Path:
+    """The folder that holds only our shim module: the one to export as nnUNet_extTrainer."""
+    return Path(__file__).resolve().parent.parent / "nnunet_ext"
+
+
+def nnunet_trainer_folder() -> Path:
+    spec = importlib.util.find_spec("nnunetv2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("nnU-Net v2 is not installed in this Python environment (pip install nnunetv2)")
+    return Path(list(spec.submodule_search_locations)[0]) / "training" / "nnUNetTrainer"
+
+
+def shim_path() -> Path:
+    return nnunet_trainer_folder() / SHIM_NAME
+
+
+def install(uninstall: bool = False) -> int:
+    target = shim_path()
+    if uninstall:
+        if not target.exists():
+            print(f"nothing to remove: {target} does not exist")
+            return 0
+        if SHIM_MARKER not in target.read_text():
+            print(f"refusing to remove {target}: it was not written by nnunetv2_recokd install", file=sys.stderr)
+            return 1
+        target.unlink()
+        print(f"removed {target}")
+        return 0
+    source = (ext_folder() / SHIM_NAME).read_text()
+    try:
+        target.write_text(SHIM_MARKER + source)
+    except OSError as e:
+        print(f"cannot write {target} ({e}).\nEither run this with write access to the nnU-Net installation, or "
+              f"use nnU-Net's external trainer route instead:\n  export nnUNet_extTrainer={ext_folder()}",
+              file=sys.stderr)
+        return 1
+    print(f"installed {target}\nnnU-Net now finds our trainers, e.g. "
+          f"nnUNetv2_train DATASET 3d_fullres 0 -tr nnUNetTrainerLogitKD\n"
+          f"undo with: nnunetv2_recokd install --uninstall")
+    return 0
+
+
+def print_ext_path() -> int:
+    print(ext_folder())
+    return 0
+
+
+def _trainer_status(name: str) -> str:
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    try:
+        cls = recursive_find_trainer_class_by_name(name)
+    except BaseException as e:  # nnU-Net's lookup imports every trainer module; anything can surface here
+        return f"NOT discoverable ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+    return f"ok ({cls.__module__})"
+
+
+def doctor(dataset: Optional[str], configuration: str, fold: str, trainer: str, plans: str) -> int:
+    from nnunetv2_recokd.trainers import PUBLIC_TRAINERS
+
+    import torch
+
+    print(f"nnunetv2 {metadata.version('nnunetv2')}, nnunetv2-recokd {metadata.version('nnunetv2-recokd')}, "
+          f"torch {torch.__version__} (CUDA available: {torch.cuda.is_available()})")
+    shim = shim_path()
+    ext = os.environ.get("nnUNet_extTrainer", "")
+    print(f"shim in nnU-Net's trainer folder: {'yes' if shim.exists() else 'no'} ({shim})")
+    print(f"nnUNet_extTrainer: {ext or '(not set)'}" + ("  <- our ext-path" if str(ext_folder()) in ext else ""))
+    if not shim.exists() and str(ext_folder()) not in ext:
+        print("  -> run `nnunetv2_recokd install`, or `export nnUNet_extTrainer=$(nnunetv2_recokd ext-path)`")
+    print("trainers, as nnU-Net's own lookup sees them:")
+    found_all = True
+    for name in PUBLIC_TRAINERS:
+        status = _trainer_status(name)
+        found_all &= status.startswith("ok")
+        print(f"  {name:32s} {status}")
+    if dataset is not None:
+        found_all &= _doctor_teacher(dataset, configuration, fold, trainer, plans)
+    return 0 if found_all else 1
+
+
+def _doctor_teacher(dataset: str, configuration: str, fold: str, trainer: str, plans: str) -> bool:
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnunetv2_recokd.config import resolve_settings
+    from nnunetv2_recokd.teacher import TeacherError, check_compatible, read_checkpoint, resolve_teacher
+
+    try:
+        dataset_name = maybe_convert_to_dataset_name(dataset)
+    except RuntimeError as e:
+        print(f"dataset {dataset}: {e}")
+        return False
+    settings = resolve_settings(trainer)
+    fold_value = fold if fold == "all" else int(fold)
+    print(f"teacher for {dataset_name} {configuration} fold {fold} ({trainer}):")
+    try:
+        location = resolve_teacher(settings.teacher, dataset_name, configuration, fold_value,
+                                   settings.teacher_trainer, settings.teacher_plans or plans,
+                                   settings.teacher_checkpoint)
+        print(f"  checkpoint {location.checkpoint} (from {location.source})")
+        checkpoint = read_checkpoint(location.checkpoint)
+        preprocessed = os.environ.get("nnUNet_preprocessed")
+        student_plans = Path(preprocessed or "") / dataset_name / f"{plans}.json"
+        if preprocessed and student_plans.is_file():
+            cfg = (checkpoint.get("init_args") or {}).get("configuration", configuration)
+            check_compatible(load_json(str(location.model_folder / "plans.json")),
+                             load_json(str(location.model_folder / "dataset.json")), cfg,
+                             load_json(str(student_plans)),
+                             load_json(str(student_plans.parent / "dataset.json")), configuration)
+            print(f"  matches the student's data ({student_plans})")
+        else:
+            print(f"  (no preprocessed plans at {student_plans}: compatibility not checked)")
+    except TeacherError as e:
+        print("  " + str(e).replace("\n", "\n  "))
+        return False
+    return True

@@ -1,0 +1,195 @@
+"""The distiller: composes the distillation terms, their stage weights and schedules, and owns every
+trainable distillation module (adapters, context blocks, graph projectors).
+
+It is an nn.Module held by the trainer beside (not inside) the student network: it is trained by the
+student's optimizer, saved in the checkpoint under its own key, and never part of the network that
+nnUNetv2_predict rebuilds. Data flows one way: trainer -> distiller -> losses.
+
+Total objective (see ../shared/reference/METHOD.md):
+    L = L_seg + lambda_reco(e) * sum_k w_k (SARD_k + ca_weight * CA_k)
+              + lambda_graph(e) * sum_s RGD_s + logit_weight * sum_k ds_k L_logit,k
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from nnunetv2_recokd.config import DistillSettings
+from nnunetv2_recokd.losses.context import ContextAlignmentLoss
+from nnunetv2_recokd.losses.graph import RegionGraphLoss, extract_regions
+from nnunetv2_recokd.losses.logits import LogitKDLoss
+from nnunetv2_recokd.losses.masks import region_masks
+from nnunetv2_recokd.losses.sard import SARDLoss
+
+
+def stage_weights(levels: Sequence[int], alpha: float) -> list[float]:
+    """ReCo-KD's multi-scale weights w_k proportional to (2^(-3 alpha))^k, normalised to sum 1."""
+    raw = [(2.0 ** (-3.0 * alpha)) ** k for k in levels]
+    total = sum(raw)
+    return [r / total for r in raw]
+
+
+def linear_warmup(progress: float, warmup: float) -> float:
+    """Factor in [0, 1]: rises linearly from 0 to 1 over the first `warmup` fraction of training."""
+    if warmup <= 0:
+        return 1.0
+    return min(1.0, max(0.0, progress / warmup))
+
+
+def _level(stage_name: str) -> int:
+    return int(stage_name[3:])
+
+
+class Distiller(nn.Module):
+    """All distillation terms of one trainer, configured by DistillSettings.
+
+    Args:
+        settings: resolved settings (weights of zero switch a term off entirely: no hooks, no modules).
+        student_channels / teacher_channels: channels of each named stage (see hooks.stage_channels).
+        n_stages: number of encoder stages of the U-Net (the bottleneck, n_stages-1, is never distilled
+            by ReCo-KD: it has no deep-supervision target).
+        ds_weights: nnU-Net's deep-supervision weights, one per output (used by the logit term).
+        conv_dim: 2 or 3, the dimensionality of the features (for the 1x1(x1) adapters).
+        has_regions: region-based training (sigmoid outputs, multi-channel targets).
+        ignore_label: the dataset's ignore label or None.
+
+    Raises:
+        ValueError: a configured stage does not exist, or graph lesion settings in region mode.
+    """
+
+    def __init__(self, settings: DistillSettings, student_channels: dict[str, int], teacher_channels: dict[str, int],
+                 n_stages: int, ds_weights: Sequence[float], conv_dim: int = 3, has_regions: bool = False,
+                 ignore_label: Optional[int] = None):
+        super().__init__()
+        self.settings = settings
+        self.has_regions = has_regions
+        self.ignore_label = ignore_label
+        self.ds_weights = [float(w) for w in ds_weights]
+        conv = {2: nn.Conv2d, 3: nn.Conv3d}[conv_dim]
+
+        self.logit = (LogitKDLoss(settings.logit_temperature, sigmoid=has_regions)
+                      if settings.logit_weight > 0 else None)
+
+        # ReCo-KD on encoder stages that have deep-supervision targets (0 .. n_stages-2)
+        self.sard = None
+        self.reco_stages: list[str] = []
+        self.reco_weights: list[float] = []
+        sard_on = settings.sard_fg_weight + settings.sard_bg_weight + settings.sard_att_weight > 0
+        if settings.reco_weight > 0 and (sard_on or settings.ca_weight > 0):
+            levels = settings.reco_stages if settings.reco_stages is not None else list(range(n_stages - 1))
+            bad = [k for k in levels if not 0 <= k <= n_stages - 2]
+            if bad:
+                raise ValueError(f"reco_stages {bad} out of range: encoder stages with deep-supervision targets "
+                                 f"are 0..{n_stages - 2}")
+            self.reco_stages = [f"enc{k}" for k in levels]
+            self.reco_weights = stage_weights(levels, settings.reco_stage_alpha)
+            if sard_on:
+                self.sard = SARDLoss(settings.sard_temperature, settings.sard_fg_weight, settings.sard_bg_weight,
+                                     settings.sard_att_weight)
+        self.context = nn.ModuleDict(
+            {name: ContextAlignmentLoss(teacher_channels[name], settings.ca_ratio)
+             for name in self.reco_stages} if settings.ca_weight > 0 else {})
+
+        # REACT-KD region graphs on the configured stages
+        self.graph_stages: list[str] = list(settings.graph_stages) if settings.graph_weight > 0 else []
+        for name in self.graph_stages:
+            if name not in student_channels:
+                raise ValueError(f"graph stage {name!r} does not exist; valid names: {', '.join(student_channels)}")
+        if self.graph_stages and has_regions:
+            raise ValueError("region-graph distillation needs label maps; this dataset is region-based "
+                             "(set graph_weight to 0 or use nnUNetTrainerReCoKD)")
+        self.graph = nn.ModuleDict({
+            name: RegionGraphLoss(student_channels[name], teacher_channels[name], settings.graph_node_weight,
+                                  settings.graph_edge_weight, settings.graph_gw_weight, settings.graph_gw_solver,
+                                  settings.graph_gw_epsilon)
+            for name in self.graph_stages})
+
+        self.adapters = nn.ModuleDict({
+            name: conv(student_channels[name], teacher_channels[name], kernel_size=1, bias=True)
+            for name in self.reco_stages})
+
+    @property
+    def hooked_stages(self) -> list[str]:
+        """Stage names whose features the trainer must record (same names in student and teacher)."""
+        return list(dict.fromkeys(self.reco_stages + self.graph_stages))
+
+    @property
+    def uses_logits(self) -> bool:
+        return self.logit is not None
+
+    def schedule(self, progress: float) -> dict[str, float]:
+        """Multipliers of each term family at `progress` = epoch / num_epochs."""
+        s = self.settings
+        return {"reco": s.reco_weight * linear_warmup(progress, s.reco_warmup),
+                "graph": s.graph_weight * linear_warmup(progress, s.graph_warmup),
+                "logit": s.logit_weight}
+
+    def forward(self, student_features: dict[str, torch.Tensor], teacher_features: dict[str, torch.Tensor],
+                student_outputs: Sequence[torch.Tensor], teacher_outputs: Sequence[torch.Tensor],
+                targets: Sequence[torch.Tensor], progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted total and the raw (unweighted, stage-aggregated) value of every term, all float32.
+
+        Args:
+            student_features / teacher_features: recorded stage outputs, (B, C, *spatial) per name.
+            student_outputs / teacher_outputs: deep-supervision logits, output[k] at target[k]'s resolution.
+            targets: nnU-Net's deep-supervision targets.
+            progress: epoch / num_epochs, drives the warm-ups.
+        """
+        mult = self.schedule(progress)
+        terms: dict[str, torch.Tensor] = {}
+        total = None
+
+        def add(value: torch.Tensor, factor: float) -> None:
+            nonlocal total
+            total = value * factor if total is None else total + value * factor
+
+        if self.logit is not None:
+            logit = sum(w * self.logit(s, t, self._valid(y)) for w, s, t, y in
+                        zip(self.ds_weights, student_outputs, teacher_outputs, targets) if w > 0)
+            terms["logit"] = logit
+            add(logit, mult["logit"])
+
+        if self.reco_stages:
+            reco = {}
+            for name, w in zip(self.reco_stages, self.reco_weights):
+                adapted = self.adapters[name](student_features[name])
+                teacher = teacher_features[name]
+                if self.sard is not None:
+                    fg, bg = region_masks(targets[_level(name)], self.ignore_label, self.has_regions)
+                    for key, value in self.sard(adapted, teacher, fg, bg).items():
+                        if key != "total":
+                            reco[f"sard_{key}"] = reco.get(f"sard_{key}", 0) + w * value
+                        else:
+                            add(value, mult["reco"] * w)
+                if name in self.context:
+                    ca = self.context[name](adapted, teacher)
+                    reco["ca"] = reco.get("ca", 0) + w * ca
+                    add(ca, mult["reco"] * w * self.settings.ca_weight)
+            terms.update(reco)
+
+        if self.graph_stages:
+            graph = {}
+            for name in self.graph_stages:
+                regions = extract_regions(targets[_level(name)], self.settings.graph_lesion_labels,
+                                          self.settings.graph_min_component_voxels,
+                                          self.settings.graph_background_node, self.ignore_label)
+                values = self.graph[name](student_features[name], teacher_features[name], regions)
+                for key, value in values.items():
+                    if key != "total":
+                        graph[f"graph_{key}"] = graph.get(f"graph_{key}", 0) + value
+                add(values["total"], mult["graph"])
+            terms.update(graph)
+
+        if total is None:
+            raise RuntimeError("the distiller has no active term; use nnUNetTrainerStudent for plain training")
+        return total, terms
+
+    def _valid(self, target: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.ignore_label is None:
+            return None
+        if self.has_regions:
+            return 1 - target[:, -1:].float()  # nnU-Net puts the ignore mask in the last channel
+        return (target != self.ignore_label)

@@ -1,0 +1,133 @@
+"""Structure-aware region distillation (MS-SARD) at one feature stage."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["SARDLoss"]
+
+_EPS = 1e-12
+
+
+def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
+    """Switch autocast off on ``device`` so the loss runs in float32; a no-op where autocast does not exist."""
+    is_available = getattr(torch.amp, "is_autocast_available", None)  # added in torch 2.4
+    known = is_available(device.type) if is_available is not None else device.type in ("cpu", "cuda")
+    if not known:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _attention(features: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Spatial ``(B, V)`` and channel ``(B, C)`` attention of float32 features ``(B, C, V)``.
+
+    ``S(v) = V * softmax_v(mean_c |F| / T)`` and ``Ch(c) = C * softmax_c(mean_v |F| / T)``, per sample, so both
+    average to 1 and equal 1 everywhere when the activations are uniform.
+    """
+    magnitude = features.abs()
+    spatial = torch.softmax(magnitude.mean(dim=1) / temperature, dim=1) * features.shape[2]
+    channel = torch.softmax(magnitude.mean(dim=2) / temperature, dim=1) * features.shape[1]
+    return spatial, channel
+
+
+class SARDLoss(nn.Module):
+    """MS-SARD: structure-aware region distillation at one stage (ReCo-KD, arXiv 2601.08301).
+
+    The region term follows FGD (Yang et al., "Focal and Global Knowledge Distillation for Detectors",
+    CVPR 2022), extended to 3D with ReCo-KD's class-aware, size-normalised masks (see ``region_masks``).
+    With teacher attention ``S_t`` (spatial) and ``Ch_t`` (channel), ``C`` channels and per-sample
+    flattened voxels ``v``::
+
+        L_fg  = sum_{b,c,v} M_fg S_t Ch_t (F_s - F_t)^2 / (C * sum_{b,v} M_fg)     (L_bg likewise with M_bg)
+        L_att = mean |Ch_s - Ch_t| + mean |S_s - S_t|
+        total = fg_weight * L_fg + bg_weight * L_bg + att_weight * L_att
+
+    where ``S(v) = V * softmax_v(mean_c |F| / T)`` and ``Ch(c) = C * softmax_c(mean_v |F| / T)`` per sample.
+    Everything is computed in float32 with autocast off. An all-zero mask gives a finite 0 that still belongs
+    to the autograd graph. Teacher attention is detached.
+
+    Args:
+        temperature: softmax temperature ``T`` of both attentions (> 0). Authors' default 0.5.
+        fg_weight: weight of the foreground region term (>= 0).
+        bg_weight: weight of the background region term (>= 0).
+        att_weight: weight of the attention term (>= 0).
+
+    Inputs:
+        student: adapted student feature ``(B, C, *spatial)``, already projected to the teacher's channels.
+        teacher: teacher feature ``(B, C, *spatial)``.
+        mask_fg: foreground mask ``(B, 1, *spatial)`` from ``region_masks``.
+        mask_bg: background mask ``(B, 1, *spatial)`` from ``region_masks``.
+
+    Returns:
+        ``{'fg', 'bg', 'att', 'total'}``: float32 0-d tensors.
+
+    Raises:
+        ValueError: on a non-positive temperature or negative weight (in ``__init__``), or when student and
+            teacher shapes differ, features have no spatial axis, or a mask is not ``(B, 1, *spatial)``
+            (in ``forward``; the message gives both shapes).
+    """
+
+    def __init__(
+        self, temperature: float = 0.5, fg_weight: float = 1.0, bg_weight: float = 1.0, att_weight: float = 1.0
+    ) -> None:
+        super().__init__()
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+        for name, value in (("fg_weight", fg_weight), ("bg_weight", bg_weight), ("att_weight", att_weight)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        self.temperature = float(temperature)
+        self.fg_weight = float(fg_weight)
+        self.bg_weight = float(bg_weight)
+        self.att_weight = float(att_weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, fg_weight={self.fg_weight}, bg_weight={self.bg_weight}, "
+            f"att_weight={self.att_weight}"
+        )
+
+    def forward(self, student: Tensor, teacher: Tensor, mask_fg: Tensor, mask_bg: Tensor) -> dict[str, Tensor]:
+        _check_shapes(student, teacher, mask_fg, mask_bg)
+        with _autocast_disabled(student.device):
+            feat_s = student.float().flatten(2)  # (B, C, V)
+            feat_t = teacher.detach().float().flatten(2)
+            weight_fg = mask_fg.detach().float().flatten(1)  # (B, V)
+            weight_bg = mask_bg.detach().float().flatten(1)
+            channels = feat_s.shape[1]
+
+            spatial_t, channel_t = _attention(feat_t, self.temperature)
+            spatial_s, channel_s = _attention(feat_s, self.temperature)
+
+            # Contract the channel axis first: one (B, V) map of attention-weighted squared error serves both
+            # regions, so only the difference and its square exist at full (B, C, V) size.
+            diff = feat_s - feat_t
+            voxel_error = torch.einsum("bcv,bc->bv", diff * diff, channel_t) * spatial_t
+
+            # Empty mask: 0 * error / eps = 0, still attached to the graph.
+            loss_fg = (voxel_error * weight_fg).sum() / (channels * weight_fg.sum()).clamp_min(_EPS)
+            loss_bg = (voxel_error * weight_bg).sum() / (channels * weight_bg.sum()).clamp_min(_EPS)
+            loss_att = (channel_s - channel_t).abs().mean() + (spatial_s - spatial_t).abs().mean()
+            total = self.fg_weight * loss_fg + self.bg_weight * loss_bg + self.att_weight * loss_att
+        return {"fg": loss_fg, "bg": loss_bg, "att": loss_att, "total": total}
+
+
+def _check_shapes(student: Tensor, teacher: Tensor, mask_fg: Tensor, mask_bg: Tensor) -> None:
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student and teacher features must have the same shape, got student {tuple(student.shape)} "
+            f"and teacher {tuple(teacher.shape)}"
+        )
+    if student.ndim < 3:
+        raise ValueError(f"features must have shape (B, C, *spatial), got {tuple(student.shape)}")
+    expected = (student.shape[0], 1, *student.shape[2:])
+    for name, mask in (("mask_fg", mask_fg), ("mask_bg", mask_bg)):
+        if tuple(mask.shape) != expected:
+            raise ValueError(
+                f"{name} must have shape {expected} to match features {tuple(student.shape)}, "
+                f"got {name} {tuple(mask.shape)}"
+            )

@@ -1,0 +1,220 @@
+"""Find, load, check and freeze the teacher: an ordinary nnU-Net model folder trained before.
+
+Where the teacher comes from, first match wins:
+1. ``RECOKD_TEACHER`` (environment): a model folder, a fold folder or a checkpoint file;
+2. the ``teacher`` setting (RECOKD_CONFIG or trainer_configs/), same forms;
+3. nnU-Net's conventional location for the same dataset, configuration and fold:
+   ``$nnUNet_results/<Dataset>/<teacher_trainer>__<teacher_plans>__<configuration>/fold_<fold>/<teacher_checkpoint>``.
+
+The teacher network is rebuilt from ITS OWN plans.json and checkpoint (so a ResEnc teacher can teach a
+plain student); what must match the student is the data it sees and predicts: dataset, labels, input
+channels, preprocessing (data identifier, spacing, normalisation) and the strides that put features
+and deep-supervision outputs at the same resolutions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from torch import nn
+
+from nnunetv2_recokd.config import TEACHER_ENV
+
+
+class TeacherError(RuntimeError):
+    """The teacher is missing, unreadable or does not fit the student's data."""
+
+
+@dataclasses.dataclass
+class TeacherLocation:
+    checkpoint: Path
+    model_folder: Path
+    source: str  # where the path came from, for the log
+
+
+class FrozenTeacher(nn.Module):
+    """A network that is always in eval mode, never has gradients and never records autograd history.
+
+    ``train()`` cannot switch it back to training mode (dropout, instance-norm statistics stay fixed).
+    Forward runs under torch.no_grad() rather than inference_mode because its outputs feed losses.
+    """
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+        self.network.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "FrozenTeacher":
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor):
+        with torch.no_grad():
+            return self.network(x)
+
+
+def default_teacher_folder(results_root: Union[str, Path], dataset_name: str, configuration: str,
+                           teacher_trainer: str, teacher_plans: str) -> Path:
+    return Path(results_root) / dataset_name / f"{teacher_trainer}__{teacher_plans}__{configuration}"
+
+
+def _fold_folder_name(fold: Union[int, str]) -> str:
+    return f"fold_{fold}"
+
+
+def locate_teacher(path: Optional[str], source: str, fold: Union[int, str], checkpoint_name: str) -> TeacherLocation:
+    """Turn a model folder, fold folder or checkpoint file into (checkpoint, model folder)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        checkpoint = p
+    elif (p / checkpoint_name).is_file():  # a fold folder
+        checkpoint = p / checkpoint_name
+    else:  # a model folder
+        checkpoint = p / _fold_folder_name(fold) / checkpoint_name
+    model_folder = checkpoint.parent.parent if checkpoint.parent.name.startswith("fold_") else checkpoint.parent
+    if not checkpoint.is_file():
+        raise TeacherError(
+            f"No teacher checkpoint found: looked for {checkpoint} (teacher from {source}).\n"
+            f"Train the teacher first (nnUNetv2_train <dataset> <configuration> {fold}) or point "
+            f"{TEACHER_ENV} at a model folder, a fold folder or a checkpoint file, e.g.\n"
+            f"  export {TEACHER_ENV}=$nnUNet_results/<Dataset>/nnUNetTrainer__nnUNetPlans__3d_fullres")
+    for name in ("plans.json", "dataset.json"):
+        if not (model_folder / name).is_file():
+            raise TeacherError(f"Teacher model folder {model_folder} has no {name}; a teacher must be an nnU-Net "
+                               f"model folder (plans.json, dataset.json, fold_X/{checkpoint.name})")
+    return TeacherLocation(checkpoint=checkpoint, model_folder=model_folder, source=source)
+
+
+def resolve_teacher(setting: Optional[str], dataset_name: str, configuration: str, fold: Union[int, str],
+                    teacher_trainer: str, teacher_plans: str, checkpoint_name: str,
+                    environ: Optional[Mapping[str, str]] = None) -> TeacherLocation:
+    """Where the teacher is: RECOKD_TEACHER, else the `teacher` setting, else nnU-Net's conventional folder."""
+    environ = os.environ if environ is None else environ
+    if environ.get(TEACHER_ENV):
+        return locate_teacher(environ[TEACHER_ENV], f"${TEACHER_ENV}", fold, checkpoint_name)
+    if setting:
+        return locate_teacher(setting, "the 'teacher' setting", fold, checkpoint_name)
+    results = environ.get("nnUNet_results")
+    if not results:
+        raise TeacherError(f"nnUNet_results is not set, so the default teacher location is unknown; set "
+                           f"nnUNet_results or {TEACHER_ENV}")
+    folder = default_teacher_folder(results, dataset_name, configuration, teacher_trainer, teacher_plans)
+    return locate_teacher(str(folder), "nnU-Net's default location", fold, checkpoint_name)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise TeacherError(f"Teacher checkpoint {path} is unreadable ({type(e).__name__}: {e}). Use the "
+                           f"checkpoint_final.pth that nnUNetv2_train wrote.") from e
+    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
+        raise TeacherError(f"Teacher checkpoint {path} is not an nnU-Net checkpoint (no 'network_weights').")
+    return checkpoint
+
+
+def check_compatible(teacher_plans: dict, teacher_dataset: dict, teacher_cfg: str,
+                     student_plans: dict, student_dataset: dict, student_cfg: str) -> None:
+    """Raise TeacherError naming every way the teacher's data differs from the student's."""
+    t_pm, s_pm = PlansManager(teacher_plans), PlansManager(student_plans)
+    t, s = t_pm.get_configuration(teacher_cfg), s_pm.get_configuration(student_cfg)
+    problems = []
+
+    def differ(what: str, a: Any, b: Any) -> None:
+        if a != b:
+            problems.append(f"{what}: teacher {a!r} vs student {b!r}")
+
+    differ("dataset", t_pm.dataset_name, s_pm.dataset_name)
+    differ("labels", teacher_dataset.get("labels"), student_dataset.get("labels"))
+    differ("regions_class_order", teacher_dataset.get("regions_class_order"),
+           student_dataset.get("regions_class_order"))
+    t_channels = teacher_dataset.get("channel_names", teacher_dataset.get("modality"))
+    s_channels = student_dataset.get("channel_names", student_dataset.get("modality"))
+    differ("input channels", t_channels, s_channels)
+    differ("preprocessed data identifier", t.data_identifier, s.data_identifier)
+    differ("spacing", [float(x) for x in t.spacing], [float(x) for x in s.spacing])
+    differ("normalisation", t.normalization_schemes, s.normalization_schemes)
+    differ("use_mask_for_norm", t.use_mask_for_norm, s.use_mask_for_norm)
+    differ("transpose_forward", t_pm.transpose_forward, s_pm.transpose_forward)
+    differ("strides (pool_op_kernel_sizes)", [list(x) for x in t.pool_op_kernel_sizes],
+           [list(x) for x in s.pool_op_kernel_sizes])
+    if problems:
+        raise TeacherError("The teacher was trained on different data than this student:\n  - "
+                           + "\n  - ".join(problems)
+                           + "\nUse a teacher trained on the same dataset with the same preprocessing "
+                             f"(set {TEACHER_ENV} to its model folder).")
+
+
+def _teacher_builder(trainer_name: str):
+    """build_network_architecture of the teacher's trainer class (nnU-Net's lookup), else nnU-Net's default."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    if trainer_name in ("nnUNetTrainer", None):
+        return nnUNetTrainer.build_network_architecture, None
+    try:
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+        return recursive_find_trainer_class_by_name(trainer_name).build_network_architecture, None
+    except Exception as e:  # lookup imports every trainer module; a broken optional one must not stop us
+        note = (f"teacher trainer class {trainer_name} could not be looked up ({type(e).__name__}: {e}); "
+                f"building the teacher with nnU-Net's default build_network_architecture from its plans")
+        return nnUNetTrainer.build_network_architecture, note
+
+
+@dataclasses.dataclass
+class LoadedTeacher:
+    network: FrozenTeacher
+    location: TeacherLocation
+    plans: dict
+    dataset_json: dict
+    configuration: str
+    trainer_name: str
+    notes: list[str]
+
+    @property
+    def arch_kwargs(self) -> dict:
+        return PlansManager(self.plans).get_configuration(self.configuration).network_arch_init_kwargs
+
+    def describe(self) -> str:
+        n_params = sum(p.numel() for p in self.network.parameters())
+        return (f"teacher {self.location.checkpoint} (from {self.location.source}; trainer {self.trainer_name}, "
+                f"plans {self.plans.get('plans_name')}, configuration {self.configuration}, "
+                f"{n_params / 1e6:.2f} M parameters)")
+
+
+def load_teacher(location: TeacherLocation, student_plans: dict, student_dataset: dict, student_cfg: str,
+                 device: torch.device) -> LoadedTeacher:
+    """Build the teacher from its own plans, load its weights strictly, check it fits, freeze it."""
+    teacher_plans = load_json(str(location.model_folder / "plans.json"))
+    teacher_dataset = load_json(str(location.model_folder / "dataset.json"))
+    checkpoint = read_checkpoint(location.checkpoint)
+    configuration = (checkpoint.get("init_args") or {}).get("configuration", student_cfg)
+    if configuration not in teacher_plans.get("configurations", {}):
+        raise TeacherError(f"Teacher plans {location.model_folder / 'plans.json'} have no configuration "
+                           f"{configuration!r}")
+    check_compatible(teacher_plans, teacher_dataset, configuration, student_plans, student_dataset, student_cfg)
+
+    plans_manager = PlansManager(teacher_plans)
+    cfg_manager = plans_manager.get_configuration(configuration)
+    trainer_name = checkpoint.get("trainer_name", "nnUNetTrainer")
+    build, note = _teacher_builder(trainer_name)
+    network = build(plans_manager, cfg_manager,
+                    determine_num_input_channels(plans_manager, cfg_manager, teacher_dataset),
+                    plans_manager.get_label_manager(teacher_dataset).num_segmentation_heads,
+                    enable_deep_supervision=True)
+    weights = {k[7:] if k.startswith("module.") else k: v for k, v in checkpoint["network_weights"].items()}
+    try:
+        network.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise TeacherError(f"Teacher checkpoint {location.checkpoint} does not fit the network built from "
+                           f"{location.model_folder / 'plans.json'}: {e}") from e
+    return LoadedTeacher(network=FrozenTeacher(network).to(device), location=location, plans=teacher_plans,
+                         dataset_json=teacher_dataset, configuration=configuration, trainer_name=trainer_name,
+                         notes=[note] if note else [])

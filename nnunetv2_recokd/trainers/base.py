@@ -1,0 +1,292 @@
+"""The one distillation trainer base. Every public -tr name is a few lines over it.
+
+nnU-Net does the planning, preprocessing, augmentation, data loading, validation and inference; this
+class adds, in nnU-Net's own order:
+  __init__              settings (trainer_configs/ + RECOKD_CONFIG) and the student's width in the plans
+  initialize            teacher found, checked, frozen; distiller built; then nnU-Net's initialize
+                        (student network, optimizer over student + distiller, loss); hooks registered
+  train_step            teacher forward, student forward, seg loss + distillation terms, one backward
+  on_train_epoch_end    each term logged per epoch and drawn in progress.png
+  save/load_checkpoint  network (student only), optimizer, grad scaler AND distiller, written atomically
+
+Never change __init__'s signature: nnU-Net stores it in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast, nn
+
+from nnunetv2_recokd.config import DistillSettings, default_settings, resolve_settings
+from nnunetv2_recokd.distiller import Distiller
+from nnunetv2_recokd.hooks import FeatureRecorder, stage_channels, unwrap_network
+from nnunetv2_recokd.student import (
+    build_student_network,
+    count_parameters,
+    record_student_spec,
+    student_arch_kwargs,
+    student_spec,
+)
+from nnunetv2_recokd.teacher import LoadedTeacher, load_teacher, resolve_teacher
+from nnunetv2_recokd.trainers.ddp import all_reduce_gradients
+from nnunetv2_recokd.trainers.progress import KD_PREFIX, SEG_KEY, DistillLocalLogger, ensure_key
+
+CHECKPOINT_KEY = "recokd"
+
+
+class nnUNetTrainerDistillBase(nnUNetTrainer):
+    """Narrow student from nnU-Net's plans, optionally distilled from a frozen nnU-Net teacher.
+
+    Class attributes a variant may set:
+        distill: False trains the student alone (the control every KD result is compared with).
+        config_name: defaults file in trainer_configs/ (None: the class name).
+    """
+
+    distill: bool = True
+    config_name: Optional[str] = None
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.settings: DistillSettings = resolve_settings(self._config_name())
+        s = self.settings
+        self.num_epochs = s.num_epochs
+        self.num_iterations_per_epoch = s.num_iterations_per_epoch
+        self.num_val_iterations_per_epoch = s.num_val_iterations_per_epoch
+        self.save_every = s.save_every
+        self.initial_lr = s.initial_lr
+        # nnUNetv2_predict rebuilds the student from the model folder's plans.json: record the width there
+        record_student_spec(self.plans_manager.plans, self.configuration_manager, configuration,
+                            s.student_width, s.student_min_channels)
+        self.logger.local_logger = DistillLocalLogger(self.logger.local_logger.verbose)
+        self.teacher: Optional[LoadedTeacher] = None
+        self.distiller: Optional[Distiller] = None
+        self.student_recorder: Optional[FeatureRecorder] = None
+        self.teacher_recorder: Optional[FeatureRecorder] = None
+
+    # ----------------------------------------------------------------------------------- construction
+    @classmethod
+    def _config_name(cls) -> str:
+        return cls.config_name or cls.__name__
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        """The student. Called on the class by nnUNetv2_predict, so it reads its width from the plans."""
+        defaults = default_settings(cls._config_name())
+        spec = student_spec(configuration_manager.configuration, defaults.student_width,
+                            defaults.student_min_channels)
+        return build_student_network(configuration_manager, num_input_channels, num_output_channels,
+                                     enable_deep_supervision, spec["width"], spec["min_channels"])
+
+    def initialize(self) -> None:
+        if self.was_initialized:
+            return super().initialize()  # raises nnU-Net's own error
+        self.print_to_log_file(f"{type(self).__name__} settings:\n" + json.dumps(self.settings.as_dict(), indent=1),
+                               also_print_to_console=False, add_timestamp=False)
+        if self.distill:
+            self._load_teacher()  # every check runs before nnU-Net builds anything
+            self.distiller = self._build_distiller().to(self.device)
+        super().initialize()
+        student = unwrap_network(self.network)
+        self.print_to_log_file(f"student: {count_parameters(student) / 1e6:.3f} M parameters, features per stage "
+                               f"{student_arch_kwargs(self.configuration_manager.network_arch_init_kwargs, self.settings.student_width, self.settings.student_min_channels)['features_per_stage']}")  # noqa: E501
+        if self.distill:
+            self.distiller.ds_weights = [float(w) for w in getattr(self.loss, "weight_factors", [1.0])]
+            stages = self.distiller.hooked_stages
+            self.student_recorder = FeatureRecorder(student, stages)
+            self.teacher_recorder = FeatureRecorder(self.teacher.network.network, stages)
+            self.print_to_log_file(f"distillation terms recorded at stages {stages or 'none (logits only)'}; "
+                                   f"{count_parameters(self.distiller) / 1e6:.4f} M trainable distillation "
+                                   f"parameters (adapters, context blocks, projectors)")
+
+    def _load_teacher(self) -> None:
+        s = self.settings
+        location = resolve_teacher(s.teacher, self.plans_manager.dataset_name, self.configuration_name, self.fold,
+                                   s.teacher_trainer, s.teacher_plans or self.plans_manager.plans_name,
+                                   s.teacher_checkpoint)
+        self.teacher = load_teacher(location, self.plans_manager.plans, self.dataset_json, self.configuration_name,
+                                    self.device)
+        self.print_to_log_file("Loaded " + self.teacher.describe())
+        for note in self.teacher.notes:
+            self.print_to_log_file("NOTE: " + note)
+
+    def _build_distiller(self) -> Distiller:
+        s = self.settings
+        cm = self.configuration_manager
+        student_kwargs = student_arch_kwargs(cm.network_arch_init_kwargs, s.student_width, s.student_min_channels)
+        return Distiller(s, stage_channels(student_kwargs), stage_channels(self.teacher.arch_kwargs),
+                         n_stages=len(student_kwargs["features_per_stage"]), ds_weights=[1.0],
+                         conv_dim=len(cm.patch_size), has_regions=self.label_manager.has_regions,
+                         ignore_label=self.label_manager.ignore_label)
+
+    def _do_i_compile(self) -> bool:
+        compile_wanted = super()._do_i_compile()
+        if compile_wanted and self.distiller is not None and self.distiller.hooked_stages:
+            # forward hooks that store tensors in Python state are graph breaks under torch.compile; rather
+            # than risk stale or missing features, the hooked student runs eagerly
+            self.print_to_log_file("torch.compile disabled for this trainer: forward hooks record the student's "
+                                   "stage outputs for distillation")
+            return False
+        return compile_wanted
+
+    def configure_optimizers(self):
+        """nnU-Net's SGD and poly schedule, over the student AND the distillation modules."""
+        groups = [{"params": list(self.network.parameters())}]
+        if self.distiller is not None and any(True for _ in self.distiller.parameters()):
+            groups.append({"params": list(self.distiller.parameters())})
+        optimizer = torch.optim.SGD(groups, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
+                                    nesterov=True)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    # ---------------------------------------------------------------------------------------- training
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        if self.distiller is not None:
+            self.distiller.train()
+
+    def train_step(self, batch: dict) -> dict:
+        if not self.distill:
+            return super().train_step(batch)
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
+                  else target.to(self.device, non_blocking=True))
+        targets = target if isinstance(target, list) else [target]
+        self.optimizer.zero_grad(set_to_none=True)
+        progress = self.current_epoch / max(1, self.num_epochs)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            with self.teacher_recorder:
+                teacher_out = self.teacher.network(data)
+            teacher_features = self.teacher_recorder.pop()
+            with self.student_recorder:
+                student_out = self.network(data)
+            student_features = self.student_recorder.pop()
+            seg = self.loss(student_out, target)
+            kd, terms = self.distiller(student_features, teacher_features, _as_list(student_out),
+                                       _as_list(teacher_out), targets, progress)
+            loss = seg + kd
+        del student_features, teacher_features, teacher_out
+
+        clip = self.settings.grad_clip
+        distill_params = [p for p in self.distiller.parameters() if p.requires_grad]
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            if self.is_ddp:
+                all_reduce_gradients(distill_params)
+            self.grad_scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+            if self.is_ddp:
+                all_reduce_gradients(distill_params)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), clip)
+        if distill_params:
+            torch.nn.utils.clip_grad_norm_(distill_params, clip)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+        out = {"loss": loss.detach().cpu().numpy(), "seg_loss": seg.detach().cpu().numpy()}
+        out.update({f"kd_{k}": v.detach().cpu().numpy() for k, v in terms.items()})
+        return out
+
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+        super().on_train_epoch_end(train_outputs)
+        if not self.distill:
+            return
+        outputs = collate_outputs(train_outputs)
+        summary = []
+        for key in sorted(k for k in outputs if k == "seg_loss" or k.startswith("kd_")):
+            value = self._mean_over_ranks(outputs[key])
+            log_key = SEG_KEY if key == "seg_loss" else KD_PREFIX + key[3:]
+            ensure_key(self.logger.local_logger, log_key, self.current_epoch)
+            self.logger.log(log_key, value, self.current_epoch)
+            summary.append(f"{key[3:] if key.startswith('kd_') else 'seg'} {value:.4g}")
+        mult = self.distiller.schedule(self.current_epoch / max(1, self.num_epochs))
+        self.print_to_log_file("train terms (raw): " + ", ".join(summary) + " | multipliers: " +
+                               ", ".join(f"{k} {v:.3g}" for k, v in mult.items()))
+
+    def _mean_over_ranks(self, values) -> float:
+        if self.is_ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, values)
+            return float(np.vstack(gathered).mean())
+        return float(np.mean(values))
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        for recorder in (self.student_recorder, self.teacher_recorder):
+            if recorder is not None:
+                recorder.remove()
+
+    # -------------------------------------------------------------------------------------- checkpoint
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint plus the distiller's state, written to a temporary file then renamed."""
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        checkpoint = {
+            "network_weights": unwrap_network(self.network).state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            CHECKPOINT_KEY: {
+                "distiller": self.distiller.state_dict() if self.distiller is not None else None,
+                "settings": self.settings.as_dict(),
+                "teacher": str(self.teacher.location.checkpoint) if self.teacher is not None else None,
+            },
+        }
+        tmp = f"{filename}.tmp"
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, filename)  # a crash while saving never leaves a truncated checkpoint behind
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """Restore network, optimizer, grad scaler, logger, epoch AND distiller (path or dict)."""
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = (torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+                      if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint)
+        network = unwrap_network(self.network)
+        weights = {k[7:] if k.startswith("module.") and k not in network.state_dict() else k: v
+                   for k, v in checkpoint["network_weights"].items()}
+        network.load_state_dict(weights)
+        self.my_init_kwargs = checkpoint["init_args"]
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint["_best_ema"]
+        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
+                                                               self.inference_allowed_mirroring_axes)
+        state = checkpoint.get(CHECKPOINT_KEY) or {}
+        if self.distiller is not None:
+            if state.get("distiller") is None:
+                raise RuntimeError(f"{type(self).__name__}: this checkpoint holds no distillation state (written by "
+                                   f"{checkpoint.get('trainer_name')}); cannot continue a distillation from it")
+            self.distiller.load_state_dict(state["distiller"])
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+        self.print_to_log_file(f"Restored checkpoint at epoch {self.current_epoch}"
+                               + (" with distillation modules" if self.distiller is not None else ""))
+
+
+def _as_list(output) -> list[torch.Tensor]:
+    return list(output) if isinstance(output, (list, tuple)) else [output]
+
