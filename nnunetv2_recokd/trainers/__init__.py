@@ -8,13 +8,30 @@ from nnunetv2_recokd.trainers.baselines import (
     nnUNetTrainerStudent_w8,
     nnUNetTrainerTeacher,
 )
+from nnunetv2_recokd.trainers.graph import nnUNetTrainerGraphKD, nnUNetTrainerReCoKDGraph
+from nnunetv2_recokd.trainers.recokd import (
+    nnUNetTrainerReCoKD,
+    nnUNetTrainerReCoKD_noCA,
+    nnUNetTrainerReCoKD_noSARD,
+    nnUNetTrainerReCoKD_singleScale,
+    nnUNetTrainerReCoKD_w2,
+    nnUNetTrainerReCoKD_w8,
+)
 
 PUBLIC_TRAINERS = [
     "nnUNetTrainerStudent",
     "nnUNetTrainerStudent_w2",
     "nnUNetTrainerStudent_w8",
-    "nnUNetTrainerLogitKD",
     "nnUNetTrainerTeacher",
+    "nnUNetTrainerLogitKD",
+    "nnUNetTrainerReCoKD",
+    "nnUNetTrainerReCoKD_w2",
+    "nnUNetTrainerReCoKD_w8",
+    "nnUNetTrainerReCoKD_noSARD",
+    "nnUNetTrainerReCoKD_noCA",
+    "nnUNetTrainerReCoKD_singleScale",
+    "nnUNetTrainerReCoKDGraph",
+    "nnUNetTrainerGraphKD",
 ]
 
 __all__ = ["nnUNetTrainerDistillBase", *PUBLIC_TRAINERS]

@@ -1,0 +1,164 @@
+"""Settings: shipped defaults per trainer, RECOKD_CONFIG overrides, and errors a user can act on."""
+
+import json
+
+import pytest
+
+from nnunetv2_recokd.config import (
+    CONFIG_ENV,
+    DistillSettings,
+    SettingsError,
+    default_settings,
+    resolve_settings,
+    shipped_config_names,
+)
+from nnunetv2_recokd.trainers import PUBLIC_TRAINERS
+
+TRAINER = "nnUNetTrainerLogitKD"
+
+
+def _override(tmp_path, values, name="override.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(values))
+    return {CONFIG_ENV: str(path)}
+
+
+@pytest.mark.parametrize("trainer", PUBLIC_TRAINERS)
+def test_every_public_trainer_has_a_complete_defaults_file(trainer):
+    assert trainer in shipped_config_names()
+    from importlib import resources
+
+    raw = json.loads((resources.files("nnunetv2_recokd.trainer_configs") / f"{trainer}.json").read_text())
+    assert sorted(raw) == sorted(DistillSettings.keys())
+    settings = default_settings(trainer)
+    assert isinstance(settings, DistillSettings)
+
+
+def test_shipped_widths_match_the_trainer_names():
+    assert default_settings("nnUNetTrainerStudent").student_width == 0.25
+    assert default_settings("nnUNetTrainerStudent_w2").student_width == 0.5
+    assert default_settings("nnUNetTrainerStudent_w8").student_width == 0.125
+    assert default_settings("nnUNetTrainerTeacher").student_width == 1.0
+    assert default_settings("nnUNetTrainerLogitKD").student_width == 0.25
+
+
+def test_no_override_gives_the_shipped_defaults():
+    assert resolve_settings(TRAINER, environ={}) == default_settings(TRAINER)
+    assert resolve_settings(TRAINER, environ={CONFIG_ENV: ""}) == default_settings(TRAINER)
+
+
+def test_unknown_trainer_lists_shipped_trainers():
+    with pytest.raises(SettingsError) as e:
+        default_settings("nnUNetTrainerDoesNotExist")
+    assert "nnUNetTrainerDoesNotExist" in str(e.value)
+    assert "nnUNetTrainerLogitKD" in str(e.value)
+
+
+def test_override_replaces_only_the_given_keys(tmp_path):
+    env = _override(tmp_path, {"num_epochs": 3, "teacher": "/some/teacher", "student_width": 0.5,
+                               "logit_weight": 2, "reco_weight": 0.5})
+    s = resolve_settings(TRAINER, environ=env)
+    defaults = default_settings(TRAINER)
+    assert s.num_epochs == 3
+    assert s.teacher == "/some/teacher"
+    assert s.student_width == 0.5
+    assert s.logit_weight == 2.0 and isinstance(s.logit_weight, float)  # int accepted for float
+    assert s.reco_weight == 0.5
+    # everything else untouched
+    changed = {k for k in DistillSettings.keys() if getattr(s, k) != getattr(defaults, k)}
+    assert changed == {"num_epochs", "teacher", "student_width", "logit_weight", "reco_weight"}
+
+
+def test_override_can_set_optional_back_to_none(tmp_path):
+    env = _override(tmp_path, {"teacher": "/x"})
+    assert resolve_settings(TRAINER, environ=env).teacher == "/x"
+    env = _override(tmp_path, {"teacher": None, "reco_stages": [0, 1]}, "o2.json")
+    s = resolve_settings(TRAINER, environ=env)
+    assert s.teacher is None and s.reco_stages == [0, 1]
+
+
+def test_unknown_key_names_it_and_lists_valid_keys(tmp_path):
+    env = _override(tmp_path, {"num_epoch": 3})
+    with pytest.raises(SettingsError) as e:
+        resolve_settings(TRAINER, environ=env)
+    msg = str(e.value)
+    assert "num_epoch" in msg and "['num_epoch']" in msg
+    for valid in ("num_epochs", "student_width", "logit_weight", "graph_gw_solver"):
+        assert valid in msg
+    assert str(tmp_path / "override.json") in msg
+
+
+@pytest.mark.parametrize("key,value", [
+    ("num_epochs", "3"),              # string for int
+    ("num_epochs", 3.0),              # float for int
+    ("num_epochs", True),             # bool for int
+    ("logit_weight", True),           # bool for float
+    ("logit_weight", "1.0"),          # string for float
+    ("teacher", ["/a", "/b"]),        # list for str
+    ("teacher_trainer", 5),           # int for str
+    ("graph_background_node", 1),     # int for bool
+    ("reco_stages", 0),               # scalar for list
+    ("reco_stages", [0, "1"]),        # wrong item type
+    ("graph_stages", "dec0"),         # string for list[str]
+    ("student_width", None),          # None for non-optional
+])
+def test_wrong_types_are_rejected_with_the_key_named(tmp_path, key, value):
+    env = _override(tmp_path, {key: value})
+    with pytest.raises(SettingsError) as e:
+        resolve_settings(TRAINER, environ=env)
+    assert key in str(e.value)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("student_width", 0),
+    ("student_width", 0.0),
+    ("student_width", 1.5),
+    ("student_width", -0.25),
+    ("logit_weight", -1.0),
+    ("reco_weight", -0.1),
+    ("reco_warmup", 2),
+    ("graph_warmup", -0.5),
+    ("num_epochs", 0),
+    ("logit_temperature", 0),
+    ("graph_gw_solver", "sinkhorn"),
+])
+def test_out_of_range_values_are_rejected(tmp_path, key, value):
+    env = _override(tmp_path, {key: value})
+    with pytest.raises(SettingsError) as e:
+        resolve_settings(TRAINER, environ=env)
+    assert key in str(e.value)
+
+
+def test_boundary_values_are_accepted(tmp_path):
+    env = _override(tmp_path, {"student_width": 1, "reco_warmup": 0, "graph_warmup": 1, "logit_weight": 0})
+    s = resolve_settings(TRAINER, environ=env)
+    assert (s.student_width, s.reco_warmup, s.graph_warmup, s.logit_weight) == (1.0, 0.0, 1.0, 0.0)
+
+
+def test_missing_override_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope.json"
+    with pytest.raises(SettingsError) as e:
+        resolve_settings(TRAINER, environ={CONFIG_ENV: str(missing)})
+    assert str(missing) in str(e.value)
+    assert "does not exist" in str(e.value)
+
+
+def test_unparseable_override_file_names_the_path(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{num_epochs: 3,,}")
+    with pytest.raises(SettingsError) as e:
+        resolve_settings(TRAINER, environ={CONFIG_ENV: str(bad)})
+    assert str(bad) in str(e.value)
+
+
+def test_override_must_be_a_json_object(tmp_path):
+    path = tmp_path / "list.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(SettingsError) as e:
+        resolve_settings(TRAINER, environ={CONFIG_ENV: str(path)})
+    assert str(path) in str(e.value)
+    assert "list" in str(e.value)
+
+
+def test_settings_error_is_a_value_error():
+    assert issubclass(SettingsError, ValueError)

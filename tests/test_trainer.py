@@ -1,0 +1,161 @@
+"""Trainer-level tests on a tiny in-process nnU-Net setup: one train step, optimizer, checkpoint, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nnunetv2_recokd.teacher import TeacherError
+from nnunetv2_recokd.trainers import (
+    nnUNetTrainerGraphKD,
+    nnUNetTrainerLogitKD,
+    nnUNetTrainerReCoKD,
+    nnUNetTrainerReCoKDGraph,
+    nnUNetTrainerStudent,
+)
+from tests.tiny_nnunet import make_trainer, setup_env, tiny_batch
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str]:
+    return {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    return setup_env(tmp_path, monkeypatch)
+
+
+def test_recokd_step_trains_student_and_distillation_modules_not_teacher(tiny):
+    trainer = make_trainer(nnUNetTrainerReCoKD, *tiny)
+    trainer.initialize()
+    d = trainer.distiller
+    assert d.reco_stages == ["enc0", "enc1"]  # 3 stages: the bottleneck has no deep-supervision target
+    assert [round(w, 3) for w in d.reco_weights] == [0.697, 0.303]  # 1 : 2^-1.2, normalised
+    opt_params = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in opt_params for p in d.parameters())
+    student, adapters, context, teacher = (_snapshot(trainer.network), _snapshot(d.adapters),
+                                           _snapshot(d.context), _snapshot(trainer.teacher.network))
+    trainer.current_epoch = 5  # past nothing: warm-up makes lambda > 0 only after epoch 0
+    trainer.num_epochs = 10
+    out = trainer.train_step(tiny_batch())
+    assert {"loss", "seg_loss", "kd_sard_fg", "kd_sard_bg", "kd_sard_att", "kd_ca"} <= set(out)
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in out.values())
+    assert _changed(student, trainer.network)
+    assert _changed(adapters, d.adapters) == set(adapters)  # every adapter weight and bias moved
+    assert any(k.startswith("enc0.student_block") for k in _changed(context, d.context))
+    assert any(k.startswith("enc0.teacher_block") for k in _changed(context, d.context))
+    assert not _changed(teacher, trainer.teacher.network)
+    assert all(not p.requires_grad and p.grad is None for p in trainer.teacher.network.parameters())
+
+
+def test_recorders_record_only_inside_training_steps(tiny):
+    trainer = make_trainer(nnUNetTrainerReCoKD, *tiny)
+    trainer.initialize()
+    assert trainer.student_recorder.num_hooks == 2 and trainer.teacher_recorder.num_hooks == 2
+    trainer.on_validation_epoch_start()
+    with torch.no_grad():
+        trainer.validation_step(tiny_batch())
+    assert trainer.student_recorder._features == {} and trainer.teacher_recorder._features == {}
+    trainer.network.train()
+    trainer.train_step(tiny_batch())
+    assert trainer.student_recorder._features == {}  # popped, nothing kept alive after the step
+
+
+def test_logit_kd_has_no_hooks_and_reports_logit_term(tiny):
+    trainer = make_trainer(nnUNetTrainerLogitKD, *tiny)
+    trainer.initialize()
+    assert trainer.distiller.hooked_stages == [] and trainer.student_recorder.num_hooks == 0
+    assert trainer.distiller.ds_weights == [1.0, 0.0]  # nnU-Net's weights, lowest output switched off
+    out = trainer.train_step(tiny_batch())
+    assert out["kd_logit"] > 0 and float(out["loss"]) == pytest.approx(float(out["seg_loss"] + out["kd_logit"]),
+                                                                       rel=1e-5)
+
+
+def test_student_control_needs_no_teacher(tmp_path, monkeypatch):
+    plans, ds = setup_env(tmp_path, monkeypatch, teacher=False)
+    trainer = make_trainer(nnUNetTrainerStudent, plans, ds)
+    trainer.initialize()
+    assert trainer.teacher is None and trainer.distiller is None
+    feats = [m.out_channels for m in trainer.network.encoder.stages.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert feats[0] == 8 and max(feats) == 16  # [16, 32, 64] / 4 with at least 8 channels
+    assert "loss" in trainer.train_step(tiny_batch())
+
+
+def test_graph_trainer_step_with_lesion_components(tiny, tmp_path, monkeypatch):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"graph_lesion_labels": [2], "graph_min_component_voxels": 1}))
+    monkeypatch.setenv("RECOKD_CONFIG", str(cfg))
+    trainer = make_trainer(nnUNetTrainerReCoKDGraph, *tiny)
+    trainer.initialize()
+    assert set(trainer.distiller.hooked_stages) == {"enc0", "enc1", "dec0", "dec1"}
+    projector = _snapshot(trainer.distiller.graph)
+    trainer.current_epoch, trainer.num_epochs = 5, 10
+    out = trainer.train_step(tiny_batch())
+    assert {"kd_graph_node", "kd_graph_edge", "kd_graph_gw"} <= set(out)
+    assert out["kd_graph_edge"] > 0
+    assert _changed(projector, trainer.distiller.graph)
+
+
+def test_region_based_dataset_recokd_works_graph_refuses(tmp_path, monkeypatch):
+    plans, ds = setup_env(tmp_path, monkeypatch, regions=True)
+    trainer = make_trainer(nnUNetTrainerReCoKD, plans, ds)
+    trainer.initialize()
+    trainer.current_epoch, trainer.num_epochs = 5, 10
+    out = trainer.train_step(tiny_batch(regions=True))
+    assert torch.isfinite(torch.as_tensor(out["kd_sard_fg"])) and out["kd_sard_fg"] > 0
+    graph = make_trainer(nnUNetTrainerGraphKD, plans, ds)
+    with pytest.raises(ValueError, match="region-based"):
+        graph.initialize()
+
+
+def test_checkpoint_holds_student_only_and_restores_distiller(tiny, tmp_path):
+    trainer = make_trainer(nnUNetTrainerReCoKD, *tiny)
+    trainer.initialize()
+    trainer.train_step(tiny_batch())
+    path = str(tmp_path / "ckpt.pth")
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)
+    student_keys = set(trainer.network.state_dict())
+    assert set(saved["network_weights"]) == student_keys
+    assert saved["recokd"]["settings"]["reco_weight"] == 0.01
+
+    restored = make_trainer(nnUNetTrainerReCoKD, *tiny)
+    restored.load_checkpoint(path)
+    for k, v in trainer.distiller.state_dict().items():
+        assert torch.equal(v, restored.distiller.state_dict()[k]), k
+    assert restored.current_epoch == 1
+    assert len(restored.optimizer.param_groups) == 2
+    m_old = trainer.optimizer.state_dict()["state"]
+    m_new = restored.optimizer.state_dict()["state"]
+    assert m_old.keys() == m_new.keys() and all(torch.equal(m_old[i]["momentum_buffer"],
+                                                            m_new[i]["momentum_buffer"]) for i in m_old)
+
+
+def test_missing_teacher_fails_at_initialize_with_instructions(tmp_path, monkeypatch):
+    plans, ds = setup_env(tmp_path, monkeypatch, teacher=False)
+    trainer = make_trainer(nnUNetTrainerLogitKD, plans, ds)
+    with pytest.raises(TeacherError, match="RECOKD_TEACHER") as e:
+        trainer.initialize()
+    assert "nnUNetTrainer__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth" in str(e.value)
+    assert trainer.network is None  # nothing was built, no optimizer, nothing written
+
+
+def test_config_file_sets_schedule_and_width(tiny, tmp_path, monkeypatch):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"num_epochs": 3, "num_iterations_per_epoch": 7, "student_width": 0.5}))
+    monkeypatch.setenv("RECOKD_CONFIG", str(cfg))
+    trainer = make_trainer(nnUNetTrainerLogitKD, *tiny)
+    assert (trainer.num_epochs, trainer.num_iterations_per_epoch) == (3, 7)
+    assert trainer.plans_manager.plans["configurations"]["3d_fullres"]["recokd_student"]["width"] == 0.5
+    trainer.initialize()
+    first = trainer.network.encoder.stages[0][0].convs[0].conv
+    assert first.out_channels == 8  # 16 * 0.5
+    cfg.write_text(json.dumps({"num_epochs": "three"}))
+    with pytest.raises(ValueError, match="num_epochs"):
+        make_trainer(nnUNetTrainerLogitKD, *tiny)
