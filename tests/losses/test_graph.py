@@ -26,11 +26,11 @@ def _identity_projector(loss: RegionGraphLoss) -> RegionGraphLoss:
     return loss
 
 
-def _numpy_reference(student: np.ndarray, teacher: np.ndarray, masks: np.ndarray, weight: np.ndarray) -> dict:
-    """Slow per-node reference of one sample: student (C_s, V), teacher (C_t, V), masks (R, V)."""
+def _numpy_reference(student: np.ndarray, teacher: np.ndarray, masks: np.ndarray, projector: torch.nn.Linear) -> dict:
+    """Slow per-node float64 reference of one sample: student (C_s, V), teacher (C_t, V), masks (R, V)."""
     h_s = np.stack([student[:, m].mean(axis=1) for m in masks])
     h_t = np.stack([teacher[:, m].mean(axis=1) for m in masks])
-    proj = h_s @ weight.T
+    proj = h_s @ projector.weight.detach().double().numpy().T + projector.bias.detach().double().numpy()
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     node = np.mean(np.sum((unit(proj) - unit(h_t)) ** 2, axis=1))
     e_s, e_t = unit(h_s) @ unit(h_s).T, unit(h_t) @ unit(h_t).T
@@ -113,8 +113,9 @@ def test_connectivity_is_full_26_in_3d_and_8_in_2d():
     (regions,) = extract_regions(target, lesion_labels=[1])
     assert regions.sum(dim=(1, 2, 3)).tolist() == [2, 1]
 
-    target_2d = torch.tensor([[[[3, 0, 0], [0, 3, 0], [0, 0, 0]], [[0, 0, 3], [0, 0, 0], [3, 3, 0]]]], dtype=torch.uint8)
-    target_2d = target_2d.permute(1, 0, 2, 3)  # (B=2, 1, 3, 3)
+    sample_0 = [[3, 0, 0], [0, 3, 0], [0, 0, 0]]
+    sample_1 = [[0, 0, 3], [0, 0, 0], [3, 3, 0]]
+    target_2d = torch.tensor([[sample_0], [sample_1]], dtype=torch.uint8)  # (B=2, 1, 3, 3)
     regions = extract_regions(target_2d, lesion_labels=[3])
     assert [r.shape[0] for r in regions] == [1, 2]  # diagonal neighbours join; separate blobs don't
     assert regions[1].sum(dim=(1, 2)).tolist() == [1, 2]
@@ -211,6 +212,14 @@ def test_gw_entropic_is_finite_close_to_exact_and_differentiable():
     assert entropic.item() == pytest.approx(exact, abs=0.05)
     entropic.backward()
     assert cost_s.grad is not None and cost_s.grad[0, 1].item() < 0  # raising a towards b lowers GW
+    # Identical 2-node graphs: from the uniform plan Sinkhorn would stay on the saddle (value a^2 / 2 = 0.125).
+    same = gromov_wasserstein_discrepancy(cost_s.detach(), cost_s.detach(), solver="entropic")
+    assert same.item() == pytest.approx(0.0, abs=1e-3)
+    # A generic pair of 4-node graphs.
+    c_s, c_t = torch.tensor(_random_cost(4, 5)), torch.tensor(_random_cost(4, 6))
+    exact = gromov_wasserstein_discrepancy(c_s, c_t).item()
+    assert exact > 0.01
+    assert gromov_wasserstein_discrepancy(c_s, c_t, solver="entropic").item() == pytest.approx(exact, abs=0.02)
 
 
 def test_gw_validation():
@@ -261,19 +270,13 @@ def test_region_graph_loss_matches_numpy_reference_and_gradients():
     loss = RegionGraphLoss(3, 5)
     out = loss(student, teacher, regions)
 
-    masks = regions[0].reshape(5, -1).numpy()
-    weight = loss.projector.weight.detach().double().numpy()
     ref = _numpy_reference(
-        student[0].detach().double().reshape(3, -1).numpy(), teacher[0].detach().double().reshape(5, -1).numpy(),
-        masks, weight,
+        student[0].detach().double().reshape(3, -1).numpy(),
+        teacher[0].detach().double().reshape(5, -1).numpy(),
+        regions[0].reshape(5, -1).numpy(),
+        loss.projector,
     )
-    bias = loss.projector.bias.detach()
-    assert bias.abs().sum() > 0  # the reference ignores the bias: recompute node with it below
-    h_s = masked_average_pool(student[0].detach(), regions[0])
-    h_t = masked_average_pool(teacher[0].detach(), regions[0])
-    node = ((torch.nn.functional.normalize(loss.projector(h_s), dim=1) - torch.nn.functional.normalize(h_t, dim=1))
-            .square().sum(1).mean())
-    assert out["node"].item() == pytest.approx(node.item(), rel=1e-5)
+    assert out["node"].item() == pytest.approx(ref["node"], rel=1e-5)
     assert out["edge"].item() == pytest.approx(ref["edge"], rel=1e-4)
     assert out["gw"].item() == pytest.approx(ref["gw"], rel=1e-3, abs=1e-6)
     assert ref["gw"] > 1e-3

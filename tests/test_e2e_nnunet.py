@@ -1,0 +1,161 @@
+"""One real round trip through nnU-Net's own commands, as a user runs them, on a synthetic dataset.
+
+plan_and_preprocess -> short teacher training -> LogitKD student (killed, then resumed with --c)
+-> plain student control -> --val -> nnUNetv2_predict with no teacher present -> nnUNetv2_evaluate_folder.
+Takes a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunetv2_recokd.synthetic import write_dataset
+
+DATASET_ID = 990
+DATASET = "Dataset990_SyntheticLesions"
+TEACHER_FOLDER = "nnUNetTrainerTeacher__nnUNetPlans__3d_fullres"
+
+
+def _command(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    assert found, f"{name} not found on PATH"
+    return found
+
+
+def _run(args: list[str], env: dict, log: Path, timeout: int = 600) -> str:
+    with open(log, "w") as f:
+        proc = subprocess.run([_command(args[0]), *args[1:]], env=env, stdout=f, stderr=subprocess.STDOUT,
+                              timeout=timeout)
+    text = log.read_text()
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{text[-4000:]}"
+    return text
+
+
+def _unique_parameter_count(state_dict: dict) -> int:
+    seen, total = set(), 0
+    for value in state_dict.values():  # decoder.encoder is the encoder: count shared tensors once
+        if value.data_ptr() not in seen and value.is_floating_point():
+            seen.add(value.data_ptr())
+            total += value.numel()
+    return total
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    env = dict(os.environ)
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
+               nnUNet_def_n_proc="1", nnUNet_compile="f", nnUNet_npp="0", nnUNet_nps="0", PYTHONUNBUFFERED="1")
+    env.pop("RECOKD_TEACHER", None)
+    env.pop("RECOKD_CONFIG", None)
+    _run(["nnunetv2_recokd", "install"], env, root / "install.log")  # what a user does once
+    write_dataset(root / "raw", DATASET_ID, num_train=10, num_test=2, size=48, lesion_radius=0.15, seed=1)
+    _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1"], env,
+         root / "plan.log")
+    env["nnUNet_n_proc_DA"] = "0"  # training only: in-process augmentation (it breaks plan_and_preprocess)
+    (root / "teacher.json").write_text(json.dumps({"num_epochs": 1, "num_iterations_per_epoch": 20,
+                                                   "num_val_iterations_per_epoch": 1}))
+    _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", "nnUNetTrainerTeacher", "-device", "cpu"],
+         {**env, "RECOKD_CONFIG": str(root / "teacher.json")}, root / "teacher.log")
+    # the students find their teacher at nnU-Net's conventional location, named by teacher_trainer
+    (root / "student.json").write_text(json.dumps({"num_epochs": 4, "num_iterations_per_epoch": 10,
+                                                   "num_val_iterations_per_epoch": 1, "save_every": 1,
+                                                   "teacher_trainer": "nnUNetTrainerTeacher"}))
+    env["RECOKD_CONFIG"] = str(root / "student.json")
+    return root, env
+
+
+def _results(root: Path, trainer: str) -> Path:
+    return root / "res" / DATASET / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
+
+
+def test_logit_kd_kill_resume_predict_evaluate(workspace):
+    root, env = workspace
+    train = [_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", "nnUNetTrainerLogitKD",
+             "-device", "cpu"]
+    out = _results(root, "nnUNetTrainerLogitKD")
+    latest = out / "checkpoint_latest.pth"
+
+    # 1. start, wait for the first periodic checkpoint, kill -9 mid-training
+    with open(root / "kd_killed.log", "w") as log:
+        proc = subprocess.Popen(train, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 400
+        while not latest.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert latest.exists(), (root / "kd_killed.log").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = torch.load(latest, weights_only=False)["current_epoch"]
+    assert 1 <= killed_at < 4
+    assert not (out / "checkpoint_final.pth").exists()
+
+    # 2. --c restores network, optimizer AND distillation state, then finishes the 4 epochs
+    text = _run(["nnUNetv2_train", *train[1:], "--c"], env, root / "kd_resumed.log")
+    assert f"Restored checkpoint at epoch {killed_at} with distillation modules" in text
+    assert "Loaded teacher" in text and TEACHER_FOLDER in text
+    final = torch.load(out / "checkpoint_final.pth", weights_only=False)
+    assert final["current_epoch"] == 4 and final["trainer_name"] == "nnUNetTrainerLogitKD"
+    assert final["recokd"]["distiller"] is not None
+    logged = final["logging"]
+    assert len(logged["train_kd_logit"]) == 4 and len(logged["train_seg_loss"]) == 4
+    assert all(np.isfinite(logged["train_kd_logit"]))
+    assert (out / "progress.png").stat().st_size > 10_000
+
+    # 3. the student has ~1/16 of the teacher's parameters; the checkpoint holds the student only
+    teacher_ckpt = torch.load(root / "res" / DATASET / TEACHER_FOLDER / "fold_0" / "checkpoint_final.pth",
+                              weights_only=False)
+    ratio = _unique_parameter_count(teacher_ckpt["network_weights"]) / _unique_parameter_count(
+        final["network_weights"])
+    assert 12 < ratio < 20, ratio
+    plans = json.loads((out.parent / "plans.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["recokd_student"]["width"] == 0.25
+
+    # 4. --val reruns nnU-Net's validation from the final checkpoint
+    _run(["nnUNetv2_train", *train[1:], "--val"], env, root / "kd_val.log")
+    assert (out / "validation" / "summary.json").exists()
+
+    # 5. stock nnUNetv2_predict and nnUNetv2_evaluate_folder, with the teacher gone
+    shutil.move(str(root / "res" / DATASET / TEACHER_FOLDER), str(root / "teacher_moved_away"))
+    try:
+        pred = root / "pred_kd"
+        _run(["nnUNetv2_predict", "-i", str(root / "raw" / DATASET / "imagesTs"), "-o", str(pred), "-d",
+              str(DATASET_ID), "-c", "3d_fullres", "-tr", "nnUNetTrainerLogitKD", "-f", "0", "-device", "cpu",
+              "--disable_tta", "-npp", "1", "-nps", "1"], env, root / "predict.log")
+    finally:
+        shutil.move(str(root / "teacher_moved_away"), str(root / "res" / DATASET / TEACHER_FOLDER))
+    cases = sorted(p.name for p in pred.glob("*.nii.gz"))
+    assert cases == ["case_010.nii.gz", "case_011.nii.gz"]
+    for case in cases:
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / case)))
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "raw" / DATASET / "labelsTs" / case)))
+        assert seg.shape == ref.shape == (48, 48, 48)
+    pre = root / "pre" / DATASET
+    _run(["nnUNetv2_evaluate_folder", str(root / "raw" / DATASET / "labelsTs"), str(pred), "-djfile",
+          str(pre / "dataset.json"), "-pfile", str(pre / "nnUNetPlans.json")], env, root / "evaluate.log")
+    summary = json.loads((pred / "summary.json").read_text())
+    organ = summary["mean"]["1"]["Dice"]
+    # chance level: the organ fills ~11% of the volume, so a random or constant guess scores < 0.2
+    assert organ > 0.6, summary["mean"]
+
+
+def test_student_control_trains_without_teacher(workspace):
+    root, env = workspace
+    env = {**env, "RECOKD_TEACHER": str(root / "does_not_exist")}  # the control must never look for one
+    text = _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", "nnUNetTrainerStudent", "-device",
+                 "cpu"], env, root / "student.log")
+    assert "Loaded teacher" not in text
+    summary = json.loads((_results(root, "nnUNetTrainerStudent") / "validation" / "summary.json").read_text())
+    assert summary["mean"]["1"]["Dice"] > 0.5, summary["mean"]
