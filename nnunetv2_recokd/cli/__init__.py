@@ -26,7 +26,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--fold", default="0")
     p.add_argument("-tr", "--trainer", default="nnUNetTrainerLogitKD", help="whose settings to resolve")
     p.add_argument("-p", "--plans", default="nnUNetPlans")
+
+    p = sub.add_parser("demo", help="the whole protocol on a synthetic dataset (or --dataset): plan, train teacher, "
+                                    "student and ReCo-KD student, predict, evaluate, table and figure")
+    p.add_argument("--out", default="recokd_demo", help="output folder (table.md, table.json, figure.png, logs)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dataset", help="run on this existing nnU-Net dataset (name or ID) instead of synthetic data")
+    p.add_argument("--teacher-epochs", type=int, default=3)
+    p.add_argument("--student-epochs", type=int, default=4)
+    p.add_argument("--iterations", type=int, default=20, help="iterations per epoch")
+    p.add_argument("--num-train", type=int, default=10, help="synthetic training cases")
+    p.add_argument("--num-test", type=int, default=4, help="synthetic held-out cases")
+
+    p = sub.add_parser("benchmark", help="time one training step of each trainer against the floor "
+                                         "(student step + teacher forward); peak memory; inference latency")
+    p.add_argument("--setting", nargs="+", default=["plans"],
+                   help="unet6_128 (6 stages, patch 128^3, batch 2) and/or plans (a dataset's plans, see --plans)")
+    p.add_argument("--plans", help="nnUNetPlans.json whose 3d_fullres configuration to use for --setting plans "
+                                   "(default: the Hippocampus teacher's plans in ../shared/teachers)")
+    p.add_argument("--trainers", nargs="+", default=None, help="trainer names (default: all distillation methods)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--md", help="write the Markdown table here")
+
+    p = sub.add_parser("report", help="compare the teacher and our trainers on a dataset from nnU-Net's results "
+                                      "folders (validation Dice per class, parameters, latency)")
+    p.add_argument("dataset", help="dataset name or ID")
+    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("-f", "--fold", default="0")
+    p.add_argument("-p", "--plans", default="nnUNetPlans")
+    p.add_argument("--out", help="output folder (default: $nnUNet_results/<Dataset>/recokd_report)")
+    p.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True,
+                   help="time one forward pass per model, rebuilt as nnUNetv2_predict does")
+    p.add_argument("--device", default="cpu", help="device for the latency (cpu or cuda)")
+    p.add_argument("--runs", type=int, default=5, help="timed forward passes per model (median reported)")
     return parser
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -37,6 +79,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return plugin.print_ext_path()
     if args.command == "doctor":
         return plugin.doctor(args.dataset, args.configuration, args.fold, args.trainer, args.plans)
+    if args.command == "demo":
+        from nnunetv2_recokd.cli import demo
+
+        return demo.main(args.out, args.device, args.dataset, args.teacher_epochs, args.student_epochs,
+                         args.iterations, args.num_train, args.num_test)
+    if args.command == "benchmark":
+        from nnunetv2_recokd.cli import benchmark
+
+        return benchmark.main(args.setting, args.trainers or benchmark.DEFAULT_TRAINERS, args.device, args.steps,
+                              args.warmup, args.plans, args.json, args.md)
+    if args.command == "report":
+        from nnunetv2_recokd.cli import report
+
+        return report.main(args)
     raise AssertionError(args.command)
 
 

@@ -1,0 +1,201 @@
+"""`nnunetv2_recokd benchmark`: what distillation adds to one nnU-Net training step.
+
+For each setting (a U-Net size and patch) and each trainer, one full train_step (teacher forward,
+student forward, seg loss, distillation terms, backward, optimizer step) is timed against the floor
+that no distillation method can beat: a plain student step (nnUNetTrainerStudent, same width) plus
+one teacher forward. Reported: ms per step, ratio to the floor, peak memory (CUDA) and its ratio, and
+the inference latency of teacher and student on one patch. No data loading or augmentation is timed:
+batches are synthetic tensors of nnU-Net's shapes, the teacher has random weights (cost does not
+depend on the weights). Networks run eagerly (nnUNet_compile=f) for every trainer so that the ratio
+compares like with like.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from nnunetv2_recokd import sandbox
+
+SHIPPED_TEACHER_PLANS = (Path(__file__).resolve().parents[2] / ".." / "shared" / "teachers" /
+                         "Dataset004_Hippocampus" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "plans.json")
+DEFAULT_TRAINERS = ("nnUNetTrainerLogitKD", "nnUNetTrainerReCoKD", "nnUNetTrainerReCoKDGraph", "nnUNetTrainerGraphKD")
+
+
+def settings_catalogue(plans_file: Optional[str]) -> dict[str, Callable[[], dict]]:
+    def unet6() -> dict:
+        return sandbox.unet_plans((32, 64, 128, 256, 320, 320), (128, 128, 128), batch_size=2)
+
+    def from_plans() -> dict:
+        path = Path(plans_file) if plans_file else SHIPPED_TEACHER_PLANS
+        if not path.is_file():
+            raise SystemExit(f"plans file {path} not found; pass --plans <nnUNetPlans.json of your dataset>")
+        plans = json.loads(path.read_text())
+        plans["configurations"] = {"3d_fullres": plans["configurations"]["3d_fullres"]}
+        plans["dataset_name"] = sandbox.SANDBOX_DATASET  # the sandbox's folder tree
+        return plans
+
+    return {"unet6_128": unet6, "plans": from_plans}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], object], device: torch.device, steps: int, warmup: int) -> tuple[float, Optional[float]]:
+    """Median milliseconds per call and peak CUDA memory (GiB) over the timed calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    return statistics.median(times), peak
+
+
+@contextlib.contextmanager
+def _quiet():
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def run_setting(name: str, plans: dict, trainers: Sequence[str], device: torch.device, steps: int,
+                warmup: int) -> dict:
+    import nnunetv2_recokd.trainers as public
+
+    dataset = sandbox.dataset_json()
+    cfg = plans["configurations"]["3d_fullres"]
+    patch, batch_size = cfg["patch_size"], cfg["batch_size"]
+    n_stages = len(cfg["architecture"]["arch_kwargs"]["features_per_stage"])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        saved_env = dict(os.environ)
+        try:
+            sandbox.prepare_folders(root, plans)
+            os.environ["nnUNet_compile"] = "f"
+            os.environ["RECOKD_TEACHER"] = str(sandbox.write_random_teacher(root / "teacher", plans, dataset))
+            (root / "bench.json").write_text(json.dumps({"graph_lesion_labels": [2],
+                                                         "graph_min_component_voxels": 1}))
+            os.environ["RECOKD_CONFIG"] = str(root / "bench.json")
+            batch = sandbox.make_batch(patch, batch_size, n_stages - 1, device=device)
+
+            def trainer(cls_name: str):
+                with _quiet():
+                    t = sandbox.make_trainer(getattr(public, cls_name), plans, dataset, device)
+                    t.initialize()
+                t.current_epoch = t.num_epochs - 1  # warm-ups finished: every term at full weight
+                t.network.train()
+                return t
+
+            teacher_net = trainer("nnUNetTrainerLogitKD").teacher.network
+            control = trainer("nnUNetTrainerStudent")
+
+            def teacher_forward():
+                with torch.autocast(device.type, enabled=device.type == "cuda"):
+                    teacher_net(batch["data"])
+
+            def floor_step():  # what any distillation step must at least do
+                teacher_forward()
+                control.train_step(batch)
+
+            student_ms, _ = _time(lambda: control.train_step(batch), device, steps, warmup)
+            teacher_ms, _ = _time(teacher_forward, device, steps, warmup)
+            floor, floor_peak = _time(floor_step, device, steps, warmup)
+            del control
+            for cls_name in trainers:
+                t = trainer(cls_name)
+                ms, peak = _time(lambda: t.train_step(batch), device, steps, warmup)
+                rows.append({"trainer": cls_name, "ms_per_step": ms, "ratio_to_floor": ms / floor,
+                             "peak_gib": peak,
+                             "peak_ratio": (peak / floor_peak) if peak is not None and floor_peak else None})
+                del t
+            latency = _inference_latency(trainer("nnUNetTrainerStudent").network, teacher_net.network,
+                                         batch["data"][:1], device, steps, warmup)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved_env)
+    return {"setting": name, "device": _device_name(device), "patch_size": patch, "batch_size": batch_size,
+            "n_stages": n_stages, "student_step_ms": student_ms, "teacher_forward_ms": teacher_ms,
+            "floor_ms": floor, "floor_peak_gib": floor_peak, "trainers": rows, **latency}
+
+
+def _inference_latency(student: torch.nn.Module, teacher: torch.nn.Module, patch: torch.Tensor,
+                       device: torch.device, steps: int, warmup: int) -> dict:
+    out = {}
+    for name, net in (("teacher", teacher), ("student", student)):
+        net.eval()
+        net.decoder.deep_supervision = False
+
+        def forward():
+            with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
+                net(patch)
+
+        out[f"{name}_inference_ms"], _ = _time(forward, device, steps, warmup)
+        out[f"{name}_params"] = sum(p.numel() for p in net.parameters())
+    return out
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads)"
+
+
+def to_markdown(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        lines.append(f"**{r['setting']}**: patch {r['patch_size']}, batch {r['batch_size']}, {r['n_stages']} stages, "
+                     f"{r['device']}. Floor (student step + teacher forward, timed together) {r['floor_ms']:.1f} ms "
+                     f"(student step alone {r['student_step_ms']:.1f} ms, teacher forward alone "
+                     f"{r['teacher_forward_ms']:.1f} ms). Inference on one patch: teacher "
+                     f"{r['teacher_inference_ms']:.1f} ms ({r['teacher_params'] / 1e6:.2f} M params), student "
+                     f"{r['student_inference_ms']:.1f} ms ({r['student_params'] / 1e6:.2f} M params).")
+        lines.append("")
+        lines.append("| trainer | ms / step | ratio to floor | peak memory | peak ratio |")
+        lines.append("|---|---|---|---|---|")
+        for t in r["trainers"]:
+            peak = f"{t['peak_gib']:.2f} GiB" if t["peak_gib"] is not None else "n/a (CPU)"
+            ratio = f"{t['peak_ratio']:.2f}" if t["peak_ratio"] is not None else "n/a"
+            lines.append(f"| {t['trainer']} | {t['ms_per_step']:.1f} | {t['ratio_to_floor']:.2f} | {peak} | {ratio} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(settings: Sequence[str], trainers: Sequence[str], device: str, steps: int, warmup: int,
+         plans_file: Optional[str], json_out: Optional[str], md_out: Optional[str]) -> int:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but CUDA is not available")
+    catalogue = settings_catalogue(plans_file)
+    unknown = [s for s in settings if s not in catalogue]
+    if unknown:
+        raise SystemExit(f"unknown setting(s) {unknown}; valid: {', '.join(catalogue)}")
+    results = []
+    for name in settings:
+        print(f"[benchmark] {name} on {dev} ...", flush=True)
+        results.append(run_setting(name, catalogue[name](), trainers, dev, steps, warmup))
+    text = to_markdown(results)
+    print(text)
+    if json_out:
+        Path(json_out).write_text(json.dumps(results, indent=1))
+    if md_out:
+        Path(md_out).write_text(text)
+    return 0
