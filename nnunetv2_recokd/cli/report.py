@@ -175,10 +175,10 @@ def measure_latency(model_folder: Path, fold: str, checkpoint: Path, device: str
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
     dev = torch.device(device)
-    predictor = nnUNetPredictor(device=dev, perform_everything_on_device=dev.type == "cuda", verbose=False,
-                                allow_tqdm=False)
     folds = (fold if fold == "all" else int(fold),)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's notes on CPU devices and checkpoints
+        predictor = nnUNetPredictor(device=dev, perform_everything_on_device=dev.type == "cuda", verbose=False,
+                                    allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=folds,
                                                        checkpoint_name=checkpoint.name)
     net = predictor.network.to(dev).eval()

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Real-data protocol on the Medical Segmentation Decathlon Hippocampus set (Dataset004, 208 cases):
+# the teacher trained on fold 0 (../shared/teachers), the plain student controls and the distilled students,
+# all with the SAME schedule and fold, evaluated on fold 0's validation cases with nnU-Net's own evaluation,
+# then compared with `nnunetv2_recokd report`.
+#
+#   bash examples/hippocampus/run.sh                       # GPU, every trainer, 20 epochs x 250 iterations
+#   DEVICE=cpu EPOCHS=3 ITERS=100 TRAINERS="nnUNetTrainerStudent nnUNetTrainerReCoKD" bash examples/hippocampus/run.sh
+#
+# Environment: WORK (output tree, default ./hippocampus_work), SHARED (folder holding data/ and teachers/,
+# default ../shared beside the repository), DEVICE (cuda|cpu), EPOCHS, ITERS, VAL_ITERS, TRAINERS, NP (processes
+# for preprocessing).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+SHARED=${SHARED:-$(cd "$here/../../../shared" && pwd)}
+WORK=${WORK:-$PWD/hippocampus_work}
+DEVICE=${DEVICE:-cuda}
+EPOCHS=${EPOCHS:-20}
+ITERS=${ITERS:-250}
+VAL_ITERS=${VAL_ITERS:-50}
+NP=${NP:-2}
+TRAINERS=${TRAINERS:-"nnUNetTrainerStudent nnUNetTrainerLogitKD nnUNetTrainerReCoKD nnUNetTrainerReCoKDGraph nnUNetTrainerStudent_w8 nnUNetTrainerReCoKD_w8"}
+DATASET=Dataset004_Hippocampus
+
+export nnUNet_raw=$WORK/raw nnUNet_preprocessed=$WORK/preprocessed nnUNet_results=$WORK/results
+mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results/$DATASET"
+[ -e "$nnUNet_raw/$DATASET" ] || ln -s "$SHARED/data/$DATASET" "$nnUNet_raw/$DATASET"
+if [ "$DEVICE" = cpu ]; then
+  export nnUNet_def_n_proc=${nnUNet_def_n_proc:-1} nnUNet_compile=f nnUNet_npp=0 nnUNet_nps=0
+fi
+
+echo "== plan and preprocess"
+[ -f "$nnUNet_preprocessed/$DATASET/nnUNetPlans.json" ] || \
+  nnUNetv2_plan_and_preprocess -d 4 -c 3d_fullres -np "$NP" > "$WORK/plan.log" 2>&1
+
+# the teacher at nnU-Net's conventional location, where the students look for it (a copy: its validation
+# summary is written into it below)
+teacher=$nnUNet_results/$DATASET/nnUNetTrainer__nnUNetPlans__3d_fullres
+[ -d "$teacher" ] || cp -r "$SHARED/teachers/$DATASET/nnUNetTrainer__nnUNetPlans__3d_fullres" "$teacher"
+
+cat > "$WORK/schedule.json" <<JSON
+{"num_epochs": $EPOCHS, "num_iterations_per_epoch": $ITERS, "num_val_iterations_per_epoch": $VAL_ITERS}
+JSON
+for tr in $TRAINERS; do
+  if [ -f "$nnUNet_results/$DATASET/${tr}__nnUNetPlans__3d_fullres/fold_0/validation/summary.json" ]; then
+    echo "== $tr already trained and validated"; continue
+  fi
+  echo "== train $tr ($EPOCHS x $ITERS iterations, $DEVICE)"
+  if [ "$DEVICE" = cpu ]; then
+    nnUNet_n_proc_DA=0 RECOKD_CONFIG="$WORK/schedule.json" nnUNetv2_train 4 3d_fullres 0 -tr "$tr" -device cpu \
+      > "$WORK/train_$tr.log" 2>&1
+  else
+    RECOKD_CONFIG="$WORK/schedule.json" nnUNetv2_train 4 3d_fullres 0 -tr "$tr" > "$WORK/train_$tr.log" 2>&1
+  fi
+done
+
+echo "== teacher on the same fold-0 validation cases"
+if [ ! -f "$teacher/fold_0/validation/summary.json" ]; then
+  val_images=$WORK/teacher_val_images
+  mkdir -p "$val_images"
+  python - "$nnUNet_preprocessed/$DATASET/splits_final.json" "$nnUNet_raw/$DATASET/imagesTr" "$val_images" <<'PY'
+import json, os, sys
+splits, images, out = sys.argv[1:]
+for case in json.load(open(splits))[0]["val"]:
+    src = os.path.join(images, f"{case}_0000.nii.gz")
+    dst = os.path.join(out, os.path.basename(src))
+    if not os.path.exists(dst):
+        os.symlink(src, dst)
+PY
+  nnUNetv2_predict -i "$val_images" -o "$teacher/fold_0/validation" -d 4 -c 3d_fullres -f 0 -device "$DEVICE" \
+    > "$WORK/predict_teacher.log" 2>&1
+  nnUNetv2_evaluate_folder "$nnUNet_raw/$DATASET/labelsTr" "$teacher/fold_0/validation" \
+    -djfile "$nnUNet_preprocessed/$DATASET/dataset.json" -pfile "$nnUNet_preprocessed/$DATASET/nnUNetPlans.json" \
+    > "$WORK/evaluate_teacher.log" 2>&1
+fi
+
+echo "== report"
+nnunetv2_recokd report 4 -c 3d_fullres -f 0 --device "$DEVICE" --out "$WORK/report"
