@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from importlib import resources
 from pathlib import Path
@@ -70,6 +71,10 @@ class DistillSettings:
     graph_gw_epsilon: float
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # JSON accepts NaN and Infinity; they would surface as NaN losses
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SettingsError(f"setting '{f.name}' must be a finite number, got {value!r}")
         positive = ("num_epochs", "num_iterations_per_epoch", "save_every", "initial_lr", "grad_clip",
                     "student_width", "student_min_channels", "logit_temperature", "sard_temperature", "ca_ratio")
         for name in positive:

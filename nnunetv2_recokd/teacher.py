@@ -74,7 +74,7 @@ def locate_teacher(path: Optional[str], source: str, fold: Union[int, str], chec
     p = Path(path).expanduser()
     if p.is_file():
         checkpoint = p
-    elif (p / checkpoint_name).is_file():  # a fold folder
+    elif (p / checkpoint_name).is_file() or p.name.startswith("fold_"):  # a fold folder
         checkpoint = p / checkpoint_name
     else:  # a model folder
         checkpoint = p / _fold_folder_name(fold) / checkpoint_name

@@ -1,4 +1,4 @@
-"""Making the trainers visible to nnU-Net: install / --uninstall the shim, ext-path, a shim that never breaks nnU-Net."""
+"""Making the trainers visible to nnU-Net: install/--uninstall the shim, ext-path, a shim that never breaks nnU-Net."""
 
 import subprocess
 import sys

@@ -60,6 +60,13 @@ def print_ext_path() -> int:
     return 0
 
 
+def _version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "(not installed as a distribution)"
+
+
 def _trainer_status(name: str) -> str:
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
@@ -75,7 +82,7 @@ def doctor(dataset: Optional[str], configuration: str, fold: str, trainer: str, 
 
     import torch
 
-    print(f"nnunetv2 {metadata.version('nnunetv2')}, nnunetv2-recokd {metadata.version('nnunetv2-recokd')}, "
+    print(f"nnunetv2 {_version('nnunetv2')}, nnunetv2-recokd {_version('nnunetv2-recokd')}, "
           f"torch {torch.__version__} (CUDA available: {torch.cuda.is_available()})")
     shim = shim_path()
     ext = os.environ.get("nnUNet_extTrainer", "")
@@ -98,7 +105,7 @@ def _doctor_teacher(dataset: str, configuration: str, fold: str, trainer: str, p
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    from nnunetv2_recokd.config import resolve_settings
+    from nnunetv2_recokd.config import SettingsError, resolve_settings
     from nnunetv2_recokd.teacher import TeacherError, check_compatible, read_checkpoint, resolve_teacher
 
     try:
@@ -106,7 +113,11 @@ def _doctor_teacher(dataset: str, configuration: str, fold: str, trainer: str, p
     except RuntimeError as e:
         print(f"dataset {dataset}: {e}")
         return False
-    settings = resolve_settings(trainer)
+    try:
+        settings = resolve_settings(trainer)
+    except SettingsError as e:
+        print(f"settings of {trainer}: {e}")
+        return False
     fold_value = fold if fold == "all" else int(fold)
     print(f"teacher for {dataset_name} {configuration} fold {fold} ({trainer}):")
     try:

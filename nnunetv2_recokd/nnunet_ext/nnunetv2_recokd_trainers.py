@@ -10,7 +10,7 @@ import problem becomes a warning.
 try:
     from nnunetv2_recokd.trainers import *  # noqa: F401,F403
 except ModuleNotFoundError as _e:
-    if not (_e.name or "").startswith("nnunetv2_recokd"):
+    if _e.name != "nnunetv2_recokd":  # only "our package was uninstalled" is silent
         import warnings
 
         warnings.warn(f"nnunetv2-recokd trainers unavailable: {_e!r}")
