@@ -78,7 +78,13 @@ def test_installed_shim_is_found_by_nnunets_own_lookup(trainer_folder):
 def _import_shim_in_subprocess(shim: Path, block: str) -> subprocess.CompletedProcess:
     code = textwrap.dedent(f"""
         import importlib.util, sys, warnings
-        sys.modules[{block!r}] = None  # as if this module could not be imported
+
+        class Uninstalled:  # the import system's answer for a package that is not installed at all
+            def find_spec(self, name, path=None, target=None):
+                if name == {block!r} or name.startswith({block!r} + "."):
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+        sys.meta_path.insert(0, Uninstalled())
         warnings.simplefilter("error")  # an uninstalled package must not even warn
         spec = importlib.util.spec_from_file_location("nnunetv2_recokd_trainers", {str(shim)!r})
         module = importlib.util.module_from_spec(spec)
@@ -133,3 +139,11 @@ def test_ext_folder_is_not_the_package_folder():
 
     assert plugin.ext_folder() != Path(nnunetv2_recokd.__file__).parent
     assert not (plugin.ext_folder() / "__init__.py").exists()
+
+
+def test_shim_warns_when_part_of_the_package_is_broken(trainer_folder):
+    """A missing submodule of ours is a packaging bug: say so instead of silently exporting no trainer."""
+    assert cli.main(["install"]) == 0
+    result = _import_shim_in_subprocess(trainer_folder / plugin.SHIM_NAME, "nnunetv2_recokd.losses")
+    assert result.returncode != 0  # warnings are errors in the subprocess
+    assert "nnunetv2-recokd trainers unavailable" in result.stderr and "nnunetv2_recokd.losses" in result.stderr

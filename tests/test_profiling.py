@@ -1,7 +1,6 @@
 """Parameters, GFLOPs and latency helpers used by the demo and the report."""
 
 import pytest
-import torch
 from torch import nn
 
 from nnunetv2_recokd.profiling import conv_gflops, count_parameters, inference_latency_ms

@@ -19,6 +19,7 @@ import os
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -106,35 +107,37 @@ def run_setting(name: str, plans: dict, trainers: Sequence[str], device: torch.d
                 return t
 
             teacher_net = trainer("nnUNetTrainerLogitKD").teacher.network
-            control = trainer("nnUNetTrainerStudent")
-
-            def teacher_forward():
-                with torch.autocast(device.type, enabled=device.type == "cuda"):
-                    teacher_net(batch["data"])
-
-            def floor_step():  # what any distillation step must at least do
-                teacher_forward()
-                control.train_step(batch)
-
-            student_ms, _ = _time(lambda: control.train_step(batch), device, steps, warmup)
-            teacher_ms, _ = _time(teacher_forward, device, steps, warmup)
-            floor, floor_peak = _time(floor_step, device, steps, warmup)
-            del control
+            floor = _measure_floor(trainer("nnUNetTrainerStudent"), teacher_net, batch, device, steps, warmup)
             for cls_name in trainers:
-                t = trainer(cls_name)
-                ms, peak = _time(lambda: t.train_step(batch), device, steps, warmup)
-                rows.append({"trainer": cls_name, "ms_per_step": ms, "ratio_to_floor": ms / floor,
-                             "peak_gib": peak,
-                             "peak_ratio": (peak / floor_peak) if peak is not None and floor_peak else None})
-                del t
+                ms, peak = _time(partial(trainer(cls_name).train_step, batch), device, steps, warmup)
+                rows.append({"trainer": cls_name, "ms_per_step": ms, "ratio_to_floor": ms / floor["floor_ms"],
+                             "peak_gib": peak, "peak_ratio": (peak / floor["floor_peak_gib"])
+                             if peak is not None and floor["floor_peak_gib"] else None})
             latency = _inference_latency(trainer("nnUNetTrainerStudent").network, teacher_net.network,
                                          batch["data"][:1], device, steps, warmup)
         finally:
             os.environ.clear()
             os.environ.update(saved_env)
     return {"setting": name, "device": _device_name(device), "patch_size": patch, "batch_size": batch_size,
-            "n_stages": n_stages, "student_step_ms": student_ms, "teacher_forward_ms": teacher_ms,
-            "floor_ms": floor, "floor_peak_gib": floor_peak, "trainers": rows, **latency}
+            "n_stages": n_stages, **floor, "trainers": rows, **latency}
+
+
+def _measure_floor(control, teacher_net: torch.nn.Module, batch: dict, device: torch.device, steps: int,
+                   warmup: int) -> dict:
+    """The floor no distillation step can beat: a plain student step plus one teacher forward."""
+    def teacher_forward():
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            teacher_net(batch["data"])
+
+    def floor_step():
+        teacher_forward()
+        control.train_step(batch)
+
+    student_ms, _ = _time(partial(control.train_step, batch), device, steps, warmup)
+    teacher_ms, _ = _time(teacher_forward, device, steps, warmup)
+    floor_ms, floor_peak = _time(floor_step, device, steps, warmup)
+    return {"student_step_ms": student_ms, "teacher_forward_ms": teacher_ms, "floor_ms": floor_ms,
+            "floor_peak_gib": floor_peak}
 
 
 def _inference_latency(student: torch.nn.Module, teacher: torch.nn.Module, patch: torch.Tensor,
@@ -143,14 +146,14 @@ def _inference_latency(student: torch.nn.Module, teacher: torch.nn.Module, patch
     for name, net in (("teacher", teacher), ("student", student)):
         net.eval()
         net.decoder.deep_supervision = False
-
-        def forward():
-            with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
-                net(patch)
-
-        out[f"{name}_inference_ms"], _ = _time(forward, device, steps, warmup)
+        out[f"{name}_inference_ms"], _ = _time(partial(_no_grad_forward, net, patch), device, steps, warmup)
         out[f"{name}_params"] = sum(p.numel() for p in net.parameters())
     return out
+
+
+def _no_grad_forward(net: torch.nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=x.device.type == "cuda"):
+        net(x)
 
 
 def _device_name(device: torch.device) -> str:

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from torch import Tensor, nn
 
+from nnunetv2_recokd.losses._precision import float32_region
+
 __all__ = ["GlobalContextBlock", "ContextAlignmentLoss"]
-
-
-def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
-    """Switch autocast off on ``device`` so the loss runs in float32; a no-op where autocast does not exist."""
-    is_available = getattr(torch.amp, "is_autocast_available", None)  # added in torch 2.4
-    known = is_available(device.type) if is_available is not None else device.type in ("cpu", "cuda")
-    if not known:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, enabled=False)
 
 
 class GlobalContextBlock(nn.Module):
@@ -131,7 +123,7 @@ class ContextAlignmentLoss(nn.Module):
                 f"features must have shape (B, {self.channels}, *spatial), got student {tuple(student.shape)} "
                 f"and teacher {tuple(teacher.shape)}"
             )
-        with _autocast_disabled(student.device):
+        with float32_region(student.device):
             feat_s = student.float()
             feat_t = teacher.detach().float()
             shift_s = self.student_block.transform(self.student_block.context(feat_s))

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nnunetv2_recokd.losses._precision import float32_region
+
 __all__ = [
     "GW_SOLVERS",
     "RegionGraphLoss",
@@ -227,7 +229,7 @@ def _pool_feature_maps(feature_maps: tuple[Tensor, ...], regions: Tensor) -> lis
                 f"{tuple(features.shape)} and {tuple(regions.shape)}"
             )
     device = feature_maps[0].device
-    with torch.autocast(device_type=device.type, enabled=False):
+    with float32_region(device):
         masks = regions.reshape(regions.shape[0], -1).to(device=device, dtype=torch.float32)
         sizes = masks.sum(dim=1, keepdim=True).clamp_min(_POOL_EPS)
         return [(masks @ f.reshape(f.shape[0], -1).float().transpose(0, 1)) / sizes for f in feature_maps]
@@ -247,7 +249,7 @@ def cosine_similarity_matrix(h: Tensor) -> Tensor:
     """
     if h.ndim != 2:
         raise ValueError(f"node features must have shape (R, C), got {tuple(h.shape)}")
-    with torch.autocast(device_type=h.device.type, enabled=False):
+    with float32_region(h.device):
         unit = F.normalize(h.float(), dim=1, eps=_NORM_EPS)
         return unit @ unit.transpose(0, 1)
 
@@ -309,7 +311,7 @@ def gromov_wasserstein_discrepancy(
     import ot  # POT; imported lazily because it is only needed when the GW term is used
 
     device = cost_s.device
-    with torch.autocast(device_type=device.type, enabled=False):
+    with float32_region(device):
         c_s = cost_s.to(device="cpu", dtype=torch.float64)
         c_t = cost_t.to(device="cpu", dtype=torch.float64)
         if solver == "exact":
@@ -422,7 +424,7 @@ class RegionGraphLoss(nn.Module):
         if len(regions) != student.shape[0]:
             raise ValueError(f"need one region tensor per sample: {len(regions)} for batch {student.shape[0]}")
 
-        with torch.autocast(device_type=student.device.type, enabled=False):
+        with float32_region(student.device):
             student = student.float()
             teacher = teacher.detach().float()
             node_terms, edge_terms, costs = [], [], []

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunetv2_recokd.losses._precision import float32_region
+
 
 class LogitKDLoss(nn.Module):
     """T^2 * mean over voxels of KL(softmax(z_t / T) || softmax(z_s / T)).
@@ -49,7 +51,7 @@ class LogitKDLoss(nn.Module):
             raise ValueError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} "
                              f"must have the same shape")
         t = self.temperature
-        with torch.autocast(device_type=student.device.type, enabled=False):
+        with float32_region(student.device):
             zs = student.float() / t
             zt = teacher.detach().float() / t
             if self.sigmoid:

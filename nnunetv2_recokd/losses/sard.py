@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from torch import Tensor, nn
 
+from nnunetv2_recokd.losses._precision import float32_region
+
 __all__ = ["SARDLoss"]
 
 _EPS = 1e-12
-
-
-def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
-    """Switch autocast off on ``device`` so the loss runs in float32; a no-op where autocast does not exist."""
-    is_available = getattr(torch.amp, "is_autocast_available", None)  # added in torch 2.4
-    known = is_available(device.type) if is_available is not None else device.type in ("cpu", "cuda")
-    if not known:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def _attention(features: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -93,7 +85,7 @@ class SARDLoss(nn.Module):
 
     def forward(self, student: Tensor, teacher: Tensor, mask_fg: Tensor, mask_bg: Tensor) -> dict[str, Tensor]:
         _check_shapes(student, teacher, mask_fg, mask_bg)
-        with _autocast_disabled(student.device):
+        with float32_region(student.device):
             feat_s = student.float().flatten(2)  # (B, C, V)
             feat_t = teacher.detach().float().flatten(2)
             weight_fg = mask_fg.detach().float().flatten(1)  # (B, V)

@@ -34,4 +34,19 @@ PUBLIC_TRAINERS = [
     "nnUNetTrainerGraphKD",
 ]
 
-__all__ = ["nnUNetTrainerDistillBase", *PUBLIC_TRAINERS]
+__all__ = [  # noqa: PLE0604 - the same names as PUBLIC_TRAINERS, checked by tests/test_config.py
+    "nnUNetTrainerDistillBase",
+    "nnUNetTrainerStudent",
+    "nnUNetTrainerStudent_w2",
+    "nnUNetTrainerStudent_w8",
+    "nnUNetTrainerTeacher",
+    "nnUNetTrainerLogitKD",
+    "nnUNetTrainerReCoKD",
+    "nnUNetTrainerReCoKD_w2",
+    "nnUNetTrainerReCoKD_w8",
+    "nnUNetTrainerReCoKD_noSARD",
+    "nnUNetTrainerReCoKD_noCA",
+    "nnUNetTrainerReCoKD_singleScale",
+    "nnUNetTrainerReCoKDGraph",
+    "nnUNetTrainerGraphKD",
+]

@@ -3,8 +3,9 @@
 nnU-Net's LocalLogger keeps one list per key with exactly one value per epoch and draws three panels
 (losses and pseudo Dice, epoch time, learning rate). DistillLocalLogger draws the same three and a
 fourth with the segmentation loss and every raw distillation term (symmetric log scale: their
-magnitudes differ by orders and the seg loss is negative). Keys are added on first use and padded with NaN so that a key that appears late (resuming a
-checkpoint written before it existed) stays aligned with the epoch index.
+magnitudes differ by orders and the seg loss is negative). Keys are added on first use and padded
+with NaN so that a key that appears late (resuming a checkpoint written before it existed) stays
+aligned with the epoch index.
 """
 
 from __future__ import annotations
