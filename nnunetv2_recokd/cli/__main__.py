@@ -1,0 +1,5 @@
+import sys
+
+from nnunetv2_recokd.cli import main
+
+sys.exit(main())
