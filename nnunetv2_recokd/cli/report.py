@@ -19,12 +19,12 @@ import io
 import json
 import math
 import os
-import statistics
-import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+
+from nnunetv2_recokd.profiling import inference_latency_ms
 
 TEACHER_TRAINER = "nnUNetTrainer"
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
@@ -187,21 +187,8 @@ def measure_latency(model_folder: Path, fold: str, checkpoint: Path, device: str
         decoder.deep_supervision = False
     channels = determine_num_input_channels(predictor.plans_manager, predictor.configuration_manager,
                                             predictor.dataset_json)
-    patch = torch.randn(1, channels, *predictor.configuration_manager.patch_size, device=dev)
-
-    def forward() -> None:
-        with torch.no_grad(), torch.autocast(dev.type, enabled=dev.type == "cuda"):
-            net(patch)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    forward()  # warm-up: allocator, cuDNN autotuning, lazy init
-    times = []
-    for _ in range(max(1, runs)):
-        start = time.perf_counter()
-        forward()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return inference_latency_ms(net, predictor.configuration_manager.patch_size, channels, runs=max(1, runs),
+                                device=dev)
 
 
 def _latency_or_reason(model_folder: Path, fold: str, checkpoint: Optional[Path], device: str,
