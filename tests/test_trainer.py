@@ -73,6 +73,7 @@ def test_logit_kd_has_no_hooks_and_reports_logit_term(tiny):
     assert trainer.distiller.hooked_stages == [] and trainer.student_recorder.num_hooks == 0
     assert trainer.distiller.ds_weights == [1.0, 0.0]  # nnU-Net's weights, lowest output switched off
     out = trainer.train_step(tiny_batch())
+    assert float(out["kd_total_weighted"]) == pytest.approx(float(out["kd_logit"]))  # logit_weight 1
     assert out["kd_logit"] > 0 and float(out["loss"]) == pytest.approx(float(out["seg_loss"] + out["kd_logit"]),
                                                                        rel=1e-5)
 

@@ -135,8 +135,10 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         if compile_wanted and self.distiller is not None and self.distiller.hooked_stages:
             # forward hooks that store tensors in Python state are graph breaks under torch.compile; rather
             # than risk stale or missing features, the hooked student runs eagerly
-            self.print_to_log_file("torch.compile disabled for this trainer: forward hooks record the student's "
-                                   "stage outputs for distillation")
+            if not getattr(self, "_compile_note_logged", False):
+                self.print_to_log_file("torch.compile disabled for this trainer: forward hooks record the "
+                                       "student's stage outputs for distillation")
+                self._compile_note_logged = True
             return False
         return compile_wanted
 
@@ -199,6 +201,7 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
             self.optimizer.step()
         out = {"loss": loss.detach().cpu().numpy(), "seg_loss": seg.detach().cpu().numpy()}
         out.update({f"kd_{k}": v.detach().cpu().numpy() for k, v in terms.items()})
+        out["kd_total_weighted"] = kd.detach().cpu().numpy()  # what the distillation added to the loss
         return out
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:

@@ -62,7 +62,8 @@ class DistillLocalLogger(LocalLogger):
 
         curves = {k: log[k][:n] for k in sorted(log) if (k == SEG_KEY or k.startswith(KD_PREFIX)) and len(log[k]) >= n}
         for key, values in curves.items():
-            label = "seg loss" if key == SEG_KEY else key[len(KD_PREFIX):] + " (raw)"
+            name = key[len(KD_PREFIX):]
+            label = "seg loss" if key == SEG_KEY else name if name.endswith("weighted") else f"{name} (raw)"
             ax_kd.plot(x, values, label=label, linewidth=3)
         ax_kd.set(xlabel="epoch", ylabel="term value (raw, unweighted)", title="distillation terms")
         if curves:
