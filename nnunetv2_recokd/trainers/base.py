@@ -99,8 +99,14 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
             self.distiller = self._build_distiller().to(self.device)
         super().initialize()
         student = unwrap_network(self.network)
-        self.print_to_log_file(f"student: {count_parameters(student) / 1e6:.3f} M parameters, features per stage "
-                               f"{student_arch_kwargs(self.configuration_manager.network_arch_init_kwargs, self.settings.student_width, self.settings.student_min_channels)['features_per_stage']}")  # noqa: E501
+        s = self.settings
+        features = student_arch_kwargs(self.configuration_manager.network_arch_init_kwargs, s.student_width,
+                                       s.student_min_channels)["features_per_stage"]
+        message = f"student: {count_parameters(student) / 1e6:.3f} M parameters, features per stage {features}"
+        if self.teacher is not None:
+            ratio = count_parameters(self.teacher.network) / count_parameters(student)
+            message += f", {ratio:.1f}x fewer parameters than the teacher"
+        self.print_to_log_file(message)
         if self.distill:
             self.distiller.ds_weights = [float(w) for w in getattr(self.loss, "weight_factors", [1.0])]
             stages = self.distiller.hooked_stages
