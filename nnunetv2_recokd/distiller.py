@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from nnunetv2_recokd.config import DistillSettings
+from nnunetv2_recokd.losses._precision import float32_region
 from nnunetv2_recokd.losses.context import ContextAlignmentLoss
 from nnunetv2_recokd.losses.graph import RegionGraphLoss, extract_regions
 from nnunetv2_recokd.losses.logits import LogitKDLoss
@@ -155,8 +156,10 @@ class Distiller(nn.Module):
         if self.reco_stages:
             reco = {}
             for name, w in zip(self.reco_stages, self.reco_weights):
-                adapted = self.adapters[name](student_features[name])
-                teacher = teacher_features[name]
+                with float32_region(student_features[name].device):
+                    # cast once here: SARD and MS-CA then share these float32 tensors instead of each copying
+                    adapted = self.adapters[name](student_features[name].float())
+                    teacher = teacher_features[name].float()
                 if self.sard is not None:
                     fg, bg = region_masks(targets[_level(name)], self.ignore_label, self.has_regions)
                     for key, value in self.sard(adapted, teacher, fg, bg).items():
