@@ -75,13 +75,14 @@ class DistillSettings:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise SettingsError(f"setting '{f.name}' must be a finite number, got {value!r}")
-        positive = ("num_epochs", "num_iterations_per_epoch", "save_every", "initial_lr", "grad_clip",
-                    "student_width", "student_min_channels", "logit_temperature", "sard_temperature", "ca_ratio")
+        positive = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "save_every",
+                    "initial_lr", "grad_clip", "student_width", "student_min_channels", "logit_temperature",
+                    "sard_temperature", "ca_ratio")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"setting '{name}' must be > 0, got {getattr(self, name)!r}")
         non_negative = [f.name for f in dataclasses.fields(self) if f.name.endswith("_weight")]
-        non_negative += ["num_val_iterations_per_epoch", "graph_min_component_voxels", "graph_gw_epsilon"]
+        non_negative += ["graph_min_component_voxels", "graph_gw_epsilon"]
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise SettingsError(f"setting '{name}' must be >= 0, got {getattr(self, name)!r}")

@@ -56,6 +56,7 @@ class Distiller(nn.Module):
         conv_dim: 2 or 3, the dimensionality of the features (for the 1x1(x1) adapters).
         has_regions: region-based training (sigmoid outputs, multi-channel targets).
         ignore_label: the dataset's ignore label or None.
+        num_classes: max label + 1 of label-map datasets; lets the masks skip a host sync per stage.
 
     Raises:
         ValueError: a configured stage does not exist, or graph lesion settings in region mode.
@@ -63,11 +64,12 @@ class Distiller(nn.Module):
 
     def __init__(self, settings: DistillSettings, student_channels: dict[str, int], teacher_channels: dict[str, int],
                  n_stages: int, ds_weights: Sequence[float], conv_dim: int = 3, has_regions: bool = False,
-                 ignore_label: Optional[int] = None):
+                 ignore_label: Optional[int] = None, num_classes: Optional[int] = None):
         super().__init__()
         self.settings = settings
         self.has_regions = has_regions
         self.ignore_label = ignore_label
+        self.num_classes = num_classes
         self.ds_weights = [float(w) for w in ds_weights]
         conv = {2: nn.Conv2d, 3: nn.Conv3d}[conv_dim]
 
@@ -97,8 +99,10 @@ class Distiller(nn.Module):
         # REACT-KD region graphs on the configured stages
         self.graph_stages: list[str] = list(settings.graph_stages) if settings.graph_weight > 0 else []
         for name in self.graph_stages:
-            if name not in student_channels:
-                raise ValueError(f"graph stage {name!r} does not exist; valid names: {', '.join(student_channels)}")
+            if name not in student_channels or _level(name) > n_stages - 2:
+                valid = [n for n in student_channels if _level(n) <= n_stages - 2]
+                raise ValueError(f"graph stage {name!r} has no deep-supervision target to build regions from; "
+                                 f"valid names: {', '.join(valid)}")
         if self.graph_stages and has_regions:
             raise ValueError("region-graph distillation needs label maps; this dataset is region-based "
                              "(set graph_weight to 0 or use nnUNetTrainerReCoKD)")
@@ -160,15 +164,17 @@ class Distiller(nn.Module):
                     # cast once here: SARD and MS-CA then share these float32 tensors instead of each copying
                     adapted = self.adapters[name](student_features[name].float())
                     teacher = teacher_features[name].float()
+                    diff = adapted - teacher  # one full-resolution difference, shared by both terms
                 if self.sard is not None:
-                    fg, bg = region_masks(targets[_level(name)], self.ignore_label, self.has_regions)
-                    for key, value in self.sard(adapted, teacher, fg, bg).items():
+                    fg, bg = region_masks(targets[_level(name)], self.ignore_label, self.has_regions,
+                                          self.num_classes)
+                    for key, value in self.sard(adapted, teacher, fg, bg, diff=diff).items():
                         if key != "total":
                             reco[f"sard_{key}"] = reco.get(f"sard_{key}", 0) + w * value
                         else:
                             add(value, mult["reco"] * w)
                 if name in self.context:
-                    ca = self.context[name](adapted, teacher)
+                    ca = self.context[name](adapted, teacher, diff=diff)
                     reco["ca"] = reco.get("ca", 0) + w * ca
                     add(ca, mult["reco"] * w * self.settings.ca_weight)
             terms.update(reco)

@@ -64,10 +64,12 @@ class GlobalContextBlock(nn.Module):
             raise ValueError(
                 f"features must have shape (B, {self.channels}, *spatial), got {tuple(features.shape)}"
             )
-        weight = self.attention_logits.weight[0]
-        flat = features.flatten(2).to(weight.dtype)  # (B, C, V)
-        pooling = torch.softmax(torch.einsum("bcv,c->bv", flat, weight), dim=1)
-        return torch.einsum("bcv,bv->bc", flat, pooling)
+        weight = self.attention_logits.weight  # (1, C)
+        flat = features.flatten(2).to(weight.dtype)  # (B, C, V), a view for float32 input
+        # batched matmuls on the (B, C, V) layout: an einsum here would keep a permuted (B*V, C) copy for backward
+        logits = torch.bmm(weight.unsqueeze(0).expand(flat.shape[0], -1, -1), flat).squeeze(1)  # (B, V)
+        pooling = torch.softmax(logits, dim=1)
+        return torch.bmm(flat, pooling.unsqueeze(2)).squeeze(2)
 
     def transform(self, context: Tensor) -> Tensor:
         if context.ndim != 2 or context.shape[1] != self.channels:
@@ -112,7 +114,8 @@ class ContextAlignmentLoss(nn.Module):
         self.teacher_block = GlobalContextBlock(channels, ratio)
         self.channels = channels
 
-    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+    def forward(self, student: Tensor, teacher: Tensor, diff: Tensor | None = None) -> Tensor:
+        """``diff``: optionally ``student - teacher`` already computed in float32 (shared with MS-SARD)."""
         if student.shape != teacher.shape:
             raise ValueError(
                 f"student and teacher features must have the same shape, got student {tuple(student.shape)} "
@@ -130,7 +133,7 @@ class ContextAlignmentLoss(nn.Module):
             shift_t = self.teacher_block.transform(self.teacher_block.context(feat_t))
             delta = (shift_s - shift_t).float()  # (B, C)
 
-            diff = (feat_s - feat_t).flatten(2)  # (B, C, V)
+            diff = (feat_s - feat_t if diff is None else diff).flatten(2)  # (B, C, V)
             batch, channels, voxels = diff.shape
             flat = diff.reshape(-1)
             sum_sq = torch.dot(flat, flat)

@@ -14,7 +14,7 @@ __all__ = ["region_masks"]
 
 
 def region_masks(
-    target: Tensor, ignore_label: int | None = None, has_regions: bool = False
+    target: Tensor, ignore_label: int | None = None, has_regions: bool = False, num_classes: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """Build the size-normalised foreground and background masks of one deep-supervision stage.
 
@@ -33,6 +33,8 @@ def region_masks(
             nnU-Net's ignore mask and the regions are channels ``[:-1]``.
         ignore_label: the dataset's ignore label, or ``None``. In region mode only its presence matters.
         has_regions: whether ``target`` is region-based (multi-channel binary) rather than a label map.
+        num_classes: number of labels (max label + 1) when known, e.g. from the dataset: skips the host sync
+            that otherwise measures it (labels must then lie in ``[0, num_classes)`` besides the ignore label).
 
     Returns:
         ``(mask_fg, mask_bg)``, both float32 of shape ``(B, 1, *spatial)`` on ``target``'s device.
@@ -51,10 +53,10 @@ def region_masks(
             f"a label-map target must have shape (B, 1, *spatial), got {tuple(target.shape)}; "
             "pass has_regions=True for region-based (multi-channel) targets"
         )
-    return _label_map_masks(target, ignore_label)
+    return _label_map_masks(target, ignore_label, num_classes)
 
 
-def _label_map_masks(target: Tensor, ignore_label: int | None) -> tuple[Tensor, Tensor]:
+def _label_map_masks(target: Tensor, ignore_label: int | None, num_classes: int | None) -> tuple[Tensor, Tensor]:
     batch, spatial = target.shape[0], target.shape[2:]
     labels = target[:, 0]
     if labels.is_floating_point():
@@ -66,18 +68,23 @@ def _label_map_masks(target: Tensor, ignore_label: int | None) -> tuple[Tensor, 
         return empty, empty.clone()
 
     valid = labels != ignore_label if ignore_label is not None else torch.ones_like(labels, dtype=torch.bool)
-    # One host sync for the bin count; ignored voxels must not influence the range check.
-    low, high = torch.stack(torch.aminmax(labels.masked_fill(~valid, 0))).tolist()
-    if low < 0:
-        raise ValueError(f"label maps must hold non-negative labels (besides the ignore label), found {low}")
-    num_bins = high + 1
+    if num_classes is None:
+        # One host sync to size the bins; ignored voxels must not influence the range check.
+        low, high = torch.stack(torch.aminmax(labels.masked_fill(~valid, 0))).tolist()
+        if low < 0:
+            raise ValueError(f"label maps must hold non-negative labels (besides the ignore label), found {low}")
+        num_bins = high + 1
+    else:  # known from the dataset: no host sync in the training loop
+        num_bins = num_classes
 
     # Bin index b * num_bins + y; ignored voxels go to one extra trash bin whose weight is forced to 0.
     trash_bin = batch * num_bins
     offsets = torch.arange(batch, device=labels.device).unsqueeze(1) * num_bins
     bins = (labels + offsets).masked_fill_(~valid, trash_bin)
-    counts = torch.bincount(bins.reshape(-1), minlength=trash_bin + 1)
-    inverse = torch.where(counts > 0, 1.0 / counts.clamp_min(1).to(torch.float32), 0.0)
+    flat_bins = bins.reshape(-1)  # scatter_add rather than bincount, which syncs with the host on CUDA
+    counts = torch.zeros(trash_bin + 1, dtype=torch.float32, device=labels.device)
+    counts.scatter_add_(0, flat_bins, torch.ones_like(flat_bins, dtype=torch.float32))
+    inverse = torch.where(counts > 0, 1.0 / counts.clamp_min(1), 0.0)
     inverse[trash_bin] = 0.0
     weights = inverse[bins]  # (B, V): 1 / N of the voxel's own class, 0 where ignored
 

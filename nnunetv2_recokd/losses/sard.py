@@ -83,7 +83,9 @@ class SARDLoss(nn.Module):
             f"att_weight={self.att_weight}"
         )
 
-    def forward(self, student: Tensor, teacher: Tensor, mask_fg: Tensor, mask_bg: Tensor) -> dict[str, Tensor]:
+    def forward(self, student: Tensor, teacher: Tensor, mask_fg: Tensor, mask_bg: Tensor,
+                diff: Tensor | None = None) -> dict[str, Tensor]:
+        """``diff``: optionally ``student - teacher`` already computed in float32 (shared with MS-CA)."""
         _check_shapes(student, teacher, mask_fg, mask_bg)
         with float32_region(student.device):
             feat_s = student.float().flatten(2)  # (B, C, V)
@@ -97,7 +99,7 @@ class SARDLoss(nn.Module):
 
             # Contract the channel axis first: one (B, V) map of attention-weighted squared error serves both
             # regions, so only the difference and its square exist at full (B, C, V) size.
-            diff = feat_s - feat_t
+            diff = feat_s - feat_t if diff is None else diff.flatten(2)
             voxel_error = torch.einsum("bcv,bc->bv", diff * diff, channel_t) * spatial_t
 
             # Empty mask: 0 * error / eps = 0, still attached to the graph.

@@ -134,7 +134,8 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         return Distiller(s, stage_channels(student_kwargs), stage_channels(self.teacher.arch_kwargs),
                          n_stages=len(student_kwargs["features_per_stage"]), ds_weights=[1.0],
                          conv_dim=len(cm.patch_size), has_regions=self.label_manager.has_regions,
-                         ignore_label=self.label_manager.ignore_label)
+                         ignore_label=self.label_manager.ignore_label,
+                         num_classes=None if self.label_manager.has_regions else max(self.label_manager.all_labels) + 1)
 
     def _do_i_compile(self) -> bool:
         compile_wanted = super()._do_i_compile()
