@@ -92,10 +92,11 @@ def write_random_teacher(folder: Path, plans: dict, dataset: dict, seed: int = 0
     return folder
 
 
-def make_trainer(cls, plans: dict, dataset: dict, device: torch.device = torch.device("cpu")):
-    """Construct an nnU-Net trainer the way nnUNetv2_train does (without --c)."""
+def make_trainer(cls, plans: dict, dataset: dict, device: torch.device = torch.device("cpu"),
+                 continue_training: bool = False):
+    """Construct an nnU-Net trainer the way nnUNetv2_train does (continue_training: as with --c)."""
     plans = deepcopy(plans)
-    plans["continue_training"] = False
+    plans["continue_training"] = continue_training
     return cls(plans=plans, configuration="3d_fullres", fold=0, dataset_json=dataset, device=device)
 
 

@@ -59,6 +59,12 @@ class FrozenTeacher(nn.Module):
         with torch.no_grad():
             return self.network(x)
 
+    def encode(self, x: torch.Tensor):
+        """Encoder only (stage hooks still fire): all that encoder-feature terms need, at a fraction of the cost
+        (the decoder and its deep-supervision heads are most of a U-Net's FLOPs)."""
+        with torch.no_grad():
+            return self.network.encoder(x)
+
 
 def default_teacher_folder(results_root: Union[str, Path], dataset_name: str, configuration: str,
                            teacher_trainer: str, teacher_plans: str) -> Path:

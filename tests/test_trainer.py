@@ -126,7 +126,7 @@ def test_checkpoint_holds_student_only_and_restores_distiller(tiny, tmp_path):
     assert set(saved["network_weights"]) == student_keys
     assert saved["recokd"]["settings"]["reco_weight"] == 0.01
 
-    restored = make_trainer(nnUNetTrainerReCoKD, *tiny)
+    restored = make_trainer(nnUNetTrainerReCoKD, *tiny, continue_training=True)  # --c
     restored.load_checkpoint(path)
     for k, v in trainer.distiller.state_dict().items():
         assert torch.equal(v, restored.distiller.state_dict()[k]), k
@@ -160,3 +160,49 @@ def test_config_file_sets_schedule_and_width(tiny, tmp_path, monkeypatch):
     cfg.write_text(json.dumps({"num_epochs": "three"}))
     with pytest.raises(ValueError, match="num_epochs"):
         make_trainer(nnUNetTrainerLogitKD, *tiny)
+
+
+def test_val_needs_no_teacher_and_rebuilds_the_checkpoint_width(tiny, tmp_path, monkeypatch):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"student_width": 0.5}))
+    monkeypatch.setenv("RECOKD_CONFIG", str(cfg))
+    trainer = make_trainer(nnUNetTrainerReCoKD, *tiny)
+    trainer.initialize()
+    trainer.train_step(tiny_batch())
+    path = str(tmp_path / "ckpt.pth")
+    trainer.save_checkpoint(path)
+
+    # a fresh shell: no RECOKD_CONFIG (default width 0.25) and no teacher anywhere
+    monkeypatch.delenv("RECOKD_CONFIG")
+    monkeypatch.setenv("RECOKD_TEACHER", str(tmp_path / "gone"))
+    validator = make_trainer(nnUNetTrainerReCoKD, *tiny)  # what --val constructs (no --c)
+    validator.load_checkpoint(path)
+    assert validator.teacher is None and validator.distiller is None
+    assert validator.settings.student_width == 0.5
+    for k, v in trainer.network.state_dict().items():
+        assert torch.equal(v, validator.network.state_dict()[k]), k
+
+    # --c still needs the teacher and says where it looked
+    with pytest.raises(TeacherError, match="gone"):
+        make_trainer(nnUNetTrainerReCoKD, *tiny, continue_training=True).load_checkpoint(path)
+
+
+def test_teacher_runs_encoder_only_when_no_term_needs_its_decoder(tiny):
+    recokd = make_trainer(nnUNetTrainerReCoKD, *tiny)
+    recokd.initialize()
+    assert recokd._teacher_encoder_only
+    calls = []
+    recokd.teacher.network.network.decoder.register_forward_hook(lambda *a: calls.append(1))
+    recokd.train_step(tiny_batch())
+    assert calls == []  # the teacher's decoder never ran
+    logit = make_trainer(nnUNetTrainerLogitKD, *tiny)
+    logit.initialize()
+    assert not logit._teacher_encoder_only
+
+
+def test_subclass_of_a_shipped_trainer_inherits_its_defaults(tiny):
+    class nnUNetTrainerReCoKD_250ep(nnUNetTrainerReCoKD):
+        pass
+
+    trainer = make_trainer(nnUNetTrainerReCoKD_250ep, *tiny)
+    assert trainer.settings.reco_weight == 0.01 and trainer._config_name() == "nnUNetTrainerReCoKD"

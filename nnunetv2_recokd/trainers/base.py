@@ -27,7 +27,13 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 
-from nnunetv2_recokd.config import DistillSettings, default_settings, resolve_settings
+from nnunetv2_recokd.config import (
+    DistillSettings,
+    SettingsError,
+    default_settings,
+    resolve_settings,
+    shipped_config_names,
+)
 from nnunetv2_recokd.distiller import Distiller
 from nnunetv2_recokd.hooks import FeatureRecorder, stage_channels, unwrap_network
 from nnunetv2_recokd.student import (
@@ -73,11 +79,18 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         self.distiller: Optional[Distiller] = None
         self.student_recorder: Optional[FeatureRecorder] = None
         self.teacher_recorder: Optional[FeatureRecorder] = None
+        self._teacher_encoder_only = False
+        self._validation_only = False  # set by load_checkpoint for --val: no teacher needed
 
     # ----------------------------------------------------------------------------------- construction
     @classmethod
     def _config_name(cls) -> str:
-        return cls.config_name or cls.__name__
+        """The defaults file: config_name, else the nearest class in the hierarchy that ships one (so the usual
+        nnU-Net idiom `class nnUNetTrainerReCoKD_250ep(nnUNetTrainerReCoKD)` inherits its parent's defaults)."""
+        if cls.config_name:
+            return cls.config_name
+        shipped = set(shipped_config_names())
+        return next((k.__name__ for k in cls.__mro__ if k.__name__ in shipped), cls.__name__)
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
@@ -94,9 +107,14 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
             return super().initialize()  # raises nnU-Net's own error
         self.print_to_log_file(f"{type(self).__name__} settings:\n" + json.dumps(self.settings.as_dict(), indent=1),
                                also_print_to_console=False, add_timestamp=False)
-        if self.distill:
+        if self.distill and self._validation_only:
+            self.print_to_log_file("validation only: the teacher and the distillation modules are not loaded")
+        elif self.distill:
             self._load_teacher()  # every check runs before nnU-Net builds anything
             self.distiller = self._build_distiller().to(self.device)
+            if self.is_ddp:  # DDP broadcasts only the student it wraps: the distiller must start identical too
+                for tensor in self.distiller.state_dict().values():
+                    dist.broadcast(tensor, src=0)
         super().initialize()
         student = unwrap_network(self.network)
         s = self.settings
@@ -107,9 +125,11 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
             ratio = count_parameters(self.teacher.network) / count_parameters(student)
             message += f", {ratio:.1f}x fewer parameters than the teacher"
         self.print_to_log_file(message)
-        if self.distill:
+        if self.distiller is not None:
             self.distiller.ds_weights = [float(w) for w in getattr(self.loss, "weight_factors", [1.0])]
             stages = self.distiller.hooked_stages
+            # encoder-feature terms without logits need only the teacher's encoder
+            self._teacher_encoder_only = not self.distiller.uses_logits and all(n.startswith("enc") for n in stages)
             self.student_recorder = FeatureRecorder(student, stages)
             self.teacher_recorder = FeatureRecorder(self.teacher.network.network, stages)
             self.print_to_log_file(f"distillation terms recorded at stages {stages or 'none (logits only)'}; "
@@ -165,7 +185,7 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
             self.distiller.train()
 
     def train_step(self, batch: dict) -> dict:
-        if not self.distill:
+        if self.distiller is None:
             return super().train_step(batch)
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
@@ -176,14 +196,16 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         progress = self.current_epoch / max(1, self.num_epochs)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             with self.teacher_recorder:
-                teacher_out = self.teacher.network(data)
+                teacher_out = (self.teacher.network.encode(data) if self._teacher_encoder_only
+                               else self.teacher.network(data))
             teacher_features = self.teacher_recorder.pop()
             with self.student_recorder:
                 student_out = self.network(data)
             student_features = self.student_recorder.pop()
             seg = self.loss(student_out, target)
             kd, terms = self.distiller(student_features, teacher_features, _as_list(student_out),
-                                       _as_list(teacher_out), targets, progress)
+                                       [] if self._teacher_encoder_only else _as_list(teacher_out), targets,
+                                       progress)
             loss = seg + kd
         del student_features, teacher_features, teacher_out
 
@@ -206,14 +228,14 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
             self.grad_scaler.update()
         else:
             self.optimizer.step()
-        out = {"loss": loss.detach().cpu().numpy(), "seg_loss": seg.detach().cpu().numpy()}
-        out.update({f"kd_{k}": v.detach().cpu().numpy() for k, v in terms.items()})
-        out["kd_total_weighted"] = kd.detach().cpu().numpy()  # what the distillation added to the loss
-        return out
+        # kd_total_weighted: what distillation added to the loss; one device-to-host copy for all values
+        values = {"loss": loss, "seg_loss": seg, **{f"kd_{k}": v for k, v in terms.items()}, "kd_total_weighted": kd}
+        host = torch.stack([v.detach().float() for v in values.values()]).cpu().numpy()
+        return dict(zip(values, host))
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
         super().on_train_epoch_end(train_outputs)
-        if not self.distill:
+        if self.distiller is None:
             return
         outputs = collate_outputs(train_outputs)
         summary = []
@@ -269,11 +291,18 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         os.replace(tmp, filename)  # a crash while saving never leaves a truncated checkpoint behind
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        """Restore network, optimizer, grad scaler, logger, epoch AND distiller (path or dict)."""
-        if not self.was_initialized:
-            self.initialize()
+        """Restore network, optimizer, grad scaler, logger, epoch AND distiller (path or dict).
+
+        --val (nnU-Net calls this without --c) needs only the student: the teacher is not loaded then. The
+        student's width always comes from the checkpoint, whatever RECOKD_CONFIG says now.
+        """
         checkpoint = (torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
                       if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint)
+        state = checkpoint.get(CHECKPOINT_KEY) or {}
+        if not self.was_initialized:
+            self._validation_only = not self.logger.resume
+            self._adopt_checkpoint_settings(state.get("settings"))
+            self.initialize()
         network = unwrap_network(self.network)
         weights = {k[7:] if k.startswith("module.") and k not in network.state_dict() else k: v
                    for k, v in checkpoint["network_weights"].items()}
@@ -284,7 +313,9 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         self._best_ema = checkpoint["_best_ema"]
         self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
                                                                self.inference_allowed_mirroring_axes)
-        state = checkpoint.get(CHECKPOINT_KEY) or {}
+        if self._validation_only:
+            self.print_to_log_file(f"Restored the student from the checkpoint (epoch {self.current_epoch})")
+            return
         if self.distiller is not None:
             if state.get("distiller") is None:
                 raise RuntimeError(f"{type(self).__name__}: this checkpoint holds no distillation state (written by "
@@ -296,7 +327,27 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         self.print_to_log_file(f"Restored checkpoint at epoch {self.current_epoch}"
                                + (" with distillation modules" if self.distiller is not None else ""))
 
+    def _adopt_checkpoint_settings(self, saved: Optional[dict]) -> None:
+        """The architecture is the checkpoint's; other setting changes apply from now on and are logged."""
+        if not saved:
+            return
+        current = self.settings.as_dict()
+        changed = {k: (saved[k], current[k]) for k in current if k in saved and saved[k] != current[k]}
+        arch = {k: v for k, v in changed.items() if k in ("student_width", "student_min_channels")}
+        if arch:
+            self.print_to_log_file(f"the checkpoint's student was built with {({k: v[0] for k, v in arch.items()})}; "
+                                   f"using that instead of the current settings {({k: v[1] for k, v in arch.items()})}")
+            try:
+                self.settings = self.settings.replace(**{k: v[0] for k, v in arch.items()})
+            except SettingsError as e:
+                raise SettingsError(f"the checkpoint's settings are invalid now: {e}") from e
+            record_student_spec(self.plans_manager.plans, self.configuration_manager, self.configuration_name,
+                                self.settings.student_width, self.settings.student_min_channels)
+        others = {k: v for k, v in changed.items() if k not in arch}
+        if others:
+            self.print_to_log_file("settings changed since the checkpoint was written (now in effect): " +
+                                   ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in others.items()))
+
 
 def _as_list(output) -> list[torch.Tensor]:
     return list(output) if isinstance(output, (list, tuple)) else [output]
-
