@@ -1,0 +1,26 @@
+"""The step-cost benchmark runs end to end on a tiny U-Net and reports consistent numbers."""
+
+import os
+
+from nnunetv2_recokd import sandbox
+from nnunetv2_recokd.cli import benchmark
+
+
+def test_benchmark_tiny_setting_reports_ratios_and_latency():
+    def ours(env):
+        return {k: v for k, v in env.items() if k.startswith(("nnUNet_", "RECOKD_"))}
+
+    env_before = ours(os.environ)
+    plans = sandbox.unet_plans((8, 16, 32), (16, 16, 16), batch_size=2)
+    import torch
+
+    result = benchmark.run_setting("tiny", plans, ["nnUNetTrainerLogitKD", "nnUNetTrainerReCoKDGraph"],
+                                   torch.device("cpu"), steps=1, warmup=0)
+    assert ours(os.environ) == env_before  # the sandbox's nnUNet_* variables do not leak
+    assert [r["trainer"] for r in result["trainers"]] == ["nnUNetTrainerLogitKD", "nnUNetTrainerReCoKDGraph"]
+    for row in result["trainers"]:
+        assert row["ms_per_step"] > 0 and row["ratio_to_floor"] == row["ms_per_step"] / result["floor_ms"]
+        assert row["peak_gib"] is None  # CPU: no peak memory figure rather than a made-up one
+    assert result["teacher_params"] > 10 * result["student_params"] > 0
+    text = benchmark.to_markdown([result])
+    assert "| nnUNetTrainerReCoKDGraph |" in text and "n/a (CPU)" in text
