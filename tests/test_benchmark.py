@@ -11,7 +11,7 @@ def test_benchmark_tiny_setting_reports_ratios_and_latency():
         return {k: v for k, v in env.items() if k.startswith(("nnUNet_", "RECOKD_"))}
 
     env_before = ours(os.environ)
-    plans = sandbox.unet_plans((8, 16, 32), (16, 16, 16), batch_size=2)
+    plans = sandbox.unet_plans((32, 64, 128), (16, 16, 16), batch_size=2)  # student [8, 16, 32]
     import torch
 
     result = benchmark.run_setting("tiny", plans, ["nnUNetTrainerLogitKD", "nnUNetTrainerReCoKDGraph"],
