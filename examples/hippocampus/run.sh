@@ -67,10 +67,11 @@ for case in json.load(open(splits))[0]["val"]:
     if not os.path.exists(dst):
         os.symlink(src, dst)
 PY
+  [ -f "$teacher/fold_0/validation/$(ls "$val_images" | tail -n 1 | sed s/_0000//)" ] || \
   nnUNetv2_predict -i "$val_images" -o "$teacher/fold_0/validation" -d 4 -c 3d_fullres -f 0 -device "$DEVICE" \
     > "$WORK/predict_teacher.log" 2>&1
   nnUNetv2_evaluate_folder "$nnUNet_raw/$DATASET/labelsTr" "$teacher/fold_0/validation" \
-    -djfile "$nnUNet_preprocessed/$DATASET/dataset.json" -pfile "$nnUNet_preprocessed/$DATASET/nnUNetPlans.json" \
+    -djfile "$nnUNet_preprocessed/$DATASET/dataset.json" -pfile "$nnUNet_preprocessed/$DATASET/nnUNetPlans.json" --chill \
     > "$WORK/evaluate_teacher.log" 2>&1
 fi
 
