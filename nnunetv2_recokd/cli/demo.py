@@ -74,7 +74,7 @@ def main(out: str, device: str, dataset: Optional[str], teacher_epochs: int, stu
     env.pop("RECOKD_TEACHER", None)
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    progress = Progress(4 + 2 * len(MODELS))
+    progress = Progress(2 + 2 * len(MODELS))  # data, planning, then one training and one evaluation per model
 
     if dataset is None:
         dataset_id = str(SYNTHETIC_ID)
