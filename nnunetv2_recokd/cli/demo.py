@@ -144,7 +144,8 @@ def model_row(label: str, trainer: str, model_folder: Path, summary_file: Path, 
     labels = json.loads((model_folder / "dataset.json").read_text())["labels"]
     names = {str(v): k for k, v in labels.items() if not isinstance(v, list)}
     dice = {names.get(k, k): v["Dice"] for k, v in summary["mean"].items()}
-    predictor = nnUNetPredictor(device=torch.device(device), verbose=False, verbose_preprocessing=False)
+    predictor = nnUNetPredictor(device=torch.device(device), perform_everything_on_device=device == "cuda",
+                                verbose=False, verbose_preprocessing=False)
     predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(0,),
                                                    checkpoint_name="checkpoint_final.pth")
     patch = predictor.configuration_manager.patch_size
@@ -188,8 +189,8 @@ def plot(rows: list[dict], classes: list[str], path: Path) -> None:
         bars = ax_dice.bar(xs, [r["dice"][c] for c in classes], width, label=r["model"])
         ax_dice.bar_label(bars, fmt="%.2f", fontsize=8)
     ax_dice.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(classes))], classes)
-    ax_dice.set(ylim=(0, 1.05), ylabel="Dice", title="Dice per class")
-    ax_dice.legend(loc="lower right")
+    ax_dice.set(ylim=(0, 1.25), ylabel="Dice", title="Dice per class")
+    ax_dice.legend(loc="upper center", ncol=len(rows), fontsize=8)  # above the bars, never over them
     bars = ax_lat.bar([r["model"] for r in rows], [r["latency_ms"] for r in rows],
                       color=[f"C{i}" for i in range(len(rows))])
     ax_lat.bar_label(bars, labels=[f"{r['latency_ms']:.0f} ms\n{r['params'] / 1e6:.2f} M params" for r in rows],
