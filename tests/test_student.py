@@ -7,6 +7,7 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
+from nnunetv2_recokd.sandbox import unet_plans
 from nnunetv2_recokd.student import (
     PLANS_KEY,
     build_student_network,
@@ -22,51 +23,7 @@ FEATURES = [32, 64, 128]
 
 def tiny_plans() -> dict:
     """A minimal nnU-Net plans dict: one 3D configuration, 3-stage PlainConvUNet."""
-    return {
-        "dataset_name": "Dataset999_Tiny",
-        "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
-        "original_median_shape_after_transp": [16, 16, 16],
-        "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": [0, 1, 2],
-        "transpose_backward": [0, 1, 2],
-        "configurations": {
-            "3d_fullres": {
-                "data_identifier": "nnUNetPlans_3d_fullres",
-                "preprocessor_name": "DefaultPreprocessor",
-                "batch_size": 2,
-                "patch_size": [16, 16, 16],
-                "median_image_size_in_voxels": [16.0, 16.0, 16.0],
-                "spacing": [1.0, 1.0, 1.0],
-                "normalization_schemes": ["ZScoreNormalization"],
-                "use_mask_for_norm": [False],
-                "architecture": {
-                    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                    "arch_kwargs": {
-                        "n_stages": 3,
-                        "features_per_stage": list(FEATURES),
-                        "conv_op": "torch.nn.modules.conv.Conv3d",
-                        "kernel_sizes": [[3, 3, 3]] * 3,
-                        "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
-                        "n_conv_per_stage": [2, 2, 2],
-                        "n_conv_per_stage_decoder": [2, 2],
-                        "conv_bias": True,
-                        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-                        "dropout_op": None,
-                        "dropout_op_kwargs": None,
-                        "nonlin": "torch.nn.LeakyReLU",
-                        "nonlin_kwargs": {"inplace": True},
-                    },
-                    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-                },
-                "batch_dice": False,
-            }
-        },
-        "experiment_planner_used": "ExperimentPlanner",
-        "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {},
-    }
+    return unet_plans(FEATURES, (16, 16, 16), dataset_name="Dataset999_Tiny")
 
 
 def managers(plans=None):

@@ -9,6 +9,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunetv2_recokd.sandbox import unet_plans
 from nnunetv2_recokd.teacher import (
     FrozenTeacher,
     TeacherError,
@@ -21,64 +22,12 @@ from nnunetv2_recokd.teacher import (
 CFG = "3d_fullres"
 CKPT = "checkpoint_final.pth"
 DATASET = "Dataset999_Tiny"
-HIPPOCAMPUS = Path("/work/shared/teachers/Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres")
+HIPPOCAMPUS = (Path(__file__).resolve().parents[2] / "shared" / "teachers" / "Dataset004_Hippocampus"
+               / "nnUNetTrainer__nnUNetPlans__3d_fullres")  # ../shared beside the checkout (skipped if absent)
 
 
 def tiny_plans(features=(8, 16, 32)) -> dict:
-    return {
-        "dataset_name": DATASET,
-        "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
-        "original_median_shape_after_transp": [16, 16, 16],
-        "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": [0, 1, 2],
-        "transpose_backward": [0, 1, 2],
-        "configurations": {
-            CFG: {
-                "data_identifier": "nnUNetPlans_3d_fullres",
-                "preprocessor_name": "DefaultPreprocessor",
-                "batch_size": 2,
-                "patch_size": [16, 16, 16],
-                "median_image_size_in_voxels": [16.0, 16.0, 16.0],
-                "spacing": [1.0, 1.0, 1.0],
-                "normalization_schemes": ["ZScoreNormalization"],
-                "use_mask_for_norm": [False],
-                "resampling_fn_data": "resample_data_or_seg_to_shape",
-                "resampling_fn_seg": "resample_data_or_seg_to_shape",
-                "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-                "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                       "force_separate_z": None},
-                "architecture": {
-                    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-                    "arch_kwargs": {
-                        "n_stages": 3,
-                        "features_per_stage": list(features),
-                        "conv_op": "torch.nn.modules.conv.Conv3d",
-                        "kernel_sizes": [[3, 3, 3]] * 3,
-                        "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
-                        "n_conv_per_stage": [2, 2, 2],
-                        "n_conv_per_stage_decoder": [2, 2],
-                        "conv_bias": True,
-                        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-                        "dropout_op": None,
-                        "dropout_op_kwargs": None,
-                        "nonlin": "torch.nn.LeakyReLU",
-                        "nonlin_kwargs": {"inplace": True},
-                    },
-                    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-                },
-                "batch_dice": False,
-            }
-        },
-        "experiment_planner_used": "ExperimentPlanner",
-        "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {
-            "0": {"max": 1.0, "mean": 0.0, "median": 0.0, "min": -1.0, "percentile_00_5": -1.0,
-                  "percentile_99_5": 1.0, "std": 1.0}},
-    }
+    return unet_plans(features, (16, 16, 16), dataset_name=DATASET)
 
 
 def tiny_dataset() -> dict:

@@ -18,24 +18,9 @@ from nnunetv2_recokd.trainers.recokd import (
     nnUNetTrainerReCoKD_w8,
 )
 
-PUBLIC_TRAINERS = [
-    "nnUNetTrainerStudent",
-    "nnUNetTrainerStudent_w2",
-    "nnUNetTrainerStudent_w8",
-    "nnUNetTrainerTeacher",
-    "nnUNetTrainerLogitKD",
-    "nnUNetTrainerReCoKD",
-    "nnUNetTrainerReCoKD_w2",
-    "nnUNetTrainerReCoKD_w8",
-    "nnUNetTrainerReCoKD_noSARD",
-    "nnUNetTrainerReCoKD_noCA",
-    "nnUNetTrainerReCoKD_singleScale",
-    "nnUNetTrainerReCoKDGraph",
-    "nnUNetTrainerGraphKD",
-]
-
-__all__ = [  # noqa: PLE0604 - the same names as PUBLIC_TRAINERS, checked by tests/test_config.py
+__all__ = [
     "nnUNetTrainerDistillBase",
+    # the public -tr names, in the order the report lists them
     "nnUNetTrainerStudent",
     "nnUNetTrainerStudent_w2",
     "nnUNetTrainerStudent_w8",
@@ -50,3 +35,4 @@ __all__ = [  # noqa: PLE0604 - the same names as PUBLIC_TRAINERS, checked by tes
     "nnUNetTrainerReCoKDGraph",
     "nnUNetTrainerGraphKD",
 ]
+PUBLIC_TRAINERS = __all__[1:]
