@@ -206,3 +206,27 @@ def test_subclass_of_a_shipped_trainer_inherits_its_defaults(tiny):
 
     trainer = make_trainer(nnUNetTrainerReCoKD_250ep, *tiny)
     assert trainer.settings.reco_weight == 0.01 and trainer._config_name() == "nnUNetTrainerReCoKD"
+
+
+def test_resenc_teacher_teaches_a_plain_student(tmp_path, monkeypatch):
+    """The teacher is rebuilt from its own plans: a ResidualEncoderUNet teacher with nnU-Net's plain plans."""
+    import copy
+
+    from nnunetv2_recokd import sandbox
+
+    plans, dataset = setup_env(tmp_path, monkeypatch, teacher=False)
+    resenc = copy.deepcopy(plans)
+    resenc["plans_name"] = "nnUNetResEncUNetMPlans"
+    arch = resenc["configurations"]["3d_fullres"]["architecture"]
+    arch["network_class_name"] = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+    arch["arch_kwargs"]["n_blocks_per_stage"] = arch["arch_kwargs"].pop("n_conv_per_stage")
+    folder = sandbox.write_random_teacher(tmp_path / "resenc" / "nnUNetTrainer__nnUNetResEncUNetMPlans__3d_fullres",
+                                          resenc, dataset)
+    monkeypatch.setenv("RECOKD_TEACHER", str(folder))
+    trainer = make_trainer(nnUNetTrainerReCoKD, plans, dataset)
+    trainer.initialize()
+    assert type(trainer.teacher.network.network).__name__ == "ResidualEncoderUNet"
+    assert type(trainer.network).__name__ == "PlainConvUNet"
+    trainer.current_epoch, trainer.num_epochs = 5, 10
+    out = trainer.train_step(tiny_batch())
+    assert out["kd_sard_fg"] > 0 and torch.isfinite(torch.as_tensor(out["loss"]))
