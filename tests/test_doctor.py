@@ -3,23 +3,17 @@
 import json
 
 from nnunetv2_recokd import cli, sandbox
+from tests.tiny_nnunet import setup_env
 
 
 def _setup(tmp_path, monkeypatch, teacher_dataset_name=sandbox.SANDBOX_DATASET):
-    plans, dataset = sandbox.unet_plans((16, 32, 64), (16, 16, 16)), sandbox.dataset_json()
-    env: dict = {}
-    sandbox.prepare_folders(tmp_path, plans, env)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("RECOKD_TEACHER", raising=False)
-    monkeypatch.delenv("RECOKD_CONFIG", raising=False)
+    """Preprocessed plans for the student and a teacher at nnU-Net's default location."""
+    plans, dataset = setup_env(tmp_path, monkeypatch, teacher=False)
     pre = tmp_path / "preprocessed" / sandbox.SANDBOX_DATASET
     (pre / "nnUNetPlans.json").write_text(json.dumps(plans))
     (pre / "dataset.json").write_text(json.dumps(dataset))
-    teacher_plans = {**plans, "dataset_name": teacher_dataset_name}
     folder = tmp_path / "results" / sandbox.SANDBOX_DATASET / "nnUNetTrainer__nnUNetPlans__3d_fullres"
-    sandbox.write_random_teacher(folder, teacher_plans, dataset)
-    return folder
+    return sandbox.write_random_teacher(folder, {**plans, "dataset_name": teacher_dataset_name}, dataset)
 
 
 def test_doctor_reports_trainers_and_a_matching_teacher(tmp_path, monkeypatch, capsys):
