@@ -10,12 +10,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from nnunetv2_recokd.student import count_parameters  # noqa: F401  (re-exported: size and speed in one place)
+
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def count_parameters(network: nn.Module) -> int:
-    """Parameters counted once each (nnU-Net's decoder.encoder is the encoder)."""
-    return sum(p.numel() for p in network.parameters())
 
 
 def conv_gflops(network: nn.Module, patch_size: Sequence[int], in_channels: int = 1) -> float:

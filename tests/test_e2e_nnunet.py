@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +20,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from nnunetv2_recokd.cli.demo import nnunet_command, run_logged
+from nnunetv2_recokd.cli.report import count_checkpoint_parameters
 from nnunetv2_recokd.synthetic import write_dataset
 
 DATASET_ID = 990
@@ -28,29 +29,8 @@ DATASET = "Dataset990_SyntheticLesions"
 TEACHER_FOLDER = "nnUNetTrainerTeacher__nnUNetPlans__3d_fullres"
 
 
-def _command(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
-    assert found, f"{name} not found on PATH"
-    return found
-
-
-def _run(args: list[str], env: dict, log: Path, timeout: int = 600) -> str:
-    with open(log, "w") as f:
-        proc = subprocess.run([_command(args[0]), *args[1:]], env=env, stdout=f, stderr=subprocess.STDOUT,
-                              timeout=timeout)
-    text = log.read_text()
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{text[-4000:]}"
-    return text
-
-
-def _unique_parameter_count(state_dict: dict) -> int:
-    seen, total = set(), 0
-    for value in state_dict.values():  # decoder.encoder is the encoder: count shared tensors once
-        if value.data_ptr() not in seen and value.is_floating_point():
-            seen.add(value.data_ptr())
-            total += value.numel()
-    return total
+def _run(args: list[str], env: dict, log: Path) -> str:
+    return run_logged(args, env, log, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +64,7 @@ def _results(root: Path, trainer: str) -> Path:
 
 def test_logit_kd_kill_resume_predict_evaluate(workspace):
     root, env = workspace
-    train = [_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", "nnUNetTrainerLogitKD",
+    train = [nnunet_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", "nnUNetTrainerLogitKD",
              "-device", "cpu"]
     out = _results(root, "nnUNetTrainerLogitKD")
     latest = out / "checkpoint_latest.pth"
@@ -115,10 +95,8 @@ def test_logit_kd_kill_resume_predict_evaluate(workspace):
     assert (out / "progress.png").stat().st_size > 10_000
 
     # 3. the student has ~1/16 of the teacher's parameters; the checkpoint holds the student only
-    teacher_ckpt = torch.load(root / "res" / DATASET / TEACHER_FOLDER / "fold_0" / "checkpoint_final.pth",
-                              weights_only=False)
-    ratio = _unique_parameter_count(teacher_ckpt["network_weights"]) / _unique_parameter_count(
-        final["network_weights"])
+    teacher_ckpt = root / "res" / DATASET / TEACHER_FOLDER / "fold_0" / "checkpoint_final.pth"
+    ratio = count_checkpoint_parameters(teacher_ckpt) / count_checkpoint_parameters(out / "checkpoint_final.pth")
     assert 12 < ratio < 20, ratio
     plans = json.loads((out.parent / "plans.json").read_text())
     assert plans["configurations"]["3d_fullres"]["recokd_student"]["width"] == 0.25

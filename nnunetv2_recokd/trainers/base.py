@@ -81,6 +81,7 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         self.teacher_recorder: Optional[FeatureRecorder] = None
         self._teacher_encoder_only = False
         self._validation_only = False  # set by load_checkpoint for --val: no teacher needed
+        self._compile_note_logged = False
 
     # ----------------------------------------------------------------------------------- construction
     @classmethod
@@ -162,7 +163,7 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         if compile_wanted and self.distiller is not None and self.distiller.hooked_stages:
             # forward hooks that store tensors in Python state are graph breaks under torch.compile; rather
             # than risk stale or missing features, the hooked student runs eagerly
-            if not getattr(self, "_compile_note_logged", False):
+            if not self._compile_note_logged:
                 self.print_to_log_file("torch.compile disabled for this trainer: forward hooks record the "
                                        "student's stage outputs for distillation")
                 self._compile_note_logged = True
