@@ -35,6 +35,9 @@ class DistillSettings:
     save_every: int
     initial_lr: float
     grad_clip: float
+    # None: unseeded, as nnU-Net. An int seeds Python, NumPy and torch (rank r: seed + r) before the networks and
+    # the data loaders are built; augmentation is then reproducible with in-process augmentation (nnUNet_n_proc_DA=0)
+    seed: Optional[int]
     # teacher: None = nnUNet_results/<dataset>/<teacher_trainer>__<teacher_plans>__<configuration>/fold_<fold>
     teacher: Optional[str]
     teacher_trainer: str

@@ -18,11 +18,10 @@ import torch
 from torch import nn
 
 from nnunetv2_recokd.config import DistillSettings
-from nnunetv2_recokd.losses._precision import float32_region
-from nnunetv2_recokd.losses.context import ContextAlignmentLoss
 from nnunetv2_recokd.losses.graph import RegionGraphLoss, extract_regions
 from nnunetv2_recokd.losses.logits import LogitKDLoss
 from nnunetv2_recokd.losses.masks import region_masks
+from nnunetv2_recokd.losses.reco import ReCoStageLoss
 from nnunetv2_recokd.losses.sard import SARDLoss
 
 
@@ -71,16 +70,16 @@ class Distiller(nn.Module):
         self.ignore_label = ignore_label
         self.num_classes = num_classes
         self.ds_weights = [float(w) for w in ds_weights]
-        conv = {2: nn.Conv2d, 3: nn.Conv3d}[conv_dim]
 
         self.logit = (LogitKDLoss(settings.logit_temperature, sigmoid=has_regions)
                       if settings.logit_weight > 0 else None)
 
-        # ReCo-KD on encoder stages that have deep-supervision targets (0 .. n_stages-2)
-        self.sard = None
+        # ReCo-KD on encoder stages that have deep-supervision targets (0 .. n_stages-2): one module per stage
+        # holds its adapter and context blocks and computes MS-SARD and MS-CA from moments (losses/reco.py)
         self.reco_stages: list[str] = []
         self.reco_weights: list[float] = []
         sard_on = settings.sard_fg_weight + settings.sard_bg_weight + settings.sard_att_weight > 0
+        self.uses_masks = settings.sard_fg_weight + settings.sard_bg_weight > 0
         if settings.reco_weight > 0 and (sard_on or settings.ca_weight > 0):
             levels = settings.reco_stages if settings.reco_stages is not None else list(range(n_stages - 1))
             bad = [k for k in levels if not 0 <= k <= n_stages - 2]
@@ -89,12 +88,12 @@ class Distiller(nn.Module):
                                  f"are 0..{n_stages - 2}")
             self.reco_stages = [f"enc{k}" for k in levels]
             self.reco_weights = stage_weights(levels, settings.reco_stage_alpha)
-            if sard_on:
-                self.sard = SARDLoss(settings.sard_temperature, settings.sard_fg_weight, settings.sard_bg_weight,
-                                     settings.sard_att_weight)
-        self.context = nn.ModuleDict(
-            {name: ContextAlignmentLoss(teacher_channels[name], settings.ca_ratio)
-             for name in self.reco_stages} if settings.ca_weight > 0 else {})
+        self.reco = nn.ModuleDict({
+            name: ReCoStageLoss(student_channels[name], teacher_channels[name], conv_dim,
+                                sard=SARDLoss(settings.sard_temperature, settings.sard_fg_weight,
+                                              settings.sard_bg_weight, settings.sard_att_weight) if sard_on else None,
+                                ca_ratio=settings.ca_ratio if settings.ca_weight > 0 else None)
+            for name in self.reco_stages})
 
         # REACT-KD region graphs on the configured stages
         self.graph_stages: list[str] = list(settings.graph_stages) if settings.graph_weight > 0 else []
@@ -111,10 +110,6 @@ class Distiller(nn.Module):
                                   settings.graph_edge_weight, settings.graph_gw_weight, settings.graph_gw_solver,
                                   settings.graph_gw_epsilon)
             for name in self.graph_stages})
-
-        self.adapters = nn.ModuleDict({
-            name: conv(student_channels[name], teacher_channels[name], kernel_size=1, bias=True)
-            for name in self.reco_stages})
 
     @property
     def hooked_stages(self) -> list[str]:
@@ -158,25 +153,19 @@ class Distiller(nn.Module):
             add(logit, mult["logit"])
 
         if self.reco_stages:
-            reco = {}
+            reco: dict[str, torch.Tensor] = {}
             for name, w in zip(self.reco_stages, self.reco_weights):
-                with float32_region(student_features[name].device):
-                    # cast once here: SARD and MS-CA then share these float32 tensors instead of each copying
-                    adapted = self.adapters[name](student_features[name].float())
-                    teacher = teacher_features[name].float()
-                    diff = adapted - teacher  # one full-resolution difference, shared by both terms
-                if self.sard is not None:
-                    fg, bg = region_masks(targets[_level(name)], self.ignore_label, self.has_regions,
-                                          self.num_classes)
-                    for key, value in self.sard(adapted, teacher, fg, bg, diff=diff).items():
-                        if key != "total":
-                            reco[f"sard_{key}"] = reco.get(f"sard_{key}", 0) + w * value
-                        else:
-                            add(value, mult["reco"] * w)
-                if name in self.context:
-                    ca = self.context[name](adapted, teacher, diff=diff)
-                    reco["ca"] = reco.get("ca", 0) + w * ca
-                    add(ca, mult["reco"] * w * self.settings.ca_weight)
+                masks = (region_masks(targets[_level(name)], self.ignore_label, self.has_regions, self.num_classes)
+                         if self.uses_masks else (None, None))
+                values = self.reco[name](student_features[name], teacher_features[name], *masks)
+                for key, value in values.items():
+                    if key == "sard":
+                        add(value, mult["reco"] * w)
+                    else:
+                        if key == "ca":
+                            add(value, mult["reco"] * w * self.settings.ca_weight)
+                        log_key = key if key == "ca" else f"sard_{key}"
+                        reco[log_key] = reco.get(log_key, 0) + w * value
             terms.update(reco)
 
         if self.graph_stages:

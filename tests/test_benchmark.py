@@ -22,5 +22,11 @@ def test_benchmark_tiny_setting_reports_ratios_and_latency():
         assert row["ms_per_step"] > 0 and row["ratio_to_floor"] == row["ms_per_step"] / result["floor_ms"]
         assert row["peak_gib"] is None  # CPU: no peak memory figure rather than a made-up one
     assert result["teacher_params"] > 10 * result["student_params"] > 0
+    reco = result["reco_terms"]
+    assert reco["stages"] == 2 and reco["ours_ms"] > 0 and reco["direct_ms"] > 0
+    # the direct formulas keep the adapted student, differences and squares (float32, 32 channels at 16^3) for
+    # backward: more than one (2, 32, 16, 16, 16) float32 tensor; ours keeps per-voxel and per-channel sums only
+    assert reco["direct_saved_mib"] > 2 * 32 * 16 ** 3 * 4 / 2 ** 20 > reco["ours_saved_mib"]
+    assert reco["ours_peak_mib"] is None
     text = benchmark.to_markdown([result])
-    assert "| nnUNetTrainerReCoKDGraph |" in text and "n/a (CPU)" in text
+    assert "| nnUNetTrainerReCoKDGraph |" in text and "n/a (CPU)" in text and "| direct |" in text

@@ -95,6 +95,8 @@ def test_unknown_key_names_it_and_lists_valid_keys(tmp_path):
     ("logit_weight", True),           # bool for float
     ("logit_weight", "1.0"),          # string for float
     ("teacher", ["/a", "/b"]),        # list for str
+    ("seed", 1.5),                    # float for an optional int
+    ("seed", True),                   # bool for an optional int
     ("teacher_trainer", 5),           # int for str
     ("graph_background_node", 1),     # int for bool
     ("reco_stages", 0),               # scalar for list

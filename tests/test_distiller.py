@@ -29,12 +29,13 @@ def _distiller(name, **changes):
 def test_recokd_modules_and_schedule():
     d = _distiller("nnUNetTrainerReCoKD")
     assert d.reco_stages == ["enc0", "enc1"] and d.hooked_stages == ["enc0", "enc1"]
-    assert set(d.adapters) == set(d.context) == {"enc0", "enc1"} and len(d.graph) == 0 and d.logit is None
+    assert set(d.reco) == {"enc0", "enc1"} and len(d.graph) == 0 and d.logit is None
+    assert all(m.sard is not None and m.context is not None for m in d.reco.values())
     assert d.schedule(0.0)["reco"] == 0.0 and d.schedule(0.3)["reco"] == pytest.approx(0.005)
     assert d.schedule(0.6)["reco"] == pytest.approx(0.01)
     assert _distiller("nnUNetTrainerReCoKD_singleScale").reco_stages == ["enc0"]
-    assert len(_distiller("nnUNetTrainerReCoKD_noCA").context) == 0
-    assert _distiller("nnUNetTrainerReCoKD_noSARD").sard is None
+    assert all(m.context is None for m in _distiller("nnUNetTrainerReCoKD_noCA").reco.values())
+    assert all(m.sard is None for m in _distiller("nnUNetTrainerReCoKD_noSARD").reco.values())
     with pytest.raises(ValueError, match="reco_stages"):
         _distiller("nnUNetTrainerReCoKD", reco_stages=[2])  # the bottleneck has no deep-supervision target
 
@@ -42,7 +43,7 @@ def test_recokd_modules_and_schedule():
 def test_perfect_student_with_identity_adapters_has_zero_feature_loss():
     d = _distiller("nnUNetTrainerReCoKD")
     with torch.no_grad():
-        for adapter in d.adapters.values():
+        for adapter in (stage.adapter for stage in d.reco.values()):
             adapter.weight.zero_()
             adapter.bias.zero_()
             for c in range(adapter.weight.shape[0]):

@@ -47,12 +47,12 @@ def workspace(tmp_path_factory):
          root / "plan.log")
     env["nnUNet_n_proc_DA"] = "0"  # training only: in-process augmentation (it breaks plan_and_preprocess)
     (root / "teacher.json").write_text(json.dumps({"num_epochs": 1, "num_iterations_per_epoch": 20,
-                                                   "num_val_iterations_per_epoch": 1}))
+                                                   "num_val_iterations_per_epoch": 1, "seed": 0}))
     _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", "nnUNetTrainerTeacher", "-device", "cpu"],
          {**env, "RECOKD_CONFIG": str(root / "teacher.json")}, root / "teacher.log")
     # the students find their teacher at nnU-Net's conventional location, named by teacher_trainer
     (root / "student.json").write_text(json.dumps({"num_epochs": 4, "num_iterations_per_epoch": 10,
-                                                   "num_val_iterations_per_epoch": 1, "save_every": 1,
+                                                   "num_val_iterations_per_epoch": 1, "save_every": 1, "seed": 0,
                                                    "teacher_trainer": "nnUNetTrainerTeacher"}))
     env["RECOKD_CONFIG"] = str(root / "student.json")
     return root, env

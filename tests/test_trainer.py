@@ -39,17 +39,17 @@ def test_recokd_step_trains_student_and_distillation_modules_not_teacher(tiny):
     assert [round(w, 3) for w in d.reco_weights] == [0.697, 0.303]  # 1 : 2^-1.2, normalised
     opt_params = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert all(id(p) in opt_params for p in d.parameters())
-    student, adapters, context, teacher = (_snapshot(trainer.network), _snapshot(d.adapters),
-                                           _snapshot(d.context), _snapshot(trainer.teacher.network))
+    student, reco, teacher = _snapshot(trainer.network), _snapshot(d.reco), _snapshot(trainer.teacher.network)
     trainer.current_epoch = 5  # past nothing: warm-up makes lambda > 0 only after epoch 0
     trainer.num_epochs = 10
     out = trainer.train_step(tiny_batch())
     assert {"loss", "seg_loss", "kd_sard_fg", "kd_sard_bg", "kd_sard_att", "kd_ca"} <= set(out)
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in out.values())
     assert _changed(student, trainer.network)
-    assert _changed(adapters, d.adapters) == set(adapters)  # every adapter weight and bias moved
-    assert any(k.startswith("enc0.student_block") for k in _changed(context, d.context))
-    assert any(k.startswith("enc0.teacher_block") for k in _changed(context, d.context))
+    adapters = {k for k in reco if ".adapter." in k}
+    assert len(adapters) == 4 and _changed(reco, d.reco) >= adapters  # every adapter weight and bias moved
+    assert any(k.startswith("enc0.context.student_block") for k in _changed(reco, d.reco))
+    assert any(k.startswith("enc0.context.teacher_block") for k in _changed(reco, d.reco))
     assert not _changed(teacher, trainer.teacher.network)
     assert all(not p.requires_grad and p.grad is None for p in trainer.teacher.network.parameters())
 
@@ -160,6 +160,33 @@ def test_config_file_sets_schedule_and_width(tiny, tmp_path, monkeypatch):
     cfg.write_text(json.dumps({"num_epochs": "three"}))
     with pytest.raises(ValueError, match="num_epochs"):
         make_trainer(nnUNetTrainerLogitKD, *tiny)
+
+
+def test_seed_makes_student_and_distillation_modules_reproducible(tiny, tmp_path, monkeypatch):
+    def initial_state(seed) -> dict[str, torch.Tensor]:
+        cfg = tmp_path / f"seed_{seed}.json"
+        cfg.write_text(json.dumps({"seed": seed}))
+        monkeypatch.setenv("RECOKD_CONFIG", str(cfg))
+        trainer = make_trainer(nnUNetTrainerReCoKD, *tiny)
+        trainer.initialize()
+        return {**_snapshot(trainer.network), **{f"distiller.{k}": v for k, v in _snapshot(trainer.distiller).items()}}
+
+    first, again, other = initial_state(7), initial_state(7), initial_state(8)
+    assert not _changed(first, _Frozen(again))
+    # convs, adapters, linears (the context blocks' zero-initialised last layers excepted)
+    random_init = {k for k, v in first.items() if k.endswith("weight") and v.ndim > 1 and v.any()}
+    assert random_init and _changed(first, _Frozen(other)) >= random_init
+
+
+class _Frozen(torch.nn.Module):
+    """A state dict posing as a module for _changed."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        super().__init__()
+        self._state = state
+
+    def state_dict(self, *args, **kwargs):
+        return self._state
 
 
 def test_val_needs_no_teacher_and_rebuilds_the_checkpoint_width(tiny, tmp_path, monkeypatch):

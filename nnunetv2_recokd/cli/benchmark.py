@@ -4,7 +4,11 @@ For each setting (a U-Net size and patch) and each trainer, one full train_step 
 student forward, seg loss, distillation terms, backward, optimizer step) is timed against the floor
 that no distillation method can beat: a plain student step (nnUNetTrainerStudent, same width) plus
 one teacher forward. Reported: ms per step, ratio to the floor, peak memory (CUDA) and its ratio, and
-the inference latency of teacher and student on one patch. No data loading or augmentation is timed:
+the inference latency of teacher and student on one patch. A second measurement isolates the ReCo-KD
+terms (MS-SARD + MS-CA with adapters, every encoder stage with a deep-supervision target, forward and
+backward) and compares them with the same terms computed directly by the formulas
+(ReCoStageLoss.reference): time, bytes the terms keep alive for backward (any device) and peak
+memory above the features (CUDA). No data loading or augmentation is timed:
 batches are synthetic tensors of nnU-Net's shapes, the teacher has random weights (cost does not
 depend on the weights). Networks run eagerly (nnUNet_compile=f) for every trainer so that the ratio
 compares like with like.
@@ -115,11 +119,12 @@ def run_setting(name: str, plans: dict, trainers: Sequence[str], device: torch.d
                              if peak is not None and floor["floor_peak_gib"] else None})
             latency = _inference_latency(trainer("nnUNetTrainerStudent").network, teacher_net.network,
                                          batch["data"][:1], device, steps, warmup)
+            reco = reco_loss_cost(plans, device, steps, warmup)
         finally:
             os.environ.clear()
             os.environ.update(saved_env)
     return {"setting": name, "device": _device_name(device), "patch_size": patch, "batch_size": batch_size,
-            "n_stages": n_stages, **floor, "trainers": rows, **latency}
+            "n_stages": n_stages, **floor, "trainers": rows, **latency, "reco_terms": reco}
 
 
 def _measure_floor(control, teacher_net: torch.nn.Module, batch: dict, device: torch.device, steps: int,
@@ -156,6 +161,101 @@ def _no_grad_forward(net: torch.nn.Module, x: torch.Tensor) -> None:
         net(x)
 
 
+def reco_loss_cost(plans: dict, device: torch.device, steps: int, warmup: int) -> dict:
+    """ReCo-KD terms alone, ours (ReCoStageLoss) and direct (ReCoStageLoss.reference), forward + backward.
+
+    Features are random tensors of the setting's stage shapes (fp16 on CUDA, as nnU-Net's autocast makes
+    them; float32 on the CPU), the student at the shipped width, masks from the synthetic target.
+    """
+    from nnunetv2_recokd.config import default_settings
+    from nnunetv2_recokd.losses import SARDLoss, region_masks
+    from nnunetv2_recokd.losses.reco import ReCoStageLoss
+    from nnunetv2_recokd.student import scaled_features
+
+    settings = default_settings("nnUNetTrainerReCoKD")
+    cfg = plans["configurations"]["3d_fullres"]
+    arch = cfg["architecture"]["arch_kwargs"]
+    teacher_channels = arch["features_per_stage"][:-1]  # the bottleneck has no deep-supervision target
+    student_channels = scaled_features(arch["features_per_stage"], settings.student_width,
+                                       settings.student_min_channels)[:-1]
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    seg = sandbox.make_batch(cfg["patch_size"], cfg["batch_size"], 1)["target"][0]
+    shape, stages = list(cfg["patch_size"]), []
+    for k, (c_s, c_t) in enumerate(zip(student_channels, teacher_channels)):
+        shape = [size // stride for size, stride in zip(shape, arch["strides"][k])]
+        index = tuple(torch.linspace(0, n - 1, m).round().long() for n, m in zip(seg.shape[2:], shape))
+        target = seg[:, :, index[0][:, None, None], index[1][None, :, None], index[2][None, None, :]]
+        module = ReCoStageLoss(c_s, c_t, len(shape), sard=SARDLoss(settings.sard_temperature),
+                               ca_ratio=settings.ca_ratio).to(device)
+        stages.append({
+            "module": module,
+            "student": torch.randn(cfg["batch_size"], c_s, *shape, generator=g).to(device, dtype).requires_grad_(),
+            "teacher": torch.randn(cfg["batch_size"], c_t, *shape, generator=g).to(device, dtype),
+            "masks": region_masks(target.to(device), num_classes=3),
+        })
+    alive = [t for st in stages for t in (st["student"], st["teacher"], *st["masks"], *st["module"].parameters())]
+
+    def run(direct: bool) -> torch.Tensor:
+        total = 0
+        for st in stages:
+            terms = (st["module"].reference if direct else st["module"])(st["student"], st["teacher"], *st["masks"])
+            total = total + terms["sard"] + terms["ca"]
+        return total
+
+    out = {"stages": len(stages)}
+    for name, direct in (("ours", False), ("direct", True)):
+        def step() -> None:
+            run(direct).backward()
+            for st in stages:
+                st["student"].grad = None
+                st["module"].zero_grad(set_to_none=True)
+
+        out[f"{name}_ms"], _ = _time(step, device, steps, warmup)
+        with _SavedBytes(alive) as saved:
+            loss = run(direct)
+        out[f"{name}_saved_mib"] = saved.total / 2 ** 20
+        del loss
+        out[f"{name}_peak_mib"] = _peak_above_current(step, device)
+    return out
+
+
+class _SavedBytes:
+    """Bytes of the distinct storages autograd saves for backward inside the block, except `alive` ones."""
+
+    def __init__(self, alive: list[torch.Tensor]):
+        self._alive = {t.untyped_storage().data_ptr() for t in alive}
+        self._seen: set[int] = set()
+        self.total = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._alive and storage.data_ptr() not in self._seen:
+            self._seen.add(storage.data_ptr())
+            self.total += storage.nbytes()
+        return tensor
+
+    def __enter__(self) -> "_SavedBytes":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def _peak_above_current(fn: Callable[[], None], device: torch.device) -> Optional[float]:
+    """CUDA: peak MiB allocated during fn() above what was allocated before it; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -179,6 +279,18 @@ def to_markdown(results: list[dict]) -> str:
             ratio = f"{t['peak_ratio']:.2f}" if t["peak_ratio"] is not None else "n/a"
             lines.append(f"| {t['trainer']} | {t['ms_per_step']:.1f} | {t['ratio_to_floor']:.2f} | {peak} | {ratio} |")
         lines.append("")
+        reco = r.get("reco_terms")
+        if reco:
+            lines.append(f"ReCo-KD terms alone (MS-SARD + MS-CA + adapters, {reco['stages']} encoder stages, forward + "
+                         "backward): ours vs the formulas computed directly.")
+            lines.append("")
+            lines.append("| implementation | ms | kept for backward | peak above features |")
+            lines.append("|---|---|---|---|")
+            for name in ("ours", "direct"):
+                peak = reco[f"{name}_peak_mib"]
+                lines.append(f"| {name} | {reco[f'{name}_ms']:.1f} | {reco[f'{name}_saved_mib']:.0f} MiB | "
+                             + (f"{peak:.0f} MiB |" if peak is not None else "n/a (CPU) |"))
+            lines.append("")
     return "\n".join(lines)
 
 

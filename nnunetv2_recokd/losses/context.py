@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from nnunetv2_recokd.losses._precision import float32_region
+from nnunetv2_recokd.losses._precision import at_least_float32, float32_region
 
 __all__ = ["GlobalContextBlock", "ContextAlignmentLoss"]
 
@@ -114,8 +114,7 @@ class ContextAlignmentLoss(nn.Module):
         self.teacher_block = GlobalContextBlock(channels, ratio)
         self.channels = channels
 
-    def forward(self, student: Tensor, teacher: Tensor, diff: Tensor | None = None) -> Tensor:
-        """``diff``: optionally ``student - teacher`` already computed in float32 (shared with MS-SARD)."""
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         if student.shape != teacher.shape:
             raise ValueError(
                 f"student and teacher features must have the same shape, got student {tuple(student.shape)} "
@@ -127,13 +126,13 @@ class ContextAlignmentLoss(nn.Module):
                 f"and teacher {tuple(teacher.shape)}"
             )
         with float32_region(student.device):
-            feat_s = student.float()
-            feat_t = teacher.detach().float()
+            feat_s = at_least_float32(student)
+            feat_t = at_least_float32(teacher.detach())
             shift_s = self.student_block.transform(self.student_block.context(feat_s))
             shift_t = self.teacher_block.transform(self.teacher_block.context(feat_t))
-            delta = (shift_s - shift_t).float()  # (B, C)
+            delta = at_least_float32(shift_s - shift_t)  # (B, C)
 
-            diff = (feat_s - feat_t if diff is None else diff).flatten(2)  # (B, C, V)
+            diff = (feat_s - feat_t).flatten(2)  # (B, C, V)
             batch, channels, voxels = diff.shape
             flat = diff.reshape(-1)
             sum_sq = torch.dot(flat, flat)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from nnunetv2_recokd.losses._precision import float32_region
+from nnunetv2_recokd.losses._precision import at_least_float32, float32_region
 
 __all__ = ["SARDLoss"]
 
@@ -83,15 +83,13 @@ class SARDLoss(nn.Module):
             f"att_weight={self.att_weight}"
         )
 
-    def forward(self, student: Tensor, teacher: Tensor, mask_fg: Tensor, mask_bg: Tensor,
-                diff: Tensor | None = None) -> dict[str, Tensor]:
-        """``diff``: optionally ``student - teacher`` already computed in float32 (shared with MS-CA)."""
+    def forward(self, student: Tensor, teacher: Tensor, mask_fg: Tensor, mask_bg: Tensor) -> dict[str, Tensor]:
         _check_shapes(student, teacher, mask_fg, mask_bg)
         with float32_region(student.device):
-            feat_s = student.float().flatten(2)  # (B, C, V)
-            feat_t = teacher.detach().float().flatten(2)
-            weight_fg = mask_fg.detach().float().flatten(1)  # (B, V)
-            weight_bg = mask_bg.detach().float().flatten(1)
+            feat_s = at_least_float32(student).flatten(2)  # (B, C, V)
+            feat_t = at_least_float32(teacher.detach()).flatten(2)
+            weight_fg = at_least_float32(mask_fg.detach()).flatten(1)  # (B, V)
+            weight_bg = at_least_float32(mask_bg.detach()).flatten(1)
             channels = feat_s.shape[1]
 
             spatial_t, channel_t = _attention(feat_t, self.temperature)
@@ -99,7 +97,7 @@ class SARDLoss(nn.Module):
 
             # Contract the channel axis first: one (B, V) map of attention-weighted squared error serves both
             # regions, so only the difference and its square exist at full (B, C, V) size.
-            diff = feat_s - feat_t if diff is None else diff.flatten(2)
+            diff = feat_s - feat_t
             voxel_error = torch.einsum("bcv,bc->bv", diff * diff, channel_t) * spatial_t
 
             # Empty mask: 0 * error / eps = 0, still attached to the graph.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from typing import Optional
 
 import numpy as np
@@ -108,6 +109,9 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
             return super().initialize()  # raises nnU-Net's own error
         self.print_to_log_file(f"{type(self).__name__} settings:\n" + json.dumps(self.settings.as_dict(), indent=1),
                                also_print_to_console=False, add_timestamp=False)
+        if self.settings.seed is not None:  # before anything random: distiller, network, data loaders
+            seed_everything(self.settings.seed + self.local_rank)
+            self.print_to_log_file(f"random seed {self.settings.seed + self.local_rank}")
         if self.distill and self._validation_only:
             self.print_to_log_file("validation only: the teacher and the distillation modules are not loaded")
         elif self.distill:
@@ -348,6 +352,13 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         if others:
             self.print_to_log_file("settings changed since the checkpoint was written (now in effect): " +
                                    ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in others.items()))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices): nnU-Net's samplers and transforms draw from their global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
 
 
 def _as_list(output) -> list[torch.Tensor]:

@@ -1,0 +1,161 @@
+"""Tests for nnunetv2_recokd.losses.reco.ReCoStageLoss: the moment-based stage equals the direct formulas."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from nnunetv2_recokd.losses import SARDLoss, region_masks
+from nnunetv2_recokd.losses.reco import ReCoStageLoss, _ContractVoxels, _MixChannels, _StageReductions
+
+
+def _stage(student_channels=3, teacher_channels=5, conv_dim=3, sard=True, ca=True, chunk=1 << 24, seed=0,
+           **sard_kwargs) -> ReCoStageLoss:
+    torch.manual_seed(seed)
+    stage = ReCoStageLoss(student_channels, teacher_channels, conv_dim,
+                          sard=SARDLoss(**sard_kwargs) if sard else None, ca_ratio=0.5 if ca else None,
+                          chunk_elements=chunk)
+    with torch.no_grad():  # non-zero last layers, so the context shift matters
+        for block in (stage.context.student_block, stage.context.teacher_block) if ca else ():
+            block.transform_layers[-1].weight.normal_(0, 0.5)
+            block.transform_layers[-1].bias.normal_(0, 0.5)
+            block.attention_logits.weight.normal_(0, 1.0)
+    return stage
+
+
+def _inputs(batch=2, student_channels=3, teacher_channels=5, spatial=(4, 5, 6), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(batch, student_channels, *spatial, generator=g, dtype=torch.float64)
+    teacher = torch.randn(batch, teacher_channels, *spatial, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 3, (batch, 1, *spatial), generator=g)
+    return student, teacher, target
+
+
+def _grads(values: dict, keys, params) -> list[torch.Tensor]:
+    total = sum(values[k] * (i + 1) for i, k in enumerate(keys))  # distinct weights: each term's gradient counts
+    return torch.autograd.grad(total, params)
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 7])  # one chunk, and chunks that cut rows unevenly
+@pytest.mark.parametrize("sard,ca", [(True, True), (True, False), (False, True)])
+def test_values_and_gradients_equal_the_direct_formulas(chunk, sard, ca):
+    stage = _stage(chunk=chunk, sard=sard, ca=ca).double()
+    student, teacher, target = _inputs()
+    student.requires_grad_(True)
+    masks = region_masks(target)
+    masks = tuple(m.double() for m in masks)
+    fast, direct = stage(student, teacher, *masks), stage.reference(student, teacher, *masks)
+    assert set(fast) == set(direct) == ({"fg", "bg", "att", "sard"} if sard else set()) | ({"ca"} if ca else set())
+    for key in fast:
+        assert fast[key].item() == pytest.approx(direct[key].item(), rel=1e-9, abs=1e-12), key
+    keys = sorted(fast)
+    params = [student, *stage.parameters()]
+    for got, want in zip(_grads(fast, keys, params), _grads(direct, keys, params)):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_float32_matches_float64_and_teacher_gets_no_gradient():
+    stage = _stage()
+    student, teacher, target = _inputs(spatial=(8, 8, 8))
+    masks = region_masks(target)
+    teacher32 = teacher.float().requires_grad_(True)
+    fast = stage(student.float(), teacher32, *masks)
+    exact = copy.deepcopy(stage).double()(student, teacher, *(m.double() for m in masks))
+    for key in fast:
+        assert fast[key].dtype == torch.float32
+        assert fast[key].item() == pytest.approx(exact[key].item(), rel=1e-4), key
+    sum(fast.values()).backward()
+    assert teacher32.grad is None
+
+
+def test_two_dimensional_features():
+    stage = _stage(conv_dim=2).double()
+    student, teacher, target = _inputs(spatial=(6, 7))
+    masks = tuple(m.double() for m in region_masks(target))
+    fast, direct = stage(student, teacher, *masks), stage.reference(student, teacher, *masks)
+    for key in fast:
+        assert fast[key].item() == pytest.approx(direct[key].item(), rel=1e-9), key
+
+
+def test_fp16_features_give_finite_float32_terms():
+    stage = _stage()
+    student, teacher, target = _inputs(spatial=(8, 8, 8))
+    masks = region_masks(target)
+    fast = stage(student.half(), teacher.half(), *masks)
+    direct = stage.reference(student.half().float(), teacher.half().float(), *masks)
+    for key in fast:
+        assert fast[key].dtype == torch.float32 and torch.isfinite(fast[key])
+        assert fast[key].item() == pytest.approx(direct[key].item(), rel=1e-4), key
+
+
+def test_adapter_that_reproduces_the_teacher_gives_zero_region_and_context_terms():
+    # teacher = W s + b exactly: every squared difference vanishes; the context blocks see equal pooled features
+    stage = _stage(student_channels=3, teacher_channels=3).double()
+    with torch.no_grad():
+        stage.adapter.weight.copy_(torch.eye(3).view(3, 3, 1, 1, 1) * 2)
+        stage.adapter.bias.fill_(0.5)
+        stage.context.teacher_block.load_state_dict(stage.context.student_block.state_dict())
+    student, _, target = _inputs(student_channels=3, teacher_channels=3)
+    teacher = 2 * student + 0.5
+    values = stage(student, teacher, *(m.double() for m in region_masks(target)))
+    for key in ("fg", "bg", "att", "ca"):
+        assert values[key].item() == pytest.approx(0.0, abs=1e-9), key
+
+
+def test_empty_foreground_is_a_finite_zero_with_a_gradient_path():
+    stage = _stage()
+    student, teacher, _ = _inputs()
+    student = student.float().requires_grad_(True)
+    masks = region_masks(torch.zeros(2, 1, 4, 5, 6))
+    values = stage(student, teacher.float(), *masks)
+    assert values["fg"].item() == 0.0 and values["bg"].item() > 0
+    values["fg"].backward()
+    assert student.grad is not None and torch.equal(student.grad, torch.zeros_like(student))
+
+
+def test_weights_switch_terms_off_without_needing_masks():
+    stage = _stage(fg_weight=0.0, bg_weight=0.0, att_weight=1.0).double()
+    student, teacher, _ = _inputs()
+    values = stage(student, teacher)  # no masks: fg and bg are off
+    assert values["fg"].item() == values["bg"].item() == 0.0
+    assert values["sard"].item() == pytest.approx(values["att"].item())
+    with pytest.raises(ValueError, match="mask_fg"):
+        _stage(fg_weight=1.0)(student.float(), teacher.float())
+
+
+def test_shape_errors_name_both_shapes():
+    stage = _stage()
+    student, teacher, target = _inputs()
+    with pytest.raises(ValueError, match=r"\(2, 4, 4, 5, 6\)"):
+        stage(student[:, :2].float().repeat(1, 2, 1, 1, 1), teacher.float(), *region_masks(target))
+    with pytest.raises(ValueError, match="mask_bg"):
+        stage(student.float(), teacher.float(), region_masks(target)[0], torch.zeros(2, 1, 4, 5))
+    with pytest.raises(ValueError, match="MS-SARD, MS-CA or both"):
+        ReCoStageLoss(3, 5)
+
+
+def test_autograd_functions_pass_gradcheck():
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(2, 4, 9, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 3, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: _ContractVoxels.apply(a, t, 5), (x,))
+    assert torch.autograd.gradcheck(lambda a: _MixChannels.apply(a, t, 5), (u,))
+    s = torch.randn(2, 3, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    voxel_weights = torch.rand(2, 2, 9, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *a: _StageReductions.apply(*a, t, voxel_weights, 5), (s, w, b))
+
+
+def test_stage_reductions_by_hand():
+    # W = [[1], [-2]], b = [0, 1], s = [1, 3]  ->  A = [[1, 3], [-1, -5]], |A| = [[1, 3], [1, 5]]
+    # t = [[0, 1], [1, -5]]  ->  d = A - t = [[1, 2], [-2, 0]];  voxel weights [1, 0.5]
+    squares, sum_d, abs_channels, abs_voxels = _StageReductions.apply(
+        torch.tensor([[[1.0, 3.0]]]), torch.tensor([[1.0], [-2.0]]), torch.tensor([0.0, 1.0]),
+        torch.tensor([[[0.0, 1.0], [1.0, -5.0]]]), torch.tensor([[[1.0, 0.5]]]), 1)
+    assert squares.tolist() == [[[1 + 0.5 * 4, 4 + 0.0]]]
+    assert sum_d.tolist() == [[3.0, -2.0]]
+    assert abs_channels.tolist() == [[1.0, 4.0]] and abs_voxels.tolist() == [[2.0, 3.0]]
