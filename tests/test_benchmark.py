@@ -28,5 +28,22 @@ def test_benchmark_tiny_setting_reports_ratios_and_latency():
     # backward: more than one (2, 32, 16, 16, 16) float32 tensor; ours keeps per-voxel and per-channel sums only
     assert reco["direct_saved_mib"] > 2 * 32 * 16 ** 3 * 4 / 2 ** 20 > reco["ours_saved_mib"]
     assert reco["ours_peak_mib"] is None
+    graph = result["graph_terms"]
+    # dec0 at 16^3 and dec1 at 8^3 of make_batch's target: organ, one lesion (two in sample 1), background node
+    assert graph["stages"] == ["dec0", "dec1"] and graph["ms"] > 0
+    assert graph["nodes_per_graph"][:2] == [3, 4]
     text = benchmark.to_markdown([result])
     assert "| nnUNetTrainerReCoKDGraph |" in text and "n/a (CPU)" in text and "| direct |" in text
+    assert "Region-graph terms alone on dec0, dec1" in text
+
+
+def test_terms_only_skips_the_training_steps():
+    plans = sandbox.unet_plans((16, 32, 64), (8, 8, 8), batch_size=2)
+    import torch
+
+    result = benchmark.run_setting("tiny", plans, ["nnUNetTrainerReCoKD"], torch.device("cpu"), steps=1, warmup=0,
+                                   terms_only=True)
+    assert result["trainers"] == [] and "floor_ms" not in result
+    assert result["reco_terms"]["ours_ms"] > 0 and result["graph_terms"]["ms"] > 0
+    text = benchmark.to_markdown([result])
+    assert "| ours |" in text and "ratio to floor" not in text

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--terms-only", action="store_true",
+                   help="only the distillation terms alone (ours vs direct formulas), no training steps")
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--md", help="write the Markdown table here")
 
@@ -88,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from nnunetv2_recokd.cli import benchmark
 
         return benchmark.main(args.setting, args.trainers or benchmark.DEFAULT_TRAINERS, args.device, args.steps,
-                              args.warmup, args.plans, args.json, args.md)
+                              args.warmup, args.plans, args.json, args.md, args.terms_only)
     if args.command == "report":
         from nnunetv2_recokd.cli import report
 

@@ -82,13 +82,20 @@ def _quiet():
 
 
 def run_setting(name: str, plans: dict, trainers: Sequence[str], device: torch.device, steps: int,
-                warmup: int) -> dict:
+                warmup: int, terms_only: bool = False) -> dict:
+    """Training steps against the floor, latency and the distillation terms alone (terms_only: the terms only)."""
     import nnunetv2_recokd.trainers as public
 
     dataset = sandbox.dataset_json()
     cfg = plans["configurations"]["3d_fullres"]
     patch, batch_size = cfg["patch_size"], cfg["batch_size"]
     n_stages = len(cfg["architecture"]["arch_kwargs"]["features_per_stage"])
+    header = {"setting": name, "device": _device_name(device), "patch_size": patch, "batch_size": batch_size,
+              "n_stages": n_stages}
+    terms = {"reco_terms": reco_loss_cost(plans, device, steps, warmup),
+             "graph_terms": graph_loss_cost(plans, device, steps, warmup)}
+    if terms_only:
+        return {**header, "trainers": [], **terms}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -119,12 +126,10 @@ def run_setting(name: str, plans: dict, trainers: Sequence[str], device: torch.d
                              if peak is not None and floor["floor_peak_gib"] else None})
             latency = _inference_latency(trainer("nnUNetTrainerStudent").network, teacher_net.network,
                                          batch["data"][:1], device, steps, warmup)
-            reco = reco_loss_cost(plans, device, steps, warmup)
         finally:
             os.environ.clear()
             os.environ.update(saved_env)
-    return {"setting": name, "device": _device_name(device), "patch_size": patch, "batch_size": batch_size,
-            "n_stages": n_stages, **floor, "trainers": rows, **latency, "reco_terms": reco}
+    return {**header, **floor, "trainers": rows, **latency, **terms}
 
 
 def _measure_floor(control, teacher_net: torch.nn.Module, batch: dict, device: torch.device, steps: int,
@@ -161,6 +166,37 @@ def _no_grad_forward(net: torch.nn.Module, x: torch.Tensor) -> None:
         net(x)
 
 
+def _stage_tensors(plans: dict, settings, device: torch.device, levels: Optional[Sequence[int]] = None):
+    """(C_s, C_t, student, teacher, target) per stage level with a deep-supervision target (default: all).
+
+    Random features of the stage's shape (fp16 on CUDA, as nnU-Net's autocast makes them; float32 elsewhere),
+    the student at the settings' width, the synthetic target subsampled to the stage's resolution.
+    """
+    from nnunetv2_recokd.student import scaled_features
+
+    cfg = plans["configurations"]["3d_fullres"]
+    arch = cfg["architecture"]["arch_kwargs"]
+    teacher_channels = arch["features_per_stage"]
+    student_channels = scaled_features(teacher_channels, settings.student_width, settings.student_min_channels)
+    levels = range(len(teacher_channels) - 1) if levels is None else levels  # the bottleneck has no DS target
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    seg = sandbox.make_batch(cfg["patch_size"], cfg["batch_size"], 1)["target"][0]
+    out, shape = [], list(cfg["patch_size"])
+    for k in range(max(levels) + 1):
+        shape = [size // stride for size, stride in zip(shape, arch["strides"][k])]
+        if k not in levels:
+            continue
+        index = torch.meshgrid(*[torch.linspace(0, n - 1, m).round().long() for n, m in zip(seg.shape[2:], shape)],
+                               indexing="ij")
+        target = seg[(slice(None), slice(None), *index)].to(device)
+        c_s, c_t = student_channels[k], teacher_channels[k]
+        student = torch.randn(cfg["batch_size"], c_s, *shape, generator=g).to(device, dtype).requires_grad_()
+        teacher = torch.randn(cfg["batch_size"], c_t, *shape, generator=g).to(device, dtype)
+        out.append((c_s, c_t, student, teacher, target))
+    return out
+
+
 def reco_loss_cost(plans: dict, device: torch.device, steps: int, warmup: int) -> dict:
     """ReCo-KD terms alone, ours (ReCoStageLoss) and direct (ReCoStageLoss.reference), forward + backward.
 
@@ -170,30 +206,14 @@ def reco_loss_cost(plans: dict, device: torch.device, steps: int, warmup: int) -
     from nnunetv2_recokd.config import default_settings
     from nnunetv2_recokd.losses import SARDLoss, region_masks
     from nnunetv2_recokd.losses.reco import ReCoStageLoss
-    from nnunetv2_recokd.student import scaled_features
 
     settings = default_settings("nnUNetTrainerReCoKD")
-    cfg = plans["configurations"]["3d_fullres"]
-    arch = cfg["architecture"]["arch_kwargs"]
-    teacher_channels = arch["features_per_stage"][:-1]  # the bottleneck has no deep-supervision target
-    student_channels = scaled_features(arch["features_per_stage"], settings.student_width,
-                                       settings.student_min_channels)[:-1]
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    g = torch.Generator().manual_seed(0)
-    seg = sandbox.make_batch(cfg["patch_size"], cfg["batch_size"], 1)["target"][0]
-    shape, stages = list(cfg["patch_size"]), []
-    for k, (c_s, c_t) in enumerate(zip(student_channels, teacher_channels)):
-        shape = [size // stride for size, stride in zip(shape, arch["strides"][k])]
-        index = tuple(torch.linspace(0, n - 1, m).round().long() for n, m in zip(seg.shape[2:], shape))
-        target = seg[:, :, index[0][:, None, None], index[1][None, :, None], index[2][None, None, :]]
-        module = ReCoStageLoss(c_s, c_t, len(shape), sard=SARDLoss(settings.sard_temperature),
+    stages = []
+    for c_s, c_t, student, teacher, target in _stage_tensors(plans, settings, device):
+        module = ReCoStageLoss(c_s, c_t, target.ndim - 2, sard=SARDLoss(settings.sard_temperature),
                                ca_ratio=settings.ca_ratio).to(device)
-        stages.append({
-            "module": module,
-            "student": torch.randn(cfg["batch_size"], c_s, *shape, generator=g).to(device, dtype).requires_grad_(),
-            "teacher": torch.randn(cfg["batch_size"], c_t, *shape, generator=g).to(device, dtype),
-            "masks": region_masks(target.to(device), num_classes=3),
-        })
+        stages.append({"module": module, "student": student, "teacher": teacher,
+                       "masks": region_masks(target, num_classes=3)})
     alive = [t for st in stages for t in (st["student"], st["teacher"], *st["masks"], *st["module"].parameters())]
 
     def run(direct: bool) -> torch.Tensor:
@@ -218,6 +238,37 @@ def reco_loss_cost(plans: dict, device: torch.device, steps: int, warmup: int) -
         del loss
         out[f"{name}_peak_mib"] = _peak_above_current(step, device)
     return out
+
+
+def graph_loss_cost(plans: dict, device: torch.device, steps: int, warmup: int) -> dict:
+    """Region-graph terms alone on nnUNetTrainerReCoKDGraph's stages, forward + backward, everything included:
+    regions from the target (label 2 split into connected components), masked pooling, node/edge terms and the
+    per-sample GW solves."""
+    from nnunetv2_recokd.config import default_settings
+    from nnunetv2_recokd.losses.graph import RegionGraphLoss, extract_regions
+
+    settings = default_settings("nnUNetTrainerReCoKDGraph")
+    levels = [int(name[3:]) for name in settings.graph_stages]  # dec{k}: the resolution of encoder stage k
+    stages = []
+    for c_s, c_t, student, teacher, target in _stage_tensors(plans, settings, device, levels):
+        module = RegionGraphLoss(c_s, c_t, settings.graph_node_weight, settings.graph_edge_weight,
+                                 settings.graph_gw_weight, settings.graph_gw_solver, settings.graph_gw_epsilon)
+        stages.append({"module": module.to(device), "student": student, "teacher": teacher, "target": target})
+
+    def step() -> None:
+        total = 0
+        for st in stages:
+            regions = extract_regions(st["target"], [2], 1, settings.graph_background_node)
+            total = total + st["module"](st["student"], st["teacher"], regions)["total"]
+        total.backward()
+        for st in stages:
+            st["student"].grad = None
+            st["module"].zero_grad(set_to_none=True)
+
+    ms, _ = _time(step, device, steps, warmup)
+    nodes = [len(r) for st in stages for r in extract_regions(st["target"], [2], 1, settings.graph_background_node)]
+    return {"stages": list(settings.graph_stages), "ms": ms, "nodes_per_graph": nodes,
+            "peak_mib": _peak_above_current(step, device)}
 
 
 class _SavedBytes:
@@ -266,19 +317,23 @@ def to_markdown(results: list[dict]) -> str:
     lines = []
     for r in results:
         lines.append(f"**{r['setting']}**: patch {r['patch_size']}, batch {r['batch_size']}, {r['n_stages']} stages, "
-                     f"{r['device']}. Floor (student step + teacher forward, timed together) {r['floor_ms']:.1f} ms "
-                     f"(student step alone {r['student_step_ms']:.1f} ms, teacher forward alone "
-                     f"{r['teacher_forward_ms']:.1f} ms). Inference on one patch: teacher "
-                     f"{r['teacher_inference_ms']:.1f} ms ({r['teacher_params'] / 1e6:.2f} M params), student "
-                     f"{r['student_inference_ms']:.1f} ms ({r['student_params'] / 1e6:.2f} M params).")
+                     f"{r['device']}.")
         lines.append("")
-        lines.append("| trainer | ms / step | ratio to floor | peak memory | peak ratio |")
-        lines.append("|---|---|---|---|---|")
-        for t in r["trainers"]:
-            peak = f"{t['peak_gib']:.2f} GiB" if t["peak_gib"] is not None else "n/a (CPU)"
-            ratio = f"{t['peak_ratio']:.2f}" if t["peak_ratio"] is not None else "n/a"
-            lines.append(f"| {t['trainer']} | {t['ms_per_step']:.1f} | {t['ratio_to_floor']:.2f} | {peak} | {ratio} |")
-        lines.append("")
+        if "floor_ms" in r:
+            lines.append(f"Floor (student step + teacher forward, timed together) {r['floor_ms']:.1f} ms "
+                         f"(student step alone {r['student_step_ms']:.1f} ms, teacher forward alone "
+                         f"{r['teacher_forward_ms']:.1f} ms). Inference on one patch: teacher "
+                         f"{r['teacher_inference_ms']:.1f} ms ({r['teacher_params'] / 1e6:.2f} M params), student "
+                         f"{r['student_inference_ms']:.1f} ms ({r['student_params'] / 1e6:.2f} M params).")
+            lines.append("")
+            lines.append("| trainer | ms / step | ratio to floor | peak memory | peak ratio |")
+            lines.append("|---|---|---|---|---|")
+            for t in r["trainers"]:
+                peak = f"{t['peak_gib']:.2f} GiB" if t["peak_gib"] is not None else "n/a (CPU)"
+                ratio = f"{t['peak_ratio']:.2f}" if t["peak_ratio"] is not None else "n/a"
+                lines.append(f"| {t['trainer']} | {t['ms_per_step']:.1f} | {t['ratio_to_floor']:.2f} | {peak} | "
+                             f"{ratio} |")
+            lines.append("")
         reco = r.get("reco_terms")
         if reco:
             lines.append(f"ReCo-KD terms alone (MS-SARD + MS-CA + adapters, {reco['stages']} encoder stages, forward + "
@@ -291,11 +346,18 @@ def to_markdown(results: list[dict]) -> str:
                 lines.append(f"| {name} | {reco[f'{name}_ms']:.1f} | {reco[f'{name}_saved_mib']:.0f} MiB | "
                              + (f"{peak:.0f} MiB |" if peak is not None else "n/a (CPU) |"))
             lines.append("")
+        graph = r.get("graph_terms")
+        if graph:
+            peak = f", peak above the features {graph['peak_mib']:.0f} MiB" if graph["peak_mib"] is not None else ""
+            lines.append(f"Region-graph terms alone on {', '.join(graph['stages'])} (regions, connected components, "
+                         f"pooling, node/edge/GW terms, forward + backward; nodes per graph "
+                         f"{graph['nodes_per_graph']}): {graph['ms']:.1f} ms{peak}.")
+            lines.append("")
     return "\n".join(lines)
 
 
 def main(settings: Sequence[str], trainers: Sequence[str], device: str, steps: int, warmup: int,
-         plans_file: Optional[str], json_out: Optional[str], md_out: Optional[str]) -> int:
+         plans_file: Optional[str], json_out: Optional[str], md_out: Optional[str], terms_only: bool = False) -> int:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but CUDA is not available")
@@ -306,7 +368,7 @@ def main(settings: Sequence[str], trainers: Sequence[str], device: str, steps: i
     results = []
     for name in settings:
         print(f"[benchmark] {name} on {dev} ...", flush=True)
-        results.append(run_setting(name, catalogue[name](), trainers, dev, steps, warmup))
+        results.append(run_setting(name, catalogue[name](), trainers, dev, steps, warmup, terms_only))
     text = to_markdown(results)
     print(text)
     if json_out:
