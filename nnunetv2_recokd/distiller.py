@@ -111,6 +111,17 @@ class Distiller(nn.Module):
                                   settings.graph_gw_epsilon)
             for name in self.graph_stages})
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also reads checkpoints written before the stage modules (keys adapters.<stage>.*, context.<stage>.*)."""
+        renamed = {}
+        for key, value in state_dict.items():
+            family, _, rest = key.partition(".")
+            stage, _, leaf = rest.partition(".")
+            if family in ("adapters", "context") and stage in self.reco:
+                key = f"reco.{stage}.{'adapter' if family == 'adapters' else 'context'}.{leaf}"
+            renamed[key] = value
+        return super().load_state_dict(renamed, strict=strict, assign=assign)
+
     @property
     def hooked_stages(self) -> list[str]:
         """Stage names whose features the trainer must record (same names in student and teacher)."""

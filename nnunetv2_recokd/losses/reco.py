@@ -119,7 +119,7 @@ class _StageReductions(torch.autograd.Function):
                 magnitude = adapted.abs()
                 abs_over_channels[b, sl] = magnitude.mean(dim=0)
                 abs_over_voxels[b] += magnitude.sum(dim=1)
-                diff = adapted.sub_(t[b, :, sl].to(s.dtype))
+                diff = adapted.sub_(t[b, :, sl])  # promotes an fp16 chunk, no copy
                 sum_d[b] += diff.sum(dim=1)
                 squares[b] += weights[b, :, sl] @ diff.square_().t()  # (J, v) @ (v, C_t)
         ctx.save_for_backward(s, weight, bias, t, weights)
@@ -146,7 +146,7 @@ class _StageReductions(torch.autograd.Function):
                 sign = adapted.sign() if g_abs_channels is not None or g_abs_voxels is not None else None
                 if g_squares is not None:  # d/dA of sum_jc g_jc sum_v w_jv d_cv^2 = 2 d_cv sum_j g_jc w_jv
                     grad_adapted = torch.mm(2 * g_squares[b].t(), weights[b, :, sl])
-                    grad_adapted.mul_(adapted.sub_(t[b, :, sl].to(s.dtype))).add_(per_channel)
+                    grad_adapted.mul_(adapted.sub_(t[b, :, sl])).add_(per_channel)
                 else:
                     grad_adapted = per_channel.expand_as(adapted).clone()
                 if sign is not None:  # d/dA of the means of |A|
@@ -168,9 +168,9 @@ def _teacher_abs_means(t: Tensor, dtype: torch.dtype, budget: int) -> tuple[Tens
     over_voxels = torch.zeros(batch, channels, dtype=dtype, device=t.device)
     for b in range(batch):
         for sl in _voxel_slices(channels, voxels, budget):
-            magnitude = t[b, :, sl].to(dtype).abs()  # (C, v)
-            over_channels[b, sl] = magnitude.mean(dim=0)
-            over_voxels[b] += magnitude.sum(dim=1)
+            magnitude = t[b, :, sl].abs()  # (C, v), exact in the teacher's dtype; sums accumulate in `dtype`
+            over_channels[b, sl] = magnitude.mean(dim=0, dtype=dtype)
+            over_voxels[b] += magnitude.sum(dim=1, dtype=dtype)
     return over_channels, over_voxels / voxels
 
 
