@@ -8,8 +8,8 @@
 #   DEVICE=cpu EPOCHS=3 ITERS=100 TRAINERS="nnUNetTrainerStudent nnUNetTrainerReCoKD" bash examples/hippocampus/run.sh
 #
 # Environment: WORK (output tree, default ./hippocampus_work), SHARED (folder holding data/ and teachers/,
-# default ../shared beside the repository), DEVICE (cuda|cpu), EPOCHS, ITERS, VAL_ITERS, TRAINERS, NP (processes
-# for preprocessing).
+# default ../shared beside the repository), DEVICE (cuda|cpu), EPOCHS, ITERS, VAL_ITERS, SEED (an integer seeds
+# every trainer the same way; default: unseeded, as nnU-Net), TRAINERS, NP (processes for preprocessing).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 SHARED=${SHARED:-$(cd "$here/../../../shared" && pwd)}
@@ -18,6 +18,7 @@ DEVICE=${DEVICE:-cuda}
 EPOCHS=${EPOCHS:-20}
 ITERS=${ITERS:-250}
 VAL_ITERS=${VAL_ITERS:-50}
+SEED=${SEED:-null}
 NP=${NP:-2}
 TRAINERS=${TRAINERS:-"nnUNetTrainerStudent nnUNetTrainerLogitKD nnUNetTrainerReCoKD nnUNetTrainerReCoKDGraph nnUNetTrainerStudent_w8 nnUNetTrainerReCoKD_w8"}
 DATASET=Dataset004_Hippocampus
@@ -39,7 +40,7 @@ teacher=$nnUNet_results/$DATASET/nnUNetTrainer__nnUNetPlans__3d_fullres
 [ -d "$teacher" ] || cp -r "$SHARED/teachers/$DATASET/nnUNetTrainer__nnUNetPlans__3d_fullres" "$teacher"
 
 cat > "$WORK/schedule.json" <<JSON
-{"num_epochs": $EPOCHS, "num_iterations_per_epoch": $ITERS, "num_val_iterations_per_epoch": $VAL_ITERS}
+{"num_epochs": $EPOCHS, "num_iterations_per_epoch": $ITERS, "num_val_iterations_per_epoch": $VAL_ITERS, "seed": $SEED}
 JSON
 for tr in $TRAINERS; do
   if [ -f "$nnUNet_results/$DATASET/${tr}__nnUNetPlans__3d_fullres/fold_0/validation/summary.json" ]; then

@@ -66,34 +66,24 @@ def _mix_channels(u: Tensor, t: Tensor, budget: int) -> Tensor:
     return out
 
 
-class _ContractVoxels(torch.autograd.Function):
-    """Differentiable in x only; t is a constant (the frozen teacher's feature)."""
+class _TeacherProduct(torch.autograd.Function):
+    """``_contract_voxels(x, t)`` (contract=True) or ``_mix_channels(x, t)``, differentiable in x only.
+
+    t is a constant (the frozen teacher's feature). The two products are each other's transpose, so the
+    backward of one is the other applied to the incoming gradient.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, t: Tensor, budget: int) -> Tensor:
+    def forward(ctx, x: Tensor, t: Tensor, budget: int, contract: bool) -> Tensor:
         ctx.save_for_backward(t)
-        ctx.budget = budget
-        return _contract_voxels(x, t, budget)
+        ctx.budget, ctx.contract = budget, contract
+        return (_contract_voxels if contract else _mix_channels)(x, t, budget)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (t,) = ctx.saved_tensors
-        return _mix_channels(grad.contiguous(), t, ctx.budget), None, None
-
-
-class _MixChannels(torch.autograd.Function):
-    """Differentiable in u only; t is a constant (the frozen teacher's feature)."""
-
-    @staticmethod
-    def forward(ctx, u: Tensor, t: Tensor, budget: int) -> Tensor:
-        ctx.save_for_backward(t)
-        ctx.budget = budget
-        return _mix_channels(u, t, budget)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (t,) = ctx.saved_tensors
-        return _contract_voxels(grad, t, ctx.budget), None, None
+        transpose = _mix_channels if ctx.contract else _contract_voxels
+        return transpose(grad.contiguous(), t, ctx.budget), None, None, None
 
 
 class _StageReductions(torch.autograd.Function):
@@ -290,9 +280,9 @@ class ReCoStageLoss(nn.Module):
         context_s = pooled_s @ weight.t() + bias
 
         w_t = teacher_block.attention_logits.weight.unsqueeze(0).expand(t.shape[0], -1, -1)  # (B, 1, C_t)
-        logits_t = _MixChannels.apply(w_t, t, self.chunk_elements)  # (B, 1, V)
+        logits_t = _TeacherProduct.apply(w_t, t, self.chunk_elements, False)  # (B, 1, V)
         pooling_t = torch.softmax(logits_t, dim=2)
-        context_t = _ContractVoxels.apply(pooling_t, t, self.chunk_elements).squeeze(1)  # (B, C_t)
+        context_t = _TeacherProduct.apply(pooling_t, t, self.chunk_elements, True).squeeze(1)  # (B, C_t)
         return student_block.transform(context_s) - teacher_block.transform(context_t)
 
     def reference(self, student: Tensor, teacher: Tensor, mask_fg: Optional[Tensor] = None,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nnunetv2_recokd.losses import SARDLoss, region_masks
-from nnunetv2_recokd.losses.reco import ReCoStageLoss, _ContractVoxels, _MixChannels, _StageReductions
+from nnunetv2_recokd.losses.reco import ReCoStageLoss, _StageReductions, _TeacherProduct
 
 
 def _stage(student_channels=3, teacher_channels=5, conv_dim=3, sard=True, ca=True, chunk=1 << 24, seed=0,
@@ -141,8 +141,10 @@ def test_autograd_functions_pass_gradcheck():
     t = torch.randn(2, 4, 9, generator=g, dtype=torch.float64)
     x = torch.randn(2, 3, 9, generator=g, dtype=torch.float64, requires_grad=True)
     u = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a: _ContractVoxels.apply(a, t, 5), (x,))
-    assert torch.autograd.gradcheck(lambda a: _MixChannels.apply(a, t, 5), (u,))
+    assert torch.autograd.gradcheck(lambda a: _TeacherProduct.apply(a, t, 5, True), (x,))
+    assert torch.autograd.gradcheck(lambda a: _TeacherProduct.apply(a, t, 5, False), (u,))
+    torch.testing.assert_close(_TeacherProduct.apply(x, t, 5, True), x @ t.transpose(1, 2))
+    torch.testing.assert_close(_TeacherProduct.apply(u, t, 5, False), u @ t)
     s = torch.randn(2, 3, 9, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
