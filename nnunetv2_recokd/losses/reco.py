@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from nnunetv2_recokd.losses._precision import at_least_float32, float32_region
 from nnunetv2_recokd.losses.context import ContextAlignmentLoss
-from nnunetv2_recokd.losses.sard import SARDLoss
+from nnunetv2_recokd.losses.sard import SARDLoss, attention_from_means
 
 __all__ = ["ReCoStageLoss"]
 
@@ -164,13 +164,6 @@ def _teacher_abs_means(t: Tensor, dtype: torch.dtype, budget: int) -> tuple[Tens
     return over_channels, over_voxels / voxels
 
 
-def _attention_maps(over_channels: Tensor, over_voxels: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """Spatial ``V softmax_v(.. / T)`` (B, V) and channel ``C softmax_c(.. / T)`` (B, C) attention."""
-    spatial = torch.softmax(over_channels / temperature, dim=1) * over_channels.shape[1]
-    channel = torch.softmax(over_voxels / temperature, dim=1) * over_voxels.shape[1]
-    return spatial, channel
-
-
 class ReCoStageLoss(nn.Module):
     """MS-SARD and MS-CA of one encoder stage, with the stage's adapter (ReCo-KD, arXiv 2601.08301).
 
@@ -236,7 +229,7 @@ class ReCoStageLoss(nn.Module):
                 names.append("ca")
             sard = self.sard
             if sard is not None:
-                spatial_t, channel_t = _attention_maps(*_teacher_abs_means(t, s.dtype, budget), sard.temperature)
+                spatial_t, channel_t = attention_from_means(*_teacher_abs_means(t, s.dtype, budget), sard.temperature)
                 for name, mask, w in (("fg", mask_fg, sard.fg_weight), ("bg", mask_bg, sard.bg_weight)):
                     if w > 0:
                         weights.append(mask.detach().to(s.dtype).flatten(1) * spatial_t)
@@ -255,7 +248,7 @@ class ReCoStageLoss(nn.Module):
                     else:
                         out[name] = zero
                 if sard.att_weight > 0:
-                    spatial_s, channel_s = _attention_maps(abs_over_channels, abs_over_voxels, sard.temperature)
+                    spatial_s, channel_s = attention_from_means(abs_over_channels, abs_over_voxels, sard.temperature)
                     out["att"] = (channel_s - channel_t).abs().mean() + (spatial_s - spatial_t).abs().mean()
                 else:
                     out["att"] = zero

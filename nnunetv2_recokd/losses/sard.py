@@ -14,16 +14,21 @@ __all__ = ["SARDLoss"]
 _EPS = 1e-12
 
 
-def _attention(features: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """Spatial ``(B, V)`` and channel ``(B, C)`` attention of float32 features ``(B, C, V)``.
+def attention_from_means(over_channels: Tensor, over_voxels: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Spatial ``(B, V)`` and channel ``(B, C)`` attention from the means of ``|F|`` over channels and over voxels.
 
     ``S(v) = V * softmax_v(mean_c |F| / T)`` and ``Ch(c) = C * softmax_c(mean_v |F| / T)``, per sample, so both
     average to 1 and equal 1 everywhere when the activations are uniform.
     """
-    magnitude = features.abs()
-    spatial = torch.softmax(magnitude.mean(dim=1) / temperature, dim=1) * features.shape[2]
-    channel = torch.softmax(magnitude.mean(dim=2) / temperature, dim=1) * features.shape[1]
+    spatial = torch.softmax(over_channels / temperature, dim=1) * over_channels.shape[1]
+    channel = torch.softmax(over_voxels / temperature, dim=1) * over_voxels.shape[1]
     return spatial, channel
+
+
+def _attention(features: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Spatial ``(B, V)`` and channel ``(B, C)`` attention of float32 features ``(B, C, V)``."""
+    magnitude = features.abs()
+    return attention_from_means(magnitude.mean(dim=1), magnitude.mean(dim=2), temperature)
 
 
 class SARDLoss(nn.Module):
