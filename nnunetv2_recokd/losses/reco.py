@@ -90,25 +90,30 @@ class _StageReductions(torch.autograd.Function):
     """Reductions of the adapted student ``A = W s + b`` and of ``d = A - t``, one voxel chunk at a time.
 
     Inputs: s (B, C_s, V), weight (C_t, C_s), bias (C_t) [differentiable]; t (B, C_t, V) and voxel
-    weights (B, J, V) [constants]; budget (elements of one (C_t, chunk) block).
+    weights (B, J, V) [constants]; budget (elements of one (C_t, chunk) block); with_abs (False: the two
+    |A| means are left at zero, for a stage without the attention term).
     Outputs: ``sum_v w_jv d_cv^2`` (B, J, C_t), ``sum_v d_cv`` (B, C_t), ``mean_c |A_cv|`` (B, V) and
-    ``mean_v |A_cv|`` (B, C_t). Backward recomputes A and d per chunk from the saved inputs.
+    ``mean_v |A_cv|`` (B, C_t). Backward recomputes A and d per chunk from the saved inputs and skips the
+    parts of the gradient whose outputs were not used (their gradients arrive as None, not as zeros).
     """
 
     @staticmethod
-    def forward(ctx, s: Tensor, weight: Tensor, bias: Tensor, t: Tensor, weights: Tensor, budget: int):
+    def forward(ctx, s: Tensor, weight: Tensor, bias: Tensor, t: Tensor, weights: Tensor, budget: int,
+                with_abs: bool):
+        ctx.set_materialize_grads(False)
         batch, _, voxels = s.shape
         channels = weight.shape[0]
         squares = s.new_zeros(batch, weights.shape[1], channels)
         sum_d = s.new_zeros(batch, channels)
-        abs_over_channels = s.new_empty(batch, voxels)
+        abs_over_channels = s.new_zeros(batch, voxels)
         abs_over_voxels = s.new_zeros(batch, channels)
         for b in range(batch):
             for sl in _voxel_slices(channels, voxels, budget):
                 adapted = torch.addmm(bias.unsqueeze(1), weight, s[b, :, sl])  # (C_t, v)
-                magnitude = adapted.abs()
-                abs_over_channels[b, sl] = magnitude.mean(dim=0)
-                abs_over_voxels[b] += magnitude.sum(dim=1)
+                if with_abs:
+                    magnitude = adapted.abs()
+                    abs_over_channels[b, sl] = magnitude.mean(dim=0)
+                    abs_over_voxels[b] += magnitude.sum(dim=1)
                 diff = adapted.sub_(t[b, :, sl])  # promotes an fp16 chunk, no copy
                 sum_d[b] += diff.sum(dim=1)
                 squares[b] += weights[b, :, sl] @ diff.square_().t()  # (J, v) @ (v, C_t)
@@ -147,7 +152,7 @@ class _StageReductions(torch.autograd.Function):
                 grad_s[b, :, sl] = weight.t() @ grad_adapted
                 grad_w.addmm_(grad_adapted, chunk.t())
                 grad_b += grad_adapted.sum(dim=1)
-        return grad_s, grad_w, grad_b, None, None, None
+        return grad_s, grad_w, grad_b, None, None, None, None
 
 
 @torch.no_grad()
@@ -235,8 +240,9 @@ class ReCoStageLoss(nn.Module):
                         weights.append(mask.detach().to(s.dtype).flatten(1) * spatial_t)
                         names.append(name)
             stacked = torch.stack(weights, dim=1) if weights else s.new_zeros(batch, 0, voxels)  # (B, J, V)
+            with_abs = sard is not None and sard.att_weight > 0
             squares, sum_d, abs_over_channels, abs_over_voxels = _StageReductions.apply(
-                s, weight, bias, t, stacked, budget)
+                s, weight, bias, t, stacked, budget, with_abs)
             per_channel = dict(zip(names, squares.unbind(1)))  # name -> (B, C_t)
 
             if sard is not None:
@@ -247,7 +253,7 @@ class ReCoStageLoss(nn.Module):
                         out[name] = region / (channels * mask.detach().to(s.dtype).sum()).clamp_min(_EPS)
                     else:
                         out[name] = zero
-                if sard.att_weight > 0:
+                if with_abs:
                     spatial_s, channel_s = attention_from_means(abs_over_channels, abs_over_voxels, sard.temperature)
                     out["att"] = (channel_s - channel_t).abs().mean() + (spatial_s - spatial_t).abs().mean()
                 else:

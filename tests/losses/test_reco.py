@@ -149,7 +149,10 @@ def test_autograd_functions_pass_gradcheck():
     w = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
     voxel_weights = torch.rand(2, 2, 9, generator=g, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda *a: _StageReductions.apply(*a, t, voxel_weights, 5), (s, w, b))
+    assert torch.autograd.gradcheck(lambda *a: _StageReductions.apply(*a, t, voxel_weights, 5, True), (s, w, b))
+    for used in range(4):  # outputs left unused reach backward as None: each remaining part alone is right too
+        assert torch.autograd.gradcheck(lambda *a: _StageReductions.apply(*a, t, voxel_weights, 5, True)[used],
+                                        (s, w, b))
 
 
 def test_stage_reductions_by_hand():
@@ -157,7 +160,7 @@ def test_stage_reductions_by_hand():
     # t = [[0, 1], [1, -5]]  ->  d = A - t = [[1, 2], [-2, 0]];  voxel weights [1, 0.5]
     squares, sum_d, abs_channels, abs_voxels = _StageReductions.apply(
         torch.tensor([[[1.0, 3.0]]]), torch.tensor([[1.0], [-2.0]]), torch.tensor([0.0, 1.0]),
-        torch.tensor([[[0.0, 1.0], [1.0, -5.0]]]), torch.tensor([[[1.0, 0.5]]]), 1)
+        torch.tensor([[[0.0, 1.0], [1.0, -5.0]]]), torch.tensor([[[1.0, 0.5]]]), 1, True)
     assert squares.tolist() == [[[1 + 0.5 * 4, 4 + 0.0]]]
     assert sum_d.tolist() == [[3.0, -2.0]]
     assert abs_channels.tolist() == [[1.0, 4.0]] and abs_voxels.tolist() == [[2.0, 3.0]]
