@@ -39,6 +39,22 @@ def linear_warmup(progress: float, warmup: float) -> float:
     return min(1.0, max(0.0, progress / warmup))
 
 
+def reco_stage_loss(settings: DistillSettings, student_channels: int, teacher_channels: int,
+                    conv_dim: int = 3) -> ReCoStageLoss:
+    """One stage's ReCo-KD module (adapter, MS-SARD and/or MS-CA) as the settings configure it."""
+    sard_on = settings.sard_fg_weight + settings.sard_bg_weight + settings.sard_att_weight > 0
+    sard = (SARDLoss(settings.sard_temperature, settings.sard_fg_weight, settings.sard_bg_weight,
+                     settings.sard_att_weight) if sard_on else None)
+    return ReCoStageLoss(student_channels, teacher_channels, conv_dim, sard=sard,
+                         ca_ratio=settings.ca_ratio if settings.ca_weight > 0 else None)
+
+
+def region_graph_loss(settings: DistillSettings, student_channels: int, teacher_channels: int) -> RegionGraphLoss:
+    """One stage's region-graph module as the settings configure it."""
+    return RegionGraphLoss(student_channels, teacher_channels, settings.graph_node_weight, settings.graph_edge_weight,
+                           settings.graph_gw_weight, settings.graph_gw_solver, settings.graph_gw_epsilon)
+
+
 def _level(stage_name: str) -> int:
     return int(stage_name[3:])
 
@@ -75,7 +91,7 @@ class Distiller(nn.Module):
                       if settings.logit_weight > 0 else None)
 
         # ReCo-KD on encoder stages that have deep-supervision targets (0 .. n_stages-2): one module per stage
-        # holds its adapter and context blocks and computes MS-SARD and MS-CA from moments (losses/reco.py)
+        # holds its adapter and context blocks and computes MS-SARD and MS-CA from chunked reductions (losses/reco.py)
         self.reco_stages: list[str] = []
         self.reco_weights: list[float] = []
         sard_on = settings.sard_fg_weight + settings.sard_bg_weight + settings.sard_att_weight > 0
@@ -89,10 +105,7 @@ class Distiller(nn.Module):
             self.reco_stages = [f"enc{k}" for k in levels]
             self.reco_weights = stage_weights(levels, settings.reco_stage_alpha)
         self.reco = nn.ModuleDict({
-            name: ReCoStageLoss(student_channels[name], teacher_channels[name], conv_dim,
-                                sard=SARDLoss(settings.sard_temperature, settings.sard_fg_weight,
-                                              settings.sard_bg_weight, settings.sard_att_weight) if sard_on else None,
-                                ca_ratio=settings.ca_ratio if settings.ca_weight > 0 else None)
+            name: reco_stage_loss(settings, student_channels[name], teacher_channels[name], conv_dim)
             for name in self.reco_stages})
 
         # REACT-KD region graphs on the configured stages
@@ -106,9 +119,7 @@ class Distiller(nn.Module):
             raise ValueError("region-graph distillation needs label maps; this dataset is region-based "
                              "(set graph_weight to 0 or use nnUNetTrainerReCoKD)")
         self.graph = nn.ModuleDict({
-            name: RegionGraphLoss(student_channels[name], teacher_channels[name], settings.graph_node_weight,
-                                  settings.graph_edge_weight, settings.graph_gw_weight, settings.graph_gw_solver,
-                                  settings.graph_gw_epsilon)
+            name: region_graph_loss(settings, student_channels[name], teacher_channels[name])
             for name in self.graph_stages})
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -169,14 +180,13 @@ class Distiller(nn.Module):
                 masks = (region_masks(targets[_level(name)], self.ignore_label, self.has_regions, self.num_classes)
                          if self.uses_masks else (None, None))
                 values = self.reco[name](student_features[name], teacher_features[name], *masks)
+                if "sard" in values:  # the weighted MS-SARD total; its raw parts fg, bg, att are logged
+                    add(values.pop("sard"), mult["reco"] * w)
+                if "ca" in values:
+                    add(values["ca"], mult["reco"] * w * self.settings.ca_weight)
                 for key, value in values.items():
-                    if key == "sard":
-                        add(value, mult["reco"] * w)
-                    else:
-                        if key == "ca":
-                            add(value, mult["reco"] * w * self.settings.ca_weight)
-                        log_key = key if key == "ca" else f"sard_{key}"
-                        reco[log_key] = reco.get(log_key, 0) + w * value
+                    log_key = key if key == "ca" else f"sard_{key}"
+                    reco[log_key] = reco.get(log_key, 0) + w * value
             terms.update(reco)
 
         if self.graph_stages:

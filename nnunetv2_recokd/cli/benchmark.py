@@ -204,14 +204,13 @@ def reco_loss_cost(plans: dict, device: torch.device, steps: int, warmup: int) -
     them; float32 on the CPU), the student at the shipped width, masks from the synthetic target.
     """
     from nnunetv2_recokd.config import default_settings
-    from nnunetv2_recokd.losses import SARDLoss, region_masks
-    from nnunetv2_recokd.losses.reco import ReCoStageLoss
+    from nnunetv2_recokd.distiller import reco_stage_loss
+    from nnunetv2_recokd.losses import region_masks
 
     settings = default_settings("nnUNetTrainerReCoKD")
     stages = []
     for c_s, c_t, student, teacher, target in _stage_tensors(plans, settings, device):
-        module = ReCoStageLoss(c_s, c_t, target.ndim - 2, sard=SARDLoss(settings.sard_temperature),
-                               ca_ratio=settings.ca_ratio).to(device)
+        module = reco_stage_loss(settings, c_s, c_t, target.ndim - 2).to(device)
         stages.append({"module": module, "student": student, "teacher": teacher,
                        "masks": region_masks(target, num_classes=3)})
     alive = [t for st in stages for t in (st["student"], st["teacher"], *st["masks"], *st["module"].parameters())]
@@ -245,14 +244,14 @@ def graph_loss_cost(plans: dict, device: torch.device, steps: int, warmup: int) 
     regions from the target (label 2 split into connected components), masked pooling, node/edge terms and the
     per-sample GW solves."""
     from nnunetv2_recokd.config import default_settings
-    from nnunetv2_recokd.losses.graph import RegionGraphLoss, extract_regions
+    from nnunetv2_recokd.distiller import region_graph_loss
+    from nnunetv2_recokd.losses.graph import extract_regions
 
     settings = default_settings("nnUNetTrainerReCoKDGraph")
     levels = [int(name[3:]) for name in settings.graph_stages]  # dec{k}: the resolution of encoder stage k
     stages = []
     for c_s, c_t, student, teacher, target in _stage_tensors(plans, settings, device, levels):
-        module = RegionGraphLoss(c_s, c_t, settings.graph_node_weight, settings.graph_edge_weight,
-                                 settings.graph_gw_weight, settings.graph_gw_solver, settings.graph_gw_epsilon)
+        module = region_graph_loss(settings, c_s, c_t)
         stages.append({"module": module.to(device), "student": student, "teacher": teacher, "target": target})
 
     def step() -> None:
