@@ -110,8 +110,9 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         self.print_to_log_file(f"{type(self).__name__} settings:\n" + json.dumps(self.settings.as_dict(), indent=1),
                                also_print_to_console=False, add_timestamp=False)
         if self.settings.seed is not None:  # before anything random: distiller, network, data loaders
-            seed_everything(self.settings.seed + self.local_rank)
-            self.print_to_log_file(f"random seed {self.settings.seed + self.local_rank}")
+            seed = self.settings.seed + self.local_rank
+            seed_everything(seed)
+            self.print_to_log_file(f"random seed {seed}")
         if self.distill and self._validation_only:
             self.print_to_log_file("validation only: the teacher and the distillation modules are not loaded")
         elif self.distill:
