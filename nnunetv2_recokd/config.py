@@ -1,8 +1,9 @@
 """Typed distillation settings: shipped defaults from trainer_configs/, overrides from RECOKD_CONFIG.
 
-Every shipped trainer has one JSON file in trainer_configs/ named after the class (the defaults a user
-gets with ``-tr <name>``). A user overrides any subset of keys with a JSON file named by the
-``RECOKD_CONFIG`` environment variable. Unknown keys and wrong types are errors that name the valid
+trainer_configs/defaults.json holds every setting; a shipped trainer changes only what makes it what it is,
+in trainer_configs/<class name>.json, and inherits the rest along its class hierarchy, as nnU-Net's own
+variants change one attribute of their parent. A user overrides any subset of keys with a JSON file named by
+the ``RECOKD_CONFIG`` environment variable. Unknown keys and wrong types are errors that name the valid
 keys, raised before any training starts.
 """
 
@@ -18,6 +19,7 @@ from typing import Any, Optional, Union, get_args, get_origin
 
 CONFIG_ENV = "RECOKD_CONFIG"
 TEACHER_ENV = "RECOKD_TEACHER"
+DEFAULTS_FILE = "defaults.json"
 
 
 class SettingsError(ValueError):
@@ -26,7 +28,7 @@ class SettingsError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DistillSettings:
-    """All knobs of the distillation trainers. Defaults live in trainer_configs/<TrainerName>.json."""
+    """All knobs of the distillation trainers. Defaults: trainer_configs/defaults.json + <TrainerName>.json."""
 
     # nnU-Net schedule (set before nnU-Net's initialize(), which builds the lr scheduler)
     num_epochs: int
@@ -43,6 +45,11 @@ class DistillSettings:
     teacher_trainer: str
     teacher_plans: Optional[str]
     teacher_checkpoint: str
+    # True: accept a teacher that was trained on some of the student's validation cases (another fold, fold_all,
+    # an ensemble of folds); the student's fold validation is then marked optimistic in the log and the report
+    allow_leaky_teacher: bool
+    # True: `--c` may continue with another teacher than the one the checkpoint was trained with
+    allow_teacher_change: bool
     # student: nnU-Net's own plans with features_per_stage scaled (ReCo-KD: C' = max(C_min, C * width))
     student_width: float
     student_min_channels: int
@@ -161,26 +168,64 @@ def _read_json(path: Union[str, Path], what: str) -> dict[str, Any]:
     return data
 
 
+def _lineage(trainer: Union[str, type]) -> list[str]:
+    """Class names from the most general to `trainer` itself (a class, or the name of one of our public trainers)."""
+    if isinstance(trainer, type):
+        return [k.__name__ for k in reversed(trainer.__mro__)]
+    from nnunetv2_recokd import trainers  # lazy: the trainers import this module
+
+    cls = getattr(trainers, trainer, None)
+    if not isinstance(cls, type):
+        raise SettingsError(f"{trainer} is not one of our trainers; shipped trainers: "
+                            f"{', '.join(trainers.PUBLIC_TRAINERS)}")
+    return _lineage(cls)
+
+
+def _config_folder():
+    return resources.files("nnunetv2_recokd.trainer_configs")
+
+
 def shipped_config_names() -> list[str]:
-    """Names of the trainers that have a defaults file in trainer_configs/."""
-    folder = resources.files("nnunetv2_recokd.trainer_configs")
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+    """Names of the trainers that ship a file of changes in trainer_configs/ (besides defaults.json)."""
+    return sorted(p.name[:-5] for p in _config_folder().iterdir()
+                  if p.name.endswith(".json") and p.name != DEFAULTS_FILE)
 
 
-def default_settings(trainer_name: str) -> DistillSettings:
-    """The shipped defaults of one trainer (trainer_configs/<trainer_name>.json)."""
-    resource = resources.files("nnunetv2_recokd.trainer_configs") / f"{trainer_name}.json"
-    if not resource.is_file():
-        raise SettingsError(f"no defaults file trainer_configs/{trainer_name}.json; shipped trainers: "
-                            f"{', '.join(shipped_config_names())}")
-    with resources.as_file(resource) as path:
-        return settings_from_dict(_read_json(path, "defaults file"), f"trainer_configs/{trainer_name}.json")
+def _read_resource(name: str) -> dict[str, Any]:
+    with resources.as_file(_config_folder() / name) as path:
+        return _read_json(path, "defaults file")
 
 
-def resolve_settings(trainer_name: str, environ: Optional[dict[str, str]] = None) -> DistillSettings:
-    """Shipped defaults of `trainer_name` updated with the file named by RECOKD_CONFIG (if set)."""
+def settings_layers(trainer: Union[str, type]) -> list[tuple[str, dict[str, Any]]]:
+    """(source, values) in the order they apply: defaults.json, then the file of every class from the most
+    general to `trainer` that ships one (trainer_configs/<class name>.json holds only what that class changes)."""
+    layers = [(f"trainer_configs/{DEFAULTS_FILE}", _read_resource(DEFAULTS_FILE))]
+    shipped = set(shipped_config_names())
+    valid = set(DistillSettings.keys())
+    for name in _lineage(trainer):
+        if name in shipped:
+            values = _read_resource(f"{name}.json")
+            unknown = sorted(set(values) - valid)
+            if unknown:
+                raise SettingsError(f"trainer_configs/{name}.json: unknown setting(s) {unknown}")
+            layers.append((f"trainer_configs/{name}.json", values))
+    return layers
+
+
+def default_settings(trainer: Union[str, type]) -> DistillSettings:
+    """The shipped defaults of one trainer: defaults.json with the changes of each class along its hierarchy, so
+    the usual nnU-Net idiom `class nnUNetTrainerReCoKD_250ep(nnUNetTrainerReCoKD)` inherits its parent's."""
+    values: dict[str, Any] = {}
+    layers = settings_layers(trainer)
+    for _, layer in layers:
+        values.update(layer)
+    return settings_from_dict(values, " + ".join(source for source, _ in layers))
+
+
+def resolve_settings(trainer: Union[str, type], environ: Optional[dict[str, str]] = None) -> DistillSettings:
+    """Shipped defaults of `trainer` updated with the file named by RECOKD_CONFIG (if set)."""
     environ = os.environ if environ is None else environ
-    settings = default_settings(trainer_name)
+    settings = default_settings(trainer)
     override_path = environ.get(CONFIG_ENV)
     if not override_path:
         return settings

@@ -65,14 +65,17 @@ def dataset_json(regions: bool = False) -> dict:
 
 def prepare_folders(root: Path, plans: dict, environ: Optional[dict] = None) -> None:
     """nnUNet_raw/preprocessed/results under root (set in `environ`, default os.environ) and a preprocessed
-    data folder that nnU-Net's initialize() can inspect (it only looks at file endings)."""
+    data folder that nnU-Net's initialize() and do_split() can inspect (they only look at file names)."""
     environ = os.environ if environ is None else environ
     for name in ("raw", "preprocessed", "results"):
         (root / name).mkdir(parents=True, exist_ok=True)
         environ[f"nnUNet_{name}"] = str(root / name)
     data = root / "preprocessed" / plans["dataset_name"] / plans["configurations"]["3d_fullres"]["data_identifier"]
     data.mkdir(parents=True, exist_ok=True)
-    (data / "case_000.b2nd").touch()
+    for case in ("case_000", "case_001"):
+        (data / f"{case}.b2nd").touch()
+    # one fold of nnU-Net's split (trainers read it to check which cases the teacher was trained on)
+    (data.parent / "splits_final.json").write_text(json.dumps([{"train": ["case_000"], "val": ["case_001"]}]))
 
 
 def write_random_teacher(folder: Path, plans: dict, dataset: dict, seed: int = 0) -> Path:

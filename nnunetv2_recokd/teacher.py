@@ -15,6 +15,8 @@ and deep-supervision outputs at the same resolutions.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -144,6 +146,9 @@ def check_compatible(teacher_plans: dict, teacher_dataset: dict, teacher_cfg: st
     t_channels = teacher_dataset.get("channel_names", teacher_dataset.get("modality"))
     s_channels = student_dataset.get("channel_names", student_dataset.get("modality"))
     differ("input channels", t_channels, s_channels)
+    differ("input channels as nnU-Net counts them (determine_num_input_channels; a cascade stage adds the "
+           "previous stage's segmentation)", determine_num_input_channels(t_pm, t, teacher_dataset),
+           determine_num_input_channels(s_pm, s, student_dataset))
     differ("preprocessed data identifier", t.data_identifier, s.data_identifier)
     differ("spacing", [float(x) for x in t.spacing], [float(x) for x in s.spacing])
     differ("normalisation", t.normalization_schemes, s.normalization_schemes)
@@ -151,11 +156,33 @@ def check_compatible(teacher_plans: dict, teacher_dataset: dict, teacher_cfg: st
     differ("transpose_forward", t_pm.transpose_forward, s_pm.transpose_forward)
     differ("strides (pool_op_kernel_sizes)", [list(x) for x in t.pool_op_kernel_sizes],
            [list(x) for x in s.pool_op_kernel_sizes])
+    problems += _ct_statistics_differences(teacher_plans, student_plans, s.normalization_schemes)
     if problems:
         raise TeacherError("The teacher was trained on different data than this student:\n  - "
                            + "\n  - ".join(problems)
                            + "\nUse a teacher trained on the same dataset with the same preprocessing "
                              f"(set {TEACHER_ENV} to its model folder).")
+
+
+_CT_STATISTICS = ("mean", "std", "percentile_00_5", "percentile_99_5")
+
+
+def _ct_statistics_differences(teacher_plans: dict, student_plans: dict, schemes: list[str]) -> list[str]:
+    """CT normalisation clips and scales with the dataset's foreground intensity statistics: a teacher planned
+    on other statistics sees other input values for the same scan."""
+    problems = []
+    t_props = teacher_plans.get("foreground_intensity_properties_per_channel") or {}
+    s_props = student_plans.get("foreground_intensity_properties_per_channel") or {}
+    for channel, scheme in enumerate(schemes):
+        if scheme != "CTNormalization":
+            continue
+        t, s = t_props.get(str(channel), {}), s_props.get(str(channel), {})
+        for key in _CT_STATISTICS:
+            a, b = t.get(key), s.get(key)
+            if a is None or b is None or not math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-6):
+                problems.append(f"CT normalisation statistic {key} of channel {channel}: teacher {a!r} vs "
+                                f"student {b!r}")
+    return problems
 
 
 def _teacher_builder(trainer_name: str):
@@ -183,6 +210,7 @@ class LoadedTeacher:
     configuration: str
     trainer_name: str
     notes: list[str]
+    fold: Union[int, str, None] = None  # the fold it was trained on: init_args, else the fold_X folder name
 
     @property
     def arch_kwargs(self) -> dict:
@@ -223,4 +251,73 @@ def load_teacher(location: TeacherLocation, student_plans: dict, student_dataset
                            f"{location.model_folder / 'plans.json'}: {e}") from e
     return LoadedTeacher(network=FrozenTeacher(network).to(device), location=location, plans=teacher_plans,
                          dataset_json=teacher_dataset, configuration=configuration, trainer_name=trainer_name,
-                         notes=[note] if note else [])
+                         notes=[note] if note else [], fold=checkpoint_fold(checkpoint, location.checkpoint))
+
+
+def checkpoint_fold(checkpoint: dict, path: Path) -> Union[int, str, None]:
+    """The fold a checkpoint was trained on: nnU-Net's init_args, else its fold_X folder, else None."""
+    fold = (checkpoint.get("init_args") or {}).get("fold")
+    if fold is None and path.parent.name.startswith("fold_"):
+        fold = path.parent.name[len("fold_"):]
+    if isinstance(fold, str) and fold.isdigit():
+        fold = int(fold)
+    return fold
+
+
+@dataclasses.dataclass
+class Leakage:
+    """Which of the student's validation cases the teacher was trained on."""
+
+    cases: list[str]  # student validation cases in the teacher's training set
+    n_validation: int  # the student's validation cases
+    teacher_fold: Union[int, str, None]
+    source: str  # how the teacher's held-out cases were determined
+
+    def describe(self) -> str:
+        shown = ", ".join(self.cases[:5]) + (", ..." if len(self.cases) > 5 else "")
+        return (f"the teacher (fold {self.teacher_fold}) was trained on {len(self.cases)} of the student's "
+                f"{self.n_validation} validation cases ({shown}; teacher's held-out cases from {self.source})")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"cases": len(self.cases), "of": self.n_validation, "teacher_fold": self.teacher_fold,
+                "source": self.source}
+
+
+def teacher_held_out_cases(teacher: LoadedTeacher, splits: Optional[list[dict]]) -> tuple[Optional[list[str]], str]:
+    """The cases the teacher was NOT trained on, and where that comes from; (None, why) when it cannot be told.
+
+    First the teacher's own validation summary (the cases nnU-Net validated it on: exactly its held-out set),
+    else the fold of the dataset's splits_final.json that the teacher's checkpoint names, else fold_all (none).
+    """
+    summary = teacher.location.checkpoint.parent / "validation" / "summary.json"
+    ending = teacher.dataset_json.get("file_ending", "")
+    if summary.is_file():
+        try:
+            per_case = json.loads(summary.read_text()).get("metric_per_case", [])
+            names = [Path(c["reference_file"]).name for c in per_case]
+            return [n[:-len(ending)] if ending and n.endswith(ending) else n for n in names], str(summary)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # an unreadable summary: fall back to the split
+    fold = teacher.fold
+    if fold == "all":
+        return [], "fold_all (trained on every case)"
+    if isinstance(fold, int) and splits is not None and 0 <= fold < len(splits):
+        return list(splits[fold]["val"]), f"splits_final.json, fold {fold}"
+    if fold is None:
+        return None, "the teacher checkpoint names no fold"
+    return None, f"splits_final.json has no fold {fold} (nnU-Net then drew a random split)"
+
+
+def find_leakage(teacher: LoadedTeacher, student_fold: Union[int, str], student_validation: list[str],
+                 splits: Optional[list[dict]]) -> Optional[Leakage]:
+    """The student's validation cases that the teacher was trained on (None: none, or the student has no
+    held-out validation, fold 'all'). A teacher whose held-out cases cannot be told counts as having seen all."""
+    if student_fold == "all":
+        return None
+    held_out, source = teacher_held_out_cases(teacher, splits)
+    if held_out is None and teacher.fold == student_fold:  # same fold of the same dataset: the same split
+        return None
+    seen = sorted(student_validation) if held_out is None else sorted(set(student_validation) - set(held_out))
+    if not seen:
+        return None
+    return Leakage(cases=seen, n_validation=len(student_validation), teacher_fold=teacher.fold, source=source)

@@ -1,6 +1,7 @@
 """Settings: shipped defaults per trainer, RECOKD_CONFIG overrides, and errors a user can act on."""
 
 import json
+from importlib import resources
 
 import pytest
 
@@ -10,6 +11,7 @@ from nnunetv2_recokd.config import (
     SettingsError,
     default_settings,
     resolve_settings,
+    settings_layers,
     shipped_config_names,
 )
 from nnunetv2_recokd.trainers import PUBLIC_TRAINERS
@@ -23,15 +25,38 @@ def _override(tmp_path, values, name="override.json"):
     return {CONFIG_ENV: str(path)}
 
 
-@pytest.mark.parametrize("trainer", PUBLIC_TRAINERS)
-def test_every_public_trainer_has_a_complete_defaults_file(trainer):
-    assert trainer in shipped_config_names()
-    from importlib import resources
-
-    raw = json.loads((resources.files("nnunetv2_recokd.trainer_configs") / f"{trainer}.json").read_text())
+def test_defaults_file_holds_every_setting():
+    raw = json.loads((resources.files("nnunetv2_recokd.trainer_configs") / "defaults.json").read_text())
     assert sorted(raw) == sorted(DistillSettings.keys())
+
+
+@pytest.mark.parametrize("trainer", PUBLIC_TRAINERS)
+def test_each_trainer_file_holds_only_what_the_trainer_changes(trainer):
+    """A reader sees what a variant changes: every key in its file differs from what its parent resolves to."""
+    import nnunetv2_recokd.trainers as public
+
     settings = default_settings(trainer)
     assert isinstance(settings, DistillSettings)
+    if trainer not in shipped_config_names():
+        return
+    cls = getattr(public, trainer)
+    parent = default_settings(cls.__mro__[1]).as_dict()
+    raw = json.loads((resources.files("nnunetv2_recokd.trainer_configs") / f"{trainer}.json").read_text())
+    assert raw and set(raw) < set(DistillSettings.keys())
+    for key, value in raw.items():
+        assert parent[key] != value, f"{trainer}.json restates {key}={value!r} of its parent"
+        assert getattr(settings, key) == value
+
+
+def test_layers_apply_along_the_class_hierarchy():
+    layers = [source for source, _ in settings_layers("nnUNetTrainerReCoKD_w8")]
+    assert layers == ["trainer_configs/defaults.json", "trainer_configs/nnUNetTrainerReCoKD.json",
+                      "trainer_configs/nnUNetTrainerReCoKD_w8.json"]
+    s = default_settings("nnUNetTrainerReCoKD_w8")
+    assert (s.reco_weight, s.student_width) == (0.01, 0.125)  # the parent's change and its own
+    assert default_settings("nnUNetTrainerStudent").reco_weight == 0.0  # no file: the defaults
+    assert default_settings("nnUNetTrainerReCoKDGraph").graph_weight == 0.1
+    assert default_settings("nnUNetTrainerReCoKDGraph").reco_weight == 0.01
 
 
 def test_shipped_widths_match_the_trainer_names():
@@ -51,7 +76,7 @@ def test_unknown_trainer_lists_shipped_trainers():
     with pytest.raises(SettingsError) as e:
         default_settings("nnUNetTrainerDoesNotExist")
     assert "nnUNetTrainerDoesNotExist" in str(e.value)
-    assert "nnUNetTrainerLogitKD" in str(e.value)
+    assert "nnUNetTrainerLogitKD" in str(e.value)  # the message lists the shipped trainers
 
 
 def test_override_replaces_only_the_given_keys(tmp_path):

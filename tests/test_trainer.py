@@ -7,11 +7,13 @@ import json
 import pytest
 import torch
 
+from nnunetv2_recokd.config import default_settings
 from nnunetv2_recokd.teacher import TeacherError
 from nnunetv2_recokd.trainers import (
     nnUNetTrainerGraphKD,
     nnUNetTrainerLogitKD,
     nnUNetTrainerReCoKD,
+    nnUNetTrainerReCoKD_w8,
     nnUNetTrainerReCoKDGraph,
     nnUNetTrainerStudent,
 )
@@ -222,8 +224,14 @@ def test_subclass_of_a_shipped_trainer_inherits_its_defaults(tiny):
     class nnUNetTrainerReCoKD_250ep(nnUNetTrainerReCoKD):
         pass
 
+    class nnUNetTrainerReCoKD_w8_250ep(nnUNetTrainerReCoKD_w8):
+        pass
+
     trainer = make_trainer(nnUNetTrainerReCoKD_250ep, *tiny)
-    assert trainer.settings.reco_weight == 0.01 and trainer._config_name() == "nnUNetTrainerReCoKD"
+    assert trainer.settings == default_settings("nnUNetTrainerReCoKD")
+    assert trainer.settings.reco_weight == 0.01
+    narrow = make_trainer(nnUNetTrainerReCoKD_w8_250ep, *tiny)
+    assert (narrow.settings.reco_weight, narrow.settings.student_width) == (0.01, 0.125)  # both parents' changes
 
 
 def test_resenc_teacher_teaches_a_plain_student(tmp_path, monkeypatch):

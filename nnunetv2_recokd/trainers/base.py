@@ -22,29 +22,30 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 
 from nnunetv2_recokd.config import (
+    CONFIG_ENV,
+    TEACHER_ENV,
     DistillSettings,
     SettingsError,
     default_settings,
     resolve_settings,
-    shipped_config_names,
 )
 from nnunetv2_recokd.distiller import Distiller
 from nnunetv2_recokd.hooks import FeatureRecorder, stage_channels, unwrap_network
 from nnunetv2_recokd.student import (
+    PLANS_KEY,
     build_student_network,
     count_parameters,
     record_student_spec,
     student_arch_kwargs,
     student_spec,
 )
-from nnunetv2_recokd.teacher import LoadedTeacher, load_teacher, resolve_teacher
+from nnunetv2_recokd.teacher import Leakage, LoadedTeacher, TeacherError, find_leakage, load_teacher, resolve_teacher
 from nnunetv2_recokd.trainers.ddp import all_reduce_gradients
 from nnunetv2_recokd.trainers.progress import KD_PREFIX, SEG_KEY, DistillLocalLogger, ensure_key
 
@@ -54,18 +55,18 @@ CHECKPOINT_KEY = "recokd"
 class nnUNetTrainerDistillBase(nnUNetTrainer):
     """Narrow student from nnU-Net's plans, optionally distilled from a frozen nnU-Net teacher.
 
-    Class attributes a variant may set:
+    Class attribute a variant may set:
         distill: False trains the student alone (the control every KD result is compared with).
-        config_name: defaults file in trainer_configs/ (None: the class name).
+    Settings: trainer_configs/defaults.json, then trainer_configs/<class>.json of every class along the hierarchy
+    that ships one (what that class changes), then RECOKD_CONFIG.
     """
 
     distill: bool = True
-    config_name: Optional[str] = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.settings: DistillSettings = resolve_settings(self._config_name())
+        self.settings: DistillSettings = resolve_settings(type(self))
         s = self.settings
         self.num_epochs = s.num_epochs
         self.num_iterations_per_epoch = s.num_iterations_per_epoch
@@ -83,22 +84,15 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         self._teacher_encoder_only = False
         self._validation_only = False  # set by load_checkpoint for --val: no teacher needed
         self._compile_note_logged = False
+        self._leakage: Optional[dict] = None  # the teacher saw student validation cases (allow_leaky_teacher)
+        self._checkpoint_teacher: Optional[str] = None  # --c: the teacher the checkpoint was trained with
 
     # ----------------------------------------------------------------------------------- construction
-    @classmethod
-    def _config_name(cls) -> str:
-        """The defaults file: config_name, else the nearest class in the hierarchy that ships one (so the usual
-        nnU-Net idiom `class nnUNetTrainerReCoKD_250ep(nnUNetTrainerReCoKD)` inherits its parent's defaults)."""
-        if cls.config_name:
-            return cls.config_name
-        shipped = set(shipped_config_names())
-        return next((k.__name__ for k in cls.__mro__ if k.__name__ in shipped), cls.__name__)
-
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
         """The student. Called on the class by nnUNetv2_predict, so it reads its width from the plans."""
-        defaults = default_settings(cls._config_name())
+        defaults = default_settings(cls)
         spec = student_spec(configuration_manager.configuration, defaults.student_width,
                             defaults.student_min_channels)
         return build_student_network(configuration_manager, num_input_channels, num_output_channels,
@@ -107,8 +101,11 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
     def initialize(self) -> None:
         if self.was_initialized:
             return super().initialize()  # raises nnU-Net's own error
-        self.print_to_log_file(f"{type(self).__name__} settings:\n" + json.dumps(self.settings.as_dict(), indent=1),
+        self.print_to_log_file(f"{type(self).__name__} settings (trainer_configs/ defaults + the trainer's changes"
+                               + (f" + {CONFIG_ENV} {os.environ[CONFIG_ENV]}" if os.environ.get(CONFIG_ENV) else "")
+                               + "):\n" + json.dumps(self.settings.as_dict(), indent=1),
                                also_print_to_console=False, add_timestamp=False)
+        self._check_model_folder_width()
         if self.settings.seed is not None:  # before anything random: distiller, network, data loaders
             seed = self.settings.seed + self.local_rank
             seed_everything(seed)
@@ -117,6 +114,7 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
             self.print_to_log_file("validation only: the teacher and the distillation modules are not loaded")
         elif self.distill:
             self._load_teacher()  # every check runs before nnU-Net builds anything
+            self._check_teacher_split()
             self.distiller = self._build_distiller().to(self.device)
             if self.is_ddp:  # DDP broadcasts only the student it wraps: the distiller must start identical too
                 for tensor in self.distiller.state_dict().values():
@@ -142,11 +140,66 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
                                    f"{count_parameters(self.distiller) / 1e6:.4f} M trainable distillation "
                                    f"parameters (adapters, context blocks, projectors)")
 
+    def _check_model_folder_width(self) -> None:
+        """All folds of a model folder share its plans.json, from which nnUNetv2_predict builds ONE network for
+        every fold: a fold of another width would overwrite the record of the folds already trained."""
+        path = os.path.join(self.output_folder_base, "plans.json")
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            recorded = json.load(f).get("configurations", {}).get(self.configuration_name, {}).get(PLANS_KEY)
+        s = self.settings
+        if not recorded or (recorded.get("width"), recorded.get("min_channels")) == (s.student_width,
+                                                                                       s.student_min_channels):
+            return
+        trained = sorted(d for d in os.listdir(self.output_folder_base) if d.startswith("fold_") and any(
+            f.startswith("checkpoint") and f.endswith(".pth")
+            for f in os.listdir(os.path.join(self.output_folder_base, d))))
+        if not trained:
+            return
+        raise SettingsError(
+            f"model folder {self.output_folder_base} holds {', '.join(trained)} trained with student width "
+            f"{recorded.get('width')} (min channels {recorded.get('min_channels')}); this run would train width "
+            f"{s.student_width} (min channels {s.student_min_channels}). All folds of a model folder share one "
+            f"plans.json, from which nnUNetv2_predict builds one network for every fold, so widths cannot be mixed. "
+            f"Train this width under its own trainer name (e.g. -tr nnUNetTrainerReCoKD_w8 or a subclass of yours), "
+            f"or remove that model folder first.")
+
+    def _check_teacher_split(self) -> None:
+        """Stop when the teacher was trained on the student's validation cases (unless allow_leaky_teacher)."""
+        _, validation = self.do_split()
+        splits_file = os.path.join(self.preprocessed_dataset_folder_base, "splits_final.json")
+        splits = None
+        if os.path.isfile(splits_file):
+            with open(splits_file) as f:
+                splits = json.load(f)
+        leakage: Optional[Leakage] = find_leakage(self.teacher, self.fold, list(validation), splits)
+        if leakage is None:
+            return
+        if not self.settings.allow_leaky_teacher:
+            raise TeacherError(
+                f"{leakage.describe()}: the student's fold {self.fold} validation Dice would be inflated. Use the "
+                f"teacher of the same fold (nnUNetv2_train {self.plans_manager.dataset_name} "
+                f"{self.configuration_name} {self.fold}), or set \"allow_leaky_teacher\": true in {CONFIG_ENV} to "
+                f"accept it on purpose (fold ensembles); the validation is then marked optimistic.")
+        self._leakage = leakage.as_dict()
+        self.print_to_log_file(f"WARNING: {leakage.describe()}. allow_leaky_teacher is set: this student's fold "
+                               f"{self.fold} validation is OPTIMISTIC (the report marks it so).")
+
     def _load_teacher(self) -> None:
         s = self.settings
         location = resolve_teacher(s.teacher, self.plans_manager.dataset_name, self.configuration_name, self.fold,
                                    s.teacher_trainer, s.teacher_plans or self.plans_manager.plans_name,
                                    s.teacher_checkpoint)
+        if self._checkpoint_teacher is not None and not _same_file(self._checkpoint_teacher, location.checkpoint):
+            if not s.allow_teacher_change:
+                raise TeacherError(
+                    f"--c: the checkpoint was distilled from the teacher {self._checkpoint_teacher}, but the teacher "
+                    f"found now is {location.checkpoint} (from {location.source}). Point {TEACHER_ENV} at the "
+                    f"original teacher to continue, or set \"allow_teacher_change\": true in {CONFIG_ENV} to "
+                    f"continue with the new one.")
+            self.print_to_log_file(f"NOTE: continuing with another teacher than the checkpoint's "
+                                   f"({self._checkpoint_teacher}); allow_teacher_change is set")
         self.teacher = load_teacher(location, self.plans_manager.plans, self.dataset_json, self.configuration_name,
                                     self.device)
         self.print_to_log_file("Loaded " + self.teacher.describe())
@@ -176,13 +229,12 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         return compile_wanted
 
     def configure_optimizers(self):
-        """nnU-Net's SGD and poly schedule, over the student AND the distillation modules."""
-        groups = [{"params": list(self.network.parameters())}]
+        """nnU-Net's own optimizer and schedule, with the distillation modules as a second parameter group (same
+        hyper-parameters; nnU-Net's poly schedule sets the lr of every group)."""
+        optimizer, lr_scheduler = super().configure_optimizers()
         if self.distiller is not None and any(True for _ in self.distiller.parameters()):
-            groups.append({"params": list(self.distiller.parameters())})
-        optimizer = torch.optim.SGD(groups, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
-                                    nesterov=True)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+            optimizer.add_param_group({"params": list(self.distiller.parameters())})
+        return optimizer, lr_scheduler
 
     # ---------------------------------------------------------------------------------------- training
     def on_train_epoch_start(self) -> None:
@@ -290,6 +342,7 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
                 "distiller": self.distiller.state_dict() if self.distiller is not None else None,
                 "settings": self.settings.as_dict(),
                 "teacher": str(self.teacher.location.checkpoint) if self.teacher is not None else None,
+                "teacher_saw_validation_cases": self._leakage,
             },
         }
         tmp = f"{filename}.tmp"
@@ -308,7 +361,10 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         if not self.was_initialized:
             self._validation_only = not self.logger.resume
             self._adopt_checkpoint_settings(state.get("settings"))
+            self._checkpoint_teacher = state.get("teacher")
             self.initialize()
+        if self._validation_only:
+            self._leakage = state.get("teacher_saw_validation_cases")
         network = unwrap_network(self.network)
         weights = {k[7:] if k.startswith("module.") and k not in network.state_dict() else k: v
                    for k, v in checkpoint["network_weights"].items()}
@@ -326,12 +382,36 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
             if state.get("distiller") is None:
                 raise RuntimeError(f"{type(self).__name__}: this checkpoint holds no distillation state (written by "
                                    f"{checkpoint.get('trainer_name')}); cannot continue a distillation from it")
+            self._check_distiller_state(state["distiller"], state.get("settings") or {})
             self.distiller.load_state_dict(state["distiller"])
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
         self.print_to_log_file(f"Restored checkpoint at epoch {self.current_epoch}"
                                + (" with distillation modules" if self.distiller is not None else ""))
+
+    def _check_distiller_state(self, saved_state: dict, saved_settings: dict) -> None:
+        """The distillation modules must be the checkpoint's: name the settings that changed them."""
+        mine = {k: tuple(v.shape) for k, v in self.distiller.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in saved_state.items()}
+        if mine == theirs:
+            return
+        current = self.settings.as_dict()
+        changed = [f"{k}: {saved_settings[k]!r} in the checkpoint, {current[k]!r} now" for k in MODULE_SETTINGS
+                   if k in saved_settings and saved_settings[k] != current[k]]
+        differ = sorted(set(mine) ^ set(theirs)) + sorted(k for k in set(mine) & set(theirs) if mine[k] != theirs[k])
+        cause = ("the settings that build them changed since the checkpoint was written:\n  - " + "\n  - ".join(changed)
+                 if changed else f"the teacher's channels or the modules differ ({', '.join(differ[:6])})")
+        raise SettingsError(f"--c: cannot continue this distillation: its modules (adapters, context blocks, "
+                            f"projectors) differ from the checkpoint's because {cause}\nRestore those settings to "
+                            f"continue, or start a new training without --c.")
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        super().perform_actual_validation(save_probabilities)
+        if self._leakage:
+            self.print_to_log_file(f"NOTE: this validation is OPTIMISTIC: the teacher was trained on "
+                                   f"{self._leakage['cases']} of its {self._leakage['of']} cases "
+                                   f"(allow_leaky_teacher)")
 
     def _adopt_checkpoint_settings(self, saved: Optional[dict]) -> None:
         """The architecture is the checkpoint's; other setting changes apply from now on and are logged."""
@@ -353,6 +433,15 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         if others:
             self.print_to_log_file("settings changed since the checkpoint was written (now in effect): " +
                                    ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in others.items()))
+
+
+# settings that decide which distillation modules exist (and their shapes): a --c must not change them
+MODULE_SETTINGS = ("student_width", "student_min_channels", "reco_weight", "reco_stages", "sard_fg_weight",
+                   "sard_bg_weight", "sard_att_weight", "ca_weight", "ca_ratio", "graph_weight", "graph_stages")
+
+
+def _same_file(a, b) -> bool:
+    return os.path.realpath(str(a)) == os.path.realpath(str(b))
 
 
 def seed_everything(seed: int) -> None:
