@@ -167,3 +167,19 @@ def test_latency_on_tiny_networks(results: tuple[Path, dict[str, int]]) -> None:
                (row["latency_ms"] is None and row["latency_note"]), row
     assert "n/a" in report.to_markdown([{**rows["nnUNetTrainerStudent"], "latency_ms": None,
                                          "latency_note": "RuntimeError: trainer not found"}])
+
+
+def test_a_leaky_teachers_student_is_marked_optimistic(results: tuple[Path, dict[str, int]]) -> None:
+    root, _ = results
+    path = root / DATASET / "nnUNetTrainerReCoKD__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth"
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["recokd"] = {"teacher_saw_validation_cases": {"cases": 3, "of": 3, "teacher_fold": "all",
+                                                             "source": "fold_all (trained on every case)"}}
+    torch.save(checkpoint, path)
+    rows = report.collect_rows("992", latency=False)
+    assert [r["validation_optimistic"] is not None for r in rows] == [False, False, True]
+    text = report.to_markdown(rows)
+    line = next(li for li in text.splitlines() if li.startswith("| nnUNetTrainerReCoKD "))
+    assert "0.7716 (optimistic)" in line
+    assert "nnUNetTrainerReCoKD: validation OPTIMISTIC: its teacher was trained on 3 of the 3" in text
+    assert "(optimistic)" not in next(li for li in text.splitlines() if li.startswith("| nnUNetTrainerStudent "))

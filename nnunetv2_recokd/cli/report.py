@@ -136,10 +136,12 @@ def find_checkpoint(fold_folder: Path) -> Optional[Path]:
     return next((fold_folder / c for c in CHECKPOINTS if (fold_folder / c).is_file()), None)
 
 
-def count_checkpoint_parameters(checkpoint: Path) -> int:
+def count_checkpoint_parameters(checkpoint: Union[Path, dict]) -> int:
     """Number of parameters in ``network_weights``: floating tensors counted once per storage (decoder.encoder
     is the encoder, so its state-dict entries share the encoder's tensors), BatchNorm statistics left out."""
-    weights = torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"]
+    loaded = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location="cpu",
+                                                                        weights_only=False)
+    weights = loaded["network_weights"]
     seen, total = set(), 0
     for name, tensor in weights.items():
         if not torch.is_tensor(tensor) or not tensor.is_floating_point() or name.endswith(_BUFFER_SUFFIXES):
@@ -214,11 +216,14 @@ def collect_row(trainer: str, model_folder: Path, configuration: str, fold: str,
     plans = _read_json(model_folder / "plans.json")
     dataset_json = _read_json(model_folder / "dataset.json")
     checkpoint = find_checkpoint(fold_folder)
+    loaded = torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint else {}
     summary_path = fold_folder / "validation" / "summary.json"
     row: dict[str, Any] = {"trainer": trainer, "role": _role(trainer), "model_folder": str(model_folder),
                            "fold": fold, "width": student_width(plans, configuration, trainer),
                            "checkpoint": checkpoint.name if checkpoint else None,
-                           "params": count_checkpoint_parameters(checkpoint) if checkpoint else None,
+                           "params": count_checkpoint_parameters(loaded) if checkpoint else None,
+                           # the teacher was trained on some of the validation cases (allow_leaky_teacher)
+                           "validation_optimistic": (loaded.get("recokd") or {}).get("teacher_saw_validation_cases"),
                            "status": "validated" if summary_path.is_file() else NOT_VALIDATED,
                            "dice": {}, "mean_dice": None, "n_cases": 0, "latency_ms": None, "latency_note": None}
     if summary_path.is_file():
@@ -271,6 +276,11 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         params = _fmt(row["params"] / 1e6 if row["params"] is not None else None, ".3f")
         mean = _fmt(row["mean_dice"], ".4f") if row["status"] == "validated" else NOT_VALIDATED
+        leak = row.get("validation_optimistic")
+        if leak and row["status"] == "validated":
+            mean += " (optimistic)"
+            notes.append(f"- {row['trainer']}: validation OPTIMISTIC: its teacher was trained on {leak['cases']} of "
+                         f"the {leak['of']} validation cases (teacher fold {leak['teacher_fold']})")
         dice = [_fmt(row["dice"].get(c), ".4f") for c in classes]
         latency = _fmt(row["latency_ms"], ".1f", "n/a")
         lines.append("| " + " | ".join([_label(row), f"{row['width']:g}", params, *dice, mean, latency]) + " |")
