@@ -40,6 +40,9 @@ class DistillSettings:
     # None: unseeded, as nnU-Net. An int seeds Python, NumPy and torch (rank r: seed + r) before the networks and
     # the data loaders are built; augmentation is then reproducible with in-process augmentation (nnUNet_n_proc_DA=0)
     seed: Optional[int]
+    # True: on the first step of every epoch, log the gradient norm of the seg loss and of each weighted
+    # distillation part w.r.t. the student and the distillation modules (one extra backward per part)
+    log_term_gradients: bool
     # teacher: None = nnUNet_results/<dataset>/<teacher_trainer>__<teacher_plans>__<configuration>/fold_<fold>
     teacher: Optional[str]
     teacher_trainer: str

@@ -256,3 +256,26 @@ def test_resenc_teacher_teaches_a_plain_student(tmp_path, monkeypatch):
     trainer.current_epoch, trainer.num_epochs = 5, 10
     out = trainer.train_step(tiny_batch())
     assert out["kd_sard_fg"] > 0 and torch.isfinite(torch.as_tensor(out["loss"]))
+
+
+def test_gradient_norms_of_each_part_are_logged(tiny, tmp_path, monkeypatch):
+    (tmp_path / "grad.json").write_text(json.dumps({"log_term_gradients": True, "reco_warmup": 0.0}))
+    monkeypatch.setenv("RECOKD_CONFIG", str(tmp_path / "grad.json"))
+    trainer = make_trainer(nnUNetTrainerReCoKD, *tiny)
+    trainer.initialize()
+    batch = tiny_batch()
+    params = list(trainer.network.parameters())
+    seg = trainer.loss(trainer.network(batch["data"]), batch["target"])
+    grads = torch.autograd.grad(seg, params, allow_unused=True)  # the lowest-resolution head has DS weight 0
+    expected_seg = torch.stack([g.norm() for g in grads if g is not None]).norm().item()
+    out = trainer.train_step(batch)  # first step of an epoch (set in __init__ and by on_train_epoch_start)
+    norms = trainer._part_gradient_norms
+    assert {"seg_student", "sard_fg_student", "sard_bg_student", "sard_att_student", "ca_student",
+            "sard_fg_distiller", "ca_distiller"} <= set(norms)
+    assert "seg_distiller" not in norms  # the seg loss never reaches the adapters
+    assert all(v > 0 for v in norms.values())
+    assert out["grad_norm_student"] > 0 and out["grad_norm_distiller"] > 0
+    assert norms["seg_student"] == pytest.approx(expected_seg, rel=1e-5)
+    trainer._first_step_of_epoch = False
+    before = trainer._part_gradient_norms
+    assert trainer.train_step(batch) and trainer._part_gradient_norms is before  # only on the first step

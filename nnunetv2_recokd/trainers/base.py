@@ -50,6 +50,7 @@ from nnunetv2_recokd.trainers.ddp import all_reduce_gradients
 from nnunetv2_recokd.trainers.progress import KD_PREFIX, SEG_KEY, DistillLocalLogger, ensure_key
 
 CHECKPOINT_KEY = "recokd"
+GRAD_PREFIX = "train_grad_"  # logger keys of the gradient norms (not drawn in progress.png)
 
 
 class nnUNetTrainerDistillBase(nnUNetTrainer):
@@ -86,6 +87,8 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         self._compile_note_logged = False
         self._leakage: Optional[dict] = None  # the teacher saw student validation cases (allow_leaky_teacher)
         self._checkpoint_teacher: Optional[str] = None  # --c: the teacher the checkpoint was trained with
+        self._first_step_of_epoch = True
+        self._part_gradient_norms: dict[str, float] = {}
 
     # ----------------------------------------------------------------------------------- construction
     @classmethod
@@ -239,6 +242,8 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
     # ---------------------------------------------------------------------------------------- training
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
+        self._first_step_of_epoch = True
+        self._part_gradient_norms: dict[str, float] = {}
         if self.distiller is not None:
             self.distiller.train()
 
@@ -266,6 +271,11 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
                                        progress)
             loss = seg + kd
         del student_features, teacher_features, teacher_out
+        if self.settings.log_term_gradients and self._first_step_of_epoch:
+            norms = self._term_gradient_norms(seg, terms, progress)
+            if norms:
+                self._part_gradient_norms = dict(zip(norms, torch.stack(list(norms.values())).cpu().tolist()))
+        self._first_step_of_epoch = False
 
         clip = self.settings.grad_clip
         distill_params = [p for p in self.distiller.parameters() if p.requires_grad]
@@ -278,18 +288,43 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
             loss.backward()
             if self.is_ddp:
                 all_reduce_gradients(distill_params)
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), clip)
-        if distill_params:
-            torch.nn.utils.clip_grad_norm_(distill_params, clip)
+        # the norms before clipping: a distillation gradient far above `clip` would shrink the seg gradient too
+        student_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), clip)
+        distill_norm = torch.nn.utils.clip_grad_norm_(distill_params, clip) if distill_params else seg.new_zeros(())
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             self.optimizer.step()
         # kd_total_weighted: what distillation added to the loss; one device-to-host copy for all values
-        values = {"loss": loss, "seg_loss": seg, **{f"kd_{k}": v for k, v in terms.items()}, "kd_total_weighted": kd}
-        host = torch.stack([v.detach().float() for v in values.values()]).cpu().numpy()
+        values = {"loss": loss, "seg_loss": seg, **{f"kd_{k}": v for k, v in terms.items()}, "kd_total_weighted": kd,
+                  "grad_norm_student": student_norm, "grad_norm_distiller": distill_norm}
+        host = torch.stack([torch.as_tensor(v).detach().float().reshape(()).to(seg.device)
+                            for v in values.values()]).cpu().numpy()
         return dict(zip(values, host))
+
+    def _term_gradient_norms(self, seg: torch.Tensor, terms: dict[str, torch.Tensor],
+                             progress: float) -> dict[str, torch.Tensor]:
+        """||d part / d student parameters|| of the seg loss and of each weighted distillation part (one extra
+        backward per part; log_term_gradients, first step of each epoch), and of each part w.r.t. the distiller."""
+        s = self.settings
+        mult = self.distiller.schedule(progress)
+        factors = {"logit": mult["logit"], "ca": mult["reco"] * s.ca_weight,
+                   **{f"sard_{k}": mult["reco"] * getattr(s, f"sard_{k}_weight") for k in ("fg", "bg", "att")},
+                   **{f"graph_{k}": mult["graph"] * getattr(s, f"graph_{k}_weight") for k in ("node", "edge", "gw")}}
+        parts = {"seg": seg, **{k: terms[k] * f for k, f in factors.items() if k in terms and f > 0}}
+        student = [p for p in self.network.parameters() if p.requires_grad]
+        distiller = [p for p in self.distiller.parameters() if p.requires_grad]
+        norms = {}
+        for name, part in parts.items():
+            if not part.requires_grad:
+                continue
+            grads = torch.autograd.grad(part, student + distiller, retain_graph=True, allow_unused=True)
+            for group, gs in (("student", grads[:len(student)]), ("distiller", grads[len(student):])):
+                present = [g.float().norm() for g in gs if g is not None]
+                if present:
+                    norms[f"{name}_{group}"] = torch.stack(present).norm()
+        return norms
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
         super().on_train_epoch_end(train_outputs)
@@ -306,6 +341,22 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         mult = self.distiller.schedule(self.current_epoch / max(1, self.num_epochs))
         self.print_to_log_file("train terms (raw): " + ", ".join(summary) + " | multipliers: " +
                                ", ".join(f"{k} {v:.3g}" for k, v in mult.items()))
+        clip = self.settings.grad_clip
+        gradients = {"norm_student": self._mean_over_ranks(outputs["grad_norm_student"]),
+                     "norm_distiller": self._mean_over_ranks(outputs["grad_norm_distiller"]),
+                     "clipped_fraction": self._mean_over_ranks(np.asarray(outputs["grad_norm_student"]) > clip)}
+        gradients.update({f"first_step_{k}": v for k, v in self._part_gradient_norms.items()})
+        self._part_gradient_norms = {}
+        for key, value in gradients.items():
+            ensure_key(self.logger.local_logger, GRAD_PREFIX + key, self.current_epoch)
+            self.logger.log(GRAD_PREFIX + key, value, self.current_epoch)
+        self.print_to_log_file(f"gradient norms before clipping at {clip:g} (mean over steps): student "
+                               f"{gradients['norm_student']:.4g} ({100 * gradients['clipped_fraction']:.0f}% of steps "
+                               f"clipped), distillation modules {gradients['norm_distiller']:.4g}")
+        parts = {k[len("first_step_"):]: v for k, v in gradients.items() if k.startswith("first_step_")}
+        if parts:
+            self.print_to_log_file("gradient norm of each weighted part, first step of the epoch: " +
+                                   ", ".join(f"{k} {v:.3g}" for k, v in parts.items()))
 
     def _mean_over_ranks(self, values) -> float:
         if self.is_ddp:
