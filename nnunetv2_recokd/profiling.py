@@ -2,46 +2,35 @@
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from typing import Sequence
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from nnunetv2_recokd.student import count_parameters  # noqa: F401  (re-exported: size and speed in one place)
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
 
 def conv_gflops(network: nn.Module, patch_size: Sequence[int], in_channels: int = 1) -> float:
-    """GFLOPs (2 x multiply-accumulates) of the convolutions for one forward of one patch.
+    """GFLOPs of one forward of one patch (batch 1, eval mode, no grad), as torch's FlopCounterMode counts them.
 
-    Convolutions dominate a U-Net's cost; norms and activations (a few FLOPs per voxel) are left out.
+    Counted: convolutions (transposed ones included), matrix multiplications and linear layers, each as
+    2 x multiply-accumulates; biases, norms, activations and interpolation (a few FLOPs per voxel) are not.
+    Convolutions dominate a U-Net's cost, hence the name. The network runs as configured (with deep
+    supervision on, its extra 1x1x1 heads are counted too); its train/eval mode is restored afterwards.
     """
-    total = 0
-
-    def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-            # each input voxel is spread over the kernel into out_channels
-            macs = inputs[0].numel() * module.out_channels * math.prod(module.kernel_size) // module.groups
-        else:
-            macs = output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
-        total += 2 * macs
-
-    handles = [m.register_forward_hook(hook) for m in network.modules() if isinstance(m, _CONVS)]
+    was_training = network.training
+    x = torch.zeros(1, in_channels, *patch_size, device=next(network.parameters()).device)
+    counter = FlopCounterMode(display=False)
     try:
-        was_training = network.training
         network.eval()
-        with torch.no_grad():
-            network(torch.zeros(1, in_channels, *patch_size, device=next(network.parameters()).device))
-        network.train(was_training)
+        with torch.no_grad(), counter:
+            network(x)
     finally:
-        for h in handles:
-            h.remove()
-    return total / 1e9
+        network.train(was_training)
+    return counter.get_total_flops() / 1e9
 
 
 def inference_latency_ms(network: nn.Module, patch_size: Sequence[int], in_channels: int = 1, runs: int = 5,
