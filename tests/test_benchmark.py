@@ -1,8 +1,13 @@
 """The step-cost benchmark runs end to end on a tiny U-Net and reports consistent numbers."""
 
+import builtins
+import json
 import os
+from pathlib import Path
 
-from nnunetv2_recokd import sandbox
+import pytest
+
+from nnunetv2_recokd import cli, sandbox
 from nnunetv2_recokd.cli import benchmark
 
 
@@ -47,3 +52,63 @@ def test_terms_only_skips_the_training_steps():
     assert result["reco_terms"]["ours_ms"] > 0 and result["graph_terms"]["ms"] > 0
     text = benchmark.to_markdown([result])
     assert "| ours |" in text and "ratio to floor" not in text
+
+
+HIPPOCAMPUS_PLANS = (Path(__file__).resolve().parents[2] / "shared" / "teachers" / "Dataset004_Hippocampus" /
+                     "nnUNetTrainer__nnUNetPlans__3d_fullres" / "plans.json")
+
+
+def test_default_setting_is_built_in_and_needs_no_file(tmp_path, monkeypatch):
+    # an installed user: no repository around the package, so no ../shared/teachers either
+    monkeypatch.chdir(tmp_path)
+    args = cli.build_parser().parse_args(["benchmark"])
+    assert args.setting == ["hippocampus"] and args.plans is None
+    with monkeypatch.context() as m:  # any file read while resolving the default setting fails the test
+        m.setattr(builtins, "open", lambda file, *a, **k: pytest.fail(f"opened {file}"))
+        m.setattr(Path, "read_text", lambda self, *a, **k: pytest.fail(f"read {self}"))
+        catalogue = benchmark.settings_catalogue(args.plans)
+        plans = {name: catalogue[name]() for name in args.setting}
+    cfg = plans["hippocampus"]["configurations"]["3d_fullres"]
+    assert cfg["patch_size"] == [40, 56, 40] and cfg["batch_size"] == 7
+    assert cfg["architecture"]["arch_kwargs"]["features_per_stage"] == [32, 64, 128, 256]
+
+
+@pytest.mark.skipif(not HIPPOCAMPUS_PLANS.is_file(), reason="the Hippocampus teacher's plans are not checked out")
+def test_hippocampus_setting_is_the_architecture_of_nnunets_hippocampus_plans():
+    real = json.loads(HIPPOCAMPUS_PLANS.read_text())["configurations"]["3d_fullres"]
+    ours = benchmark.settings_catalogue(None)["hippocampus"]()["configurations"]["3d_fullres"]
+    for key in ("patch_size", "batch_size", "architecture"):
+        assert ours[key] == real[key], key
+
+
+def test_setting_plans_without_plans_file_says_it_needs_one():
+    with pytest.raises(SystemExit, match="--setting plans needs --plans FILE"):
+        cli.main(["benchmark", "--setting", "plans"])
+
+
+def test_plans_file_problems_are_clear(tmp_path):
+    with pytest.raises(SystemExit, match="file not found"):
+        cli.main(["benchmark", "--setting", "plans", "--plans", str(tmp_path / "nope.json")])
+    (tmp_path / "p.json").write_text(json.dumps({"configurations": {"2d": {}}}))
+    with pytest.raises(SystemExit, match="3d_fullres"):
+        cli.main(["benchmark", "--setting", "plans", "--plans", str(tmp_path / "p.json")])
+    with pytest.raises(SystemExit, match="only read by --setting plans"):
+        cli.main(["benchmark", "--plans", str(tmp_path / "p.json")])
+
+
+def test_plans_setting_reads_the_given_file(tmp_path):
+    plans = sandbox.unet_plans((8, 16), (8, 8, 8), dataset_name="Dataset004_Hippocampus")
+    (tmp_path / "nnUNetPlans.json").write_text(json.dumps(plans))
+    read = benchmark.settings_catalogue(str(tmp_path / "nnUNetPlans.json"))["plans"]()
+    assert read["configurations"] == plans["configurations"] and read["dataset_name"] == sandbox.SANDBOX_DATASET
+
+
+def test_unknown_trainer_names_the_valid_ones():
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["benchmark", "--trainers", "nnUNetTrainerReCoKD", "nnUNetTrainerNope"])
+    message = str(raised.value)
+    assert "nnUNetTrainerNope" in message and "nnUNetTrainerReCoKD" in message and "nnUNetTrainerGraphKD" in message
+    assert "nnUNetTrainerReCoKD_noCA" in message and "nnUNetTrainerStudent" not in message
+    # a trainer that does no distillation has nothing to benchmark
+    with pytest.raises(SystemExit, match="unknown --trainers nnUNetTrainerStudent;"):
+        cli.main(["benchmark", "--trainers", "nnUNetTrainerStudent"])

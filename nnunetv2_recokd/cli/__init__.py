@@ -40,11 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("benchmark", help="time one training step of each trainer against the floor "
                                          "(student step + teacher forward); peak memory; inference latency")
-    p.add_argument("--setting", nargs="+", default=["plans"],
-                   help="unet6_128 (6 stages, patch 128^3, batch 2) and/or plans (a dataset's plans, see --plans)")
-    p.add_argument("--plans", help="nnUNetPlans.json whose 3d_fullres configuration to use for --setting plans "
-                                   "(default: the Hippocampus teacher's plans in ../shared/teachers)")
-    p.add_argument("--trainers", nargs="+", default=None, help="trainer names (default: all distillation methods)")
+    p.add_argument("--setting", nargs="+", default=["hippocampus"],
+                   help="built in: hippocampus (nnU-Net's 3d_fullres U-Net for Dataset004_Hippocampus: 4 stages, "
+                        "patch 40x56x40, batch 7; the default) and unet6_128 (6 stages, patch 128^3, batch 2); "
+                        "plans: a dataset's plans given with --plans")
+    p.add_argument("--plans", help="nnUNetPlans.json whose 3d_fullres configuration --setting plans uses "
+                                   "(required by it)")
+    p.add_argument("--trainers", nargs="+", default=None,
+                   help="distillation trainers to time (default: nnUNetTrainerLogitKD nnUNetTrainerReCoKD "
+                        "nnUNetTrainerReCoKDGraph nnUNetTrainerGraphKD)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3)

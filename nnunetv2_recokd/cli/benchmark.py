@@ -12,6 +12,9 @@ memory above the features (CUDA). No data loading or augmentation is timed:
 batches are synthetic tensors of nnU-Net's shapes, the teacher has random weights (cost does not
 depend on the weights). Networks run eagerly (nnUNet_compile=f) for every trainer so that the ratio
 compares like with like.
+
+Settings: `hippocampus` (default) and `unet6_128` are built in and need no file; `plans` takes the 3d_fullres
+configuration of a dataset's nnUNetPlans.json given with --plans.
 """
 
 from __future__ import annotations
@@ -31,25 +34,62 @@ import torch
 
 from nnunetv2_recokd import sandbox
 
-SHIPPED_TEACHER_PLANS = (Path(__file__).resolve().parents[2] / ".." / "shared" / "teachers" /
-                         "Dataset004_Hippocampus" / "nnUNetTrainer__nnUNetPlans__3d_fullres" / "plans.json")
 DEFAULT_TRAINERS = ("nnUNetTrainerLogitKD", "nnUNetTrainerReCoKD", "nnUNetTrainerReCoKDGraph", "nnUNetTrainerGraphKD")
+DEFAULT_SETTINGS = ("hippocampus",)
+
+
+def distillation_trainers() -> list[str]:
+    """The public trainers that distil (the plain student and teacher trainers have nothing to benchmark)."""
+    from nnunetv2_recokd.trainers import PUBLIC_TRAINERS
+
+    return [name for name in PUBLIC_TRAINERS
+            if not name.startswith("nnUNetTrainerStudent") and name != "nnUNetTrainerTeacher"]
+
+
+def check_trainers(trainers: Sequence[str]) -> None:
+    """SystemExit naming the valid trainers when any name is not a distillation trainer."""
+    valid = distillation_trainers()
+    unknown = [name for name in trainers if name not in valid]
+    if unknown:
+        raise SystemExit(f"unknown --trainers {', '.join(unknown)}; valid (the distillation trainers): "
+                         f"{', '.join(valid)}")
 
 
 def settings_catalogue(plans_file: Optional[str]) -> dict[str, Callable[[], dict]]:
+    """Setting name -> plans builder. Only `plans` reads a file (plans_file); the others are built in."""
+    def hippocampus() -> dict:
+        # the architecture of nnU-Net 2.8's 3d_fullres plans for Dataset004_Hippocampus (Medical Segmentation
+        # Decathlon Task04; numbers copied from its nnUNetPlans.json): PlainConvUNet, features 32-64-128-256,
+        # strides 1-2-2-2, kernels 3^3, 2 convs per stage, patch 40 x 56 x 40, batch 7
+        return sandbox.unet_plans((32, 64, 128, 256), (40, 56, 40), batch_size=7)
+
     def unet6() -> dict:
         return sandbox.unet_plans((32, 64, 128, 256, 320, 320), (128, 128, 128), batch_size=2)
 
     def from_plans() -> dict:
-        path = Path(plans_file) if plans_file else SHIPPED_TEACHER_PLANS
-        if not path.is_file():
-            raise SystemExit(f"plans file {path} not found; pass --plans <nnUNetPlans.json of your dataset>")
-        plans = json.loads(path.read_text())
-        plans["configurations"] = {"3d_fullres": plans["configurations"]["3d_fullres"]}
-        plans["dataset_name"] = sandbox.SANDBOX_DATASET  # the sandbox's folder tree
-        return plans
+        return read_plans(plans_file)
 
-    return {"unet6_128": unet6, "plans": from_plans}
+    return {"hippocampus": hippocampus, "unet6_128": unet6, "plans": from_plans}
+
+
+def read_plans(plans_file: Optional[str]) -> dict:
+    """A dataset's nnUNetPlans.json reduced to its 3d_fullres configuration, in the sandbox's folder tree."""
+    if not plans_file:
+        raise SystemExit("--setting plans needs --plans FILE: the nnUNetPlans.json of your dataset (in "
+                         "$nnUNet_preprocessed/<Dataset>/ or a model folder); built-in settings: hippocampus, "
+                         "unet6_128")
+    path = Path(plans_file)
+    if not path.is_file():
+        raise SystemExit(f"--plans {path}: file not found")
+    try:
+        plans = json.loads(path.read_text())
+        config = plans["configurations"]["3d_fullres"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--plans {path}: not nnU-Net plans with a 3d_fullres configuration "
+                         f"({type(e).__name__}: {e})") from e
+    plans["configurations"] = {"3d_fullres": config}
+    plans["dataset_name"] = sandbox.SANDBOX_DATASET  # the sandbox's folder tree
+    return plans
 
 
 def _sync(device: torch.device) -> None:
@@ -86,6 +126,7 @@ def run_setting(name: str, plans: dict, trainers: Sequence[str], device: torch.d
     """Training steps against the floor, latency and the distillation terms alone (terms_only: the terms only)."""
     import nnunetv2_recokd.trainers as public
 
+    check_trainers(trainers)
     dataset = sandbox.dataset_json()
     cfg = plans["configurations"]["3d_fullres"]
     patch, batch_size = cfg["patch_size"], cfg["batch_size"]
@@ -357,6 +398,7 @@ def to_markdown(results: list[dict]) -> str:
 
 def main(settings: Sequence[str], trainers: Sequence[str], device: str, steps: int, warmup: int,
          plans_file: Optional[str], json_out: Optional[str], md_out: Optional[str], terms_only: bool = False) -> int:
+    """Run the benchmark; every argument problem is a SystemExit before anything is timed."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but CUDA is not available")
@@ -364,10 +406,14 @@ def main(settings: Sequence[str], trainers: Sequence[str], device: str, steps: i
     unknown = [s for s in settings if s not in catalogue]
     if unknown:
         raise SystemExit(f"unknown setting(s) {unknown}; valid: {', '.join(catalogue)}")
+    if plans_file and "plans" not in settings:
+        raise SystemExit("--plans is only read by --setting plans; add `--setting plans`")
+    check_trainers(trainers)
+    built = {name: catalogue[name]() for name in settings}  # a bad --plans stops here, before any timing
     results = []
     for name in settings:
         print(f"[benchmark] {name} on {dev} ...", flush=True)
-        results.append(run_setting(name, catalogue[name](), trainers, dev, steps, warmup, terms_only))
+        results.append(run_setting(name, built[name], trainers, dev, steps, warmup, terms_only))
     text = to_markdown(results)
     print(text)
     if json_out:
