@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 SHIM_NAME = "nnunetv2_recokd_trainers.py"
+_MAX_ERROR_LINES = 12  # of a teacher error the doctor prints
 SHIM_MARKER = "# written by `nnunetv2_recokd install`; remove with `nnunetv2_recokd install --uninstall`\n"
 
 
@@ -72,9 +73,16 @@ def _trainer_status(name: str) -> str:
 
     try:
         cls = recursive_find_trainer_class_by_name(name)
-    except BaseException as e:  # nnU-Net's lookup imports every trainer module; anything can surface here
-        return f"NOT discoverable ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+    except Exception as e:  # nnU-Net's lookup imports every trainer module; any error of theirs can surface here
+        return f"NOT discoverable ({type(e).__name__}: {_first_line(e)})"
+    except SystemExit as e:  # nnU-Net's own lookup never exits, but a trainer module it imports may call sys.exit
+        return f"NOT discoverable (a module imported by nnU-Net's lookup called sys.exit({e.code!r}))"
     return f"ok ({cls.__module__})"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).splitlines()
+    return lines[0][:160] if lines else ""
 
 
 def doctor(dataset: Optional[str], configuration: str, fold: str, trainer: str, plans: str) -> int:
@@ -102,11 +110,16 @@ def doctor(dataset: Optional[str], configuration: str, fold: str, trainer: str, 
 
 
 def _doctor_teacher(dataset: str, configuration: str, fold: str, trainer: str, plans: str) -> bool:
-    from batchgenerators.utilities.file_and_folder_operations import load_json
+    """Find the teacher, build it from its own plans, load its weights strictly and check it against the
+    student's preprocessed plans; print what is wrong, never a traceback for a user's mistake. True when
+    nothing is wrong (a teacher that loads but has no preprocessed student data to be compared with counts as
+    fine: nnUNetv2_plan_and_preprocess has not run yet)."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
+    import torch
+
     from nnunetv2_recokd.config import SettingsError, resolve_settings
-    from nnunetv2_recokd.teacher import TeacherError, check_compatible, read_checkpoint, resolve_teacher
+    from nnunetv2_recokd.teacher import TeacherError, load_teacher, resolve_teacher
 
     try:
         dataset_name = maybe_convert_to_dataset_name(dataset)
@@ -118,26 +131,64 @@ def _doctor_teacher(dataset: str, configuration: str, fold: str, trainer: str, p
     except SettingsError as e:
         print(f"settings of {trainer}: {e}")
         return False
+    if fold != "all" and not fold.isdigit():
+        print(f"fold {fold!r}: must be a number or 'all'")
+        return False
     fold_value = fold if fold == "all" else int(fold)
     print(f"teacher for {dataset_name} {configuration} fold {fold} ({trainer}):")
+
+    preprocessed = os.environ.get("nnUNet_preprocessed")
+    student_plans_file = Path(preprocessed or "") / dataset_name / f"{plans}.json"
+    student = None
+    if preprocessed and student_plans_file.is_file():
+        student = _plans_and_dataset(student_plans_file, configuration, "the student's")
+        if student is None:
+            return False
     try:
         location = resolve_teacher(settings.teacher, dataset_name, configuration, fold_value,
                                    settings.teacher_trainer, settings.teacher_plans or plans,
                                    settings.teacher_checkpoint)
         print(f"  checkpoint {location.checkpoint} (from {location.source})")
-        checkpoint = read_checkpoint(location.checkpoint)
-        preprocessed = os.environ.get("nnUNet_preprocessed")
-        student_plans = Path(preprocessed or "") / dataset_name / f"{plans}.json"
-        if preprocessed and student_plans.is_file():
-            cfg = (checkpoint.get("init_args") or {}).get("configuration", configuration)
-            check_compatible(load_json(str(location.model_folder / "plans.json")),
-                             load_json(str(location.model_folder / "dataset.json")), cfg,
-                             load_json(str(student_plans)),
-                             load_json(str(student_plans.parent / "dataset.json")), configuration)
-            print(f"  matches the student's data ({student_plans})")
+        if student is None:
+            # no student data to compare with: still build the teacher and load its weights strictly, checked
+            # against its own plans (which match themselves)
+            student_like = _plans_and_dataset(location.model_folder / "plans.json", configuration, "the teacher's")
+            if student_like is None:
+                return False
+            teacher = load_teacher(location, *student_like, configuration, torch.device("cpu"))
         else:
-            print(f"  (no preprocessed plans at {student_plans}: compatibility not checked)")
+            teacher = load_teacher(location, *student, configuration, torch.device("cpu"))
     except TeacherError as e:
-        print("  " + str(e).replace("\n", "\n  "))
+        lines = str(e).splitlines()
+        if len(lines) > _MAX_ERROR_LINES:  # torch lists every mismatched tensor of a checkpoint that does not fit
+            lines = lines[:_MAX_ERROR_LINES] + [f"... ({len(lines) - _MAX_ERROR_LINES} more lines)"]
+        print("  " + "\n  ".join(lines))
         return False
+    print(f"  {teacher.describe()}")
+    for note in teacher.notes:
+        print(f"  note: {note}")
+    if student is None:
+        print(f"  (no preprocessed plans at {student_plans_file}: the teacher loads, but whether it fits the "
+              f"student's data is not checked; run nnUNetv2_plan_and_preprocess first)")
+    else:
+        print(f"  matches the student's data ({student_plans_file})")
     return True
+
+
+def _plans_and_dataset(plans_file: Path, configuration: str, whose: str) -> Optional[tuple[dict, dict]]:
+    """(plans, dataset.json next to them) when both read and the plans have `configuration`; else print one
+    line saying why and return None."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    try:
+        plans, dataset = load_json(str(plans_file)), load_json(str(plans_file.parent / "dataset.json"))
+    except (OSError, ValueError) as e:
+        print(f"  {whose} plans {plans_file} or the dataset.json next to them unreadable ({type(e).__name__}: "
+              f"{_first_line(e)})")
+        return None
+    available = list(plans.get("configurations", {}))
+    if configuration not in available:
+        print(f"  configuration {configuration!r} is not in {whose} plans {plans_file} "
+              f"(available: {', '.join(available)})")
+        return None
+    return plans, dataset
