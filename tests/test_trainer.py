@@ -177,6 +177,15 @@ def test_seed_makes_student_and_distillation_modules_reproducible(tiny, tmp_path
 
     first, again, other = initial_state(7), initial_state(7), initial_state(8)
     assert not _changed(first, again)
+    # paired with the control: the same seed gives the control's initial student and the same global RNG after
+    # initialize (the data stream), whatever the distiller draws
+    control = make_trainer(nnUNetTrainerStudent, *tiny)
+    control.initialize()
+    after_control = torch.rand(3)
+    distilled = make_trainer(nnUNetTrainerReCoKD, *tiny)
+    distilled.initialize()
+    assert torch.equal(torch.rand(3), after_control)
+    assert not _changed(_snapshot(control.network), distilled.network)
     # convs, adapters, linears (the context blocks' zero-initialised last layers excepted)
     random_init = {k for k, v in first.items() if k.endswith("weight") and v.ndim > 1 and v.any()}
     assert random_init and _changed(first, other) >= random_init

@@ -50,6 +50,7 @@ from nnunetv2_recokd.trainers.ddp import all_reduce_gradients
 from nnunetv2_recokd.trainers.progress import KD_PREFIX, SEG_KEY, DistillLocalLogger, ensure_key
 
 CHECKPOINT_KEY = "recokd"
+DISTILLER_SEED_OFFSET = 7919  # the distiller's own seed is the run's seed plus this
 GRAD_PREFIX = "train_grad_"  # logger keys of the gradient norms (not drawn in progress.png)
 
 
@@ -116,9 +117,16 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         if self.distill and self._validation_only:
             self.print_to_log_file("validation only: the teacher and the distillation modules are not loaded")
         elif self.distill:
-            self._load_teacher()  # every check runs before nnU-Net builds anything
-            self._check_teacher_split()
-            self.distiller = self._build_distiller().to(self.device)
+            # teacher (built with random weights before its checkpoint is loaded) and distiller draw from a forked
+            # RNG, so the student's initial weights and the data stream (nnU-Net draws both from the global RNGs
+            # afterwards) are those of the control trainer with the same seed: a seeded distilled student differs
+            # from its control by the distillation alone
+            with torch.random.fork_rng(devices=[]):
+                if self.settings.seed is not None:
+                    torch.manual_seed(self.settings.seed + DISTILLER_SEED_OFFSET)
+                self._load_teacher()  # every check runs before nnU-Net builds anything
+                self._check_teacher_split()
+                self.distiller = self._build_distiller().to(self.device)
             if self.is_ddp:  # DDP broadcasts only the student it wraps: the distiller must start identical too
                 for tensor in self.distiller.state_dict().values():
                     dist.broadcast(tensor, src=0)
