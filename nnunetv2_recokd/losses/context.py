@@ -86,11 +86,10 @@ class ContextAlignmentLoss(nn.Module):
 
     ``L_CA = MSE(F_s + g_s(ctx_s(F_s)), F_t + g_t(ctx_t(F_t)))``, the mean over all ``B * C * V`` elements,
     with one trainable ``GlobalContextBlock`` per branch (the teacher backbone is frozen elsewhere, its block
-    is not). The broadcast sums are never built: with ``d = F_s - F_t`` and ``delta = a_s - a_t`` ``(B, C)``::
-
-        L_CA = [sum d^2 + 2 sum_{b,c} delta_{bc} sum_v d_{bcv} + V sum delta^2] / (B * C * V)
-
-    Cost is O(voxels) in time and one ``(B, C, V)`` temporary. Computed in float32 with autocast off.
+    is not). With ``d = F_s - F_t`` and ``delta = a_s - a_t`` ``(B, C)``, ``L_CA = mean (d + delta)^2``, the
+    sum formed element by element (an expansion into sums of d and delta would cancel where delta offsets
+    the mean difference). The direct transcription of the formula, the reference for ``ReCoStageLoss``;
+    O(voxels) time, two ``(B, C, V)`` temporaries, float32 with autocast off.
 
     Args:
         channels: channel count ``C`` of the (adapted) student and teacher features (>= 1).
@@ -132,11 +131,6 @@ class ContextAlignmentLoss(nn.Module):
             shift_t = self.teacher_block.transform(self.teacher_block.context(feat_t))
             delta = at_least_float32(shift_s - shift_t)  # (B, C)
 
-            diff = (feat_s - feat_t).flatten(2)  # (B, C, V)
-            batch, channels, voxels = diff.shape
-            flat = diff.reshape(-1)
-            sum_sq = torch.dot(flat, flat)
-            cross = torch.dot(delta.reshape(-1), diff.sum(dim=2).reshape(-1))
-            loss = (sum_sq + 2.0 * cross + voxels * delta.square().sum()) / (batch * channels * voxels)
-            # The expansion equals a sum of squares; clamp float cancellation just below zero.
-            return loss.clamp_min(0.0)
+            # d + delta formed element by element: exact where delta offsets the mean difference
+            residual = (feat_s - feat_t).flatten(2) + delta.unsqueeze(2)  # (B, C, V)
+            return residual.square().mean()

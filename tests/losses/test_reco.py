@@ -149,18 +149,62 @@ def test_autograd_functions_pass_gradcheck():
     w = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
     voxel_weights = torch.rand(2, 2, 9, generator=g, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda *a: _StageReductions.apply(*a, t, voxel_weights, 5, True), (s, w, b))
+    shift = torch.randn(2, 4, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def reductions(s, w, b, shift):
+        return _StageReductions.apply(s, w, b, t, voxel_weights, shift, 5, True)
+
+    assert torch.autograd.gradcheck(reductions, (s, w, b, shift))
     for used in range(4):  # outputs left unused reach backward as None: each remaining part alone is right too
-        assert torch.autograd.gradcheck(lambda *a: _StageReductions.apply(*a, t, voxel_weights, 5, True)[used],
-                                        (s, w, b))
+        assert torch.autograd.gradcheck(lambda *a: reductions(*a)[used], (s, w, b, shift))
+    assert torch.autograd.gradcheck(lambda *a: _StageReductions.apply(*a, t, voxel_weights, None, 5, True)[0],
+                                    (s, w, b))  # no MS-CA: no shift
 
 
 def test_stage_reductions_by_hand():
     # W = [[1], [-2]], b = [0, 1], s = [1, 3]  ->  A = [[1, 3], [-1, -5]], |A| = [[1, 3], [1, 5]]
-    # t = [[0, 1], [1, -5]]  ->  d = A - t = [[1, 2], [-2, 0]];  voxel weights [1, 0.5]
-    squares, sum_d, abs_channels, abs_voxels = _StageReductions.apply(
+    # t = [[0, 1], [1, -5]]  ->  d = A - t = [[1, 2], [-2, 0]];  voxel weights [1, 0.5]; shift [-1, 2]
+    # -> d + shift = [[0, 1], [0, 2]]
+    squares, shifted, abs_channels, abs_voxels = _StageReductions.apply(
         torch.tensor([[[1.0, 3.0]]]), torch.tensor([[1.0], [-2.0]]), torch.tensor([0.0, 1.0]),
-        torch.tensor([[[0.0, 1.0], [1.0, -5.0]]]), torch.tensor([[[1.0, 0.5]]]), 1, True)
+        torch.tensor([[[0.0, 1.0], [1.0, -5.0]]]), torch.tensor([[[1.0, 0.5]]]), torch.tensor([[-1.0, 2.0]]), 1, True)
     assert squares.tolist() == [[[1 + 0.5 * 4, 4 + 0.0]]]
-    assert sum_d.tolist() == [[3.0, -2.0]]
+    assert shifted.tolist() == [[0.0 + 1.0, 0.0 + 4.0]]
     assert abs_channels.tolist() == [[1.0, 4.0]] and abs_voxels.tolist() == [[2.0, 3.0]]
+
+
+def _offset_regime(dtype):
+    """MS-CA where the context shift offsets the mean difference: teacher = adapted student - 10 + noise of sd 1e-3,
+    teacher block's last bias = +10 (exact loss ~1e-6); features in `dtype`, the stage in float64 for reference."""
+    stage = _stage(4, 6, sard=False, ca=True, seed=3)
+    g = torch.Generator().manual_seed(5)
+    student = torch.randn(2, 4, 6, 7, 5, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        for block in (stage.context.student_block, stage.context.teacher_block):
+            block.transform_layers[-1].weight.zero_()
+            block.transform_layers[-1].bias.zero_()
+        stage.context.teacher_block.transform_layers[-1].weight.normal_(0, 1e-4, generator=g)
+        stage.context.teacher_block.transform_layers[-1].bias.fill_(10.0)
+        teacher = stage.double().adapter(student) - 10.0 + 1e-3 * torch.randn(student.shape[0], 6, *student.shape[2:],
+                                                                               generator=g, dtype=torch.float64)
+    return stage.to(dtype), student.to(dtype), teacher.to(dtype)
+
+
+def _value_and_teacher_block_grad(stage, student, teacher, direct: bool):
+    stage.zero_grad()
+    value = (stage.reference if direct else stage)(student, teacher)["ca"]
+    value.backward()
+    grads = [p.grad.clone() for p in stage.context.teacher_block.parameters() if p.grad is not None]
+    return value.item(), torch.cat([x.reshape(-1) for x in grads]).double(), stage.adapter.weight.grad.double()
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_context_alignment_is_exact_where_the_shift_offsets_the_difference(direct):
+    """Float32 against float64 at offset 10, residual sd 1e-3. Before: the expanded sums reported 1.5e-5 with the
+    teacher block's gradient 9 % off (chunked) and 0 with a zero gradient (direct, clamped)."""
+    exact, exact_grad, exact_adapter = _value_and_teacher_block_grad(*_offset_regime(torch.float64), direct)
+    value, grad, adapter = _value_and_teacher_block_grad(*_offset_regime(torch.float32), direct)
+    assert 5e-7 < exact < 2e-6  # ~ (1e-3)^2
+    assert value == pytest.approx(exact, rel=1e-2)
+    assert torch.linalg.vector_norm(grad - exact_grad) <= 1e-2 * torch.linalg.vector_norm(exact_grad)
+    assert torch.linalg.vector_norm(adapter - exact_adapter) <= 1e-2 * torch.linalg.vector_norm(exact_adapter)
