@@ -5,7 +5,7 @@ It is an nn.Module held by the trainer beside (not inside) the student network: 
 student's optimizer, saved in the checkpoint under its own key, and never part of the network that
 nnUNetv2_predict rebuilds. Data flows one way: trainer -> distiller -> losses.
 
-Total objective (see ../shared/reference/METHOD.md):
+Total objective (see docs/METHODS.md):
     L = L_seg + lambda_reco(e) * sum_k w_k (SARD_k + ca_weight * CA_k)
               + lambda_graph(e) * sum_s RGD_s + logit_weight * sum_k ds_k L_logit,k
 """
@@ -121,17 +121,6 @@ class Distiller(nn.Module):
         self.graph = nn.ModuleDict({
             name: region_graph_loss(settings, student_channels[name], teacher_channels[name])
             for name in self.graph_stages})
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Also reads checkpoints written before the stage modules (keys adapters.<stage>.*, context.<stage>.*)."""
-        renamed = {}
-        for key, value in state_dict.items():
-            family, _, rest = key.partition(".")
-            stage, _, leaf = rest.partition(".")
-            if family in ("adapters", "context") and stage in self.reco:
-                key = f"reco.{stage}.{'adapter' if family == 'adapters' else 'context'}.{leaf}"
-            renamed[key] = value
-        return super().load_state_dict(renamed, strict=strict, assign=assign)
 
     @property
     def hooked_stages(self) -> list[str]:

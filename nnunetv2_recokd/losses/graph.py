@@ -60,19 +60,8 @@ def _label_components(lesion_map: np.ndarray) -> np.ndarray:
     Components of different labels never merge. Returns int32 component ids (0 = none).
     """
     connectivity = 26 if lesion_map.ndim == 3 else 8
-    try:
-        import cc3d
-    except ImportError:  # scipy fallback: one labelling per class instead of one multi-label pass
-        from scipy import ndimage
+    import cc3d  # connected-components-3d: one multi-label pass
 
-        out = np.zeros(lesion_map.shape, dtype=np.int32)
-        structure = np.ones((3,) * lesion_map.ndim, dtype=bool)
-        offset = 0
-        for value in np.unique(lesion_map[lesion_map != 0]):
-            comp, n = ndimage.label(lesion_map == value, structure=structure)
-            out[comp > 0] = comp[comp > 0] + offset
-            offset += n
-        return out
     return cc3d.connected_components(lesion_map, connectivity=connectivity).astype(np.int32, copy=False)
 
 
@@ -120,7 +109,7 @@ def extract_regions(
     data-dependent. Only when lesion
     classes are configured AND present in the batch, the lesion voxels (a label map with every
     non-lesion voxel zeroed, uint8 when the labels fit) are copied to the host once per batch for
-    connected components (cc3d, scipy fallback) and the component ids are copied back once.
+    connected components (cc3d) and the component ids are copied back once.
 
     Args:
         target: label map (B, 1, *spatial) at one stage's resolution, any dtype (rounded to long).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 import ot
@@ -152,17 +151,6 @@ def test_extract_regions_empty_sample_and_validation():
         extract_regions(target, lesion_labels=[2], ignore_label=2)
     with pytest.raises(ValueError):
         extract_regions(target, min_component_voxels=0)
-
-
-def test_scipy_fallback_matches_cc3d(monkeypatch):
-    rng = np.random.default_rng(3)
-    target = torch.from_numpy(rng.integers(0, 4, size=(2, 1, 7, 6, 5)))
-    expected = extract_regions(target, lesion_labels=[1, 3], background_node=True)
-    monkeypatch.setitem(sys.modules, "cc3d", None)  # makes `import cc3d` raise ImportError
-    fallback = extract_regions(target, lesion_labels=[1, 3], background_node=True)
-    assert [r.shape[0] for r in fallback] == [r.shape[0] for r in expected]
-    assert all(torch.equal(a, b) for a, b in zip(fallback, expected))
-    assert expected[0].shape[0] > 4  # random labels give several components per lesion class
 
 
 # ----------------------------------------------------------------------------- Gromov-Wasserstein
