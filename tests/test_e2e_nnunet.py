@@ -1,7 +1,9 @@
 """One real round trip through nnU-Net's own commands, as a user runs them, on a synthetic dataset.
 
-plan_and_preprocess -> short teacher training -> LogitKD student (killed, then resumed with --c)
--> plain student control -> --val -> nnUNetv2_predict with no teacher present -> nnUNetv2_evaluate_folder.
+plan_and_preprocess -> short teacher training -> ReCo-KD + region-graph student (every distillation module:
+adapters, context blocks, graph projectors; terms active from the first step), killed with SIGKILL and resumed
+with --c (restored state checked bit for bit against the checkpoint through nnU-Net's own resume code) ->
+plain student control -> --val -> nnUNetv2_predict with no teacher present -> nnUNetv2_evaluate_folder.
 Takes a few minutes on 2 CPU cores.
 """
 
@@ -12,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -51,9 +54,11 @@ def workspace(tmp_path_factory):
     _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", "nnUNetTrainerTeacher", "-device", "cpu"],
          {**env, "RECOKD_CONFIG": str(root / "teacher.json")}, root / "teacher.log")
     # the students find their teacher at nnU-Net's conventional location, named by teacher_trainer
+    # no warm-up: the distillation terms act from the first step (a warm-up over 4 epochs would keep them ~0)
     (root / "student.json").write_text(json.dumps({"num_epochs": 4, "num_iterations_per_epoch": 10,
                                                    "num_val_iterations_per_epoch": 1, "save_every": 1, "seed": 0,
-                                                   "teacher_trainer": "nnUNetTrainerTeacher"}))
+                                                   "teacher_trainer": "nnUNetTrainerTeacher", "reco_warmup": 0.0,
+                                                   "graph_warmup": 0.0, "log_term_gradients": True}))
     env["RECOKD_CONFIG"] = str(root / "student.json")
     return root, env
 
@@ -62,11 +67,13 @@ def _results(root: Path, trainer: str) -> Path:
     return root / "res" / DATASET / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
 
 
-def test_logit_kd_kill_resume_predict_evaluate(workspace):
+TRAINER = "nnUNetTrainerReCoKDGraph"
+
+
+def test_distillation_kill_resume_predict_evaluate(workspace):
     root, env = workspace
-    train = [nnunet_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", "nnUNetTrainerLogitKD",
-             "-device", "cpu"]
-    out = _results(root, "nnUNetTrainerLogitKD")
+    train = [nnunet_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu"]
+    out = _results(root, TRAINER)
     latest = out / "checkpoint_latest.pth"
 
     # 1. start, wait for the first periodic checkpoint, kill -9 mid-training
@@ -78,39 +85,55 @@ def test_logit_kd_kill_resume_predict_evaluate(workspace):
         assert latest.exists(), (root / "kd_killed.log").read_text()[-3000:]
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    killed_at = torch.load(latest, weights_only=False)["current_epoch"]
+    saved = root / "killed_checkpoint.pth"
+    shutil.copy(latest, saved)
+    killed = torch.load(saved, weights_only=False)
+    killed_at = killed["current_epoch"]
     assert 1 <= killed_at < 4
     assert not (out / "checkpoint_final.pth").exists()
+    modules = {k.split(".")[0] for k in killed["recokd"]["distiller"]}
+    assert modules == {"reco", "graph"}, modules
 
-    # 2. --c restores network, optimizer AND distillation state, then finishes the 4 epochs
+    # 2. nnU-Net's own --c path restores the distiller, both optimizer groups and the grad scaler bit for bit
+    check = subprocess.run([sys.executable, str(Path(__file__).parent / "resume_check.py"), str(DATASET_ID),
+                            "3d_fullres", "0", TRAINER, str(saved)], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert check.returncode == 0 and f"RESUMED-BITWISE {killed_at}" in check.stdout, check.stdout + check.stderr
+
+    # 3. nnUNetv2_train --c continues from the saved epoch and finishes the 4 epochs
     text = _run(["nnUNetv2_train", *train[1:], "--c"], env, root / "kd_resumed.log")
     assert f"Restored checkpoint at epoch {killed_at} with distillation modules" in text
     assert "Loaded teacher" in text and TEACHER_FOLDER in text
     final = torch.load(out / "checkpoint_final.pth", weights_only=False)
-    assert final["current_epoch"] == 4 and final["trainer_name"] == "nnUNetTrainerLogitKD"
-    assert final["recokd"]["distiller"] is not None
+    assert final["current_epoch"] == 4 and final["trainer_name"] == TRAINER
     logged = final["logging"]
-    assert len(logged["train_kd_logit"]) == 4 and len(logged["train_seg_loss"]) == 4
-    assert all(np.isfinite(logged["train_kd_logit"]))
+    for key in ("train_losses", "train_kd_total_weighted", "train_kd_sard_fg", "epoch_start_timestamps"):
+        assert len(logged[key]) == 4, key
+        assert logged[key][:killed_at] == killed["logging"][key][:killed_at], key  # continued, not restarted
+    # the terms were active from the first epoch: distillation really added to the loss
+    assert all(v > 0 for v in logged["train_kd_total_weighted"]), logged["train_kd_total_weighted"]
+    for key in ("train_kd_sard_fg", "train_kd_ca", "train_kd_graph_node", "train_grad_norm_distiller",
+                "train_grad_first_step_sard_fg_student"):
+        assert all(np.isfinite(logged[key])) and max(logged[key]) > 0, (key, logged[key])
     assert (out / "progress.png").stat().st_size > 10_000
 
-    # 3. the student has ~1/16 of the teacher's parameters; the checkpoint holds the student only
+    # 4. the student has ~1/16 of the teacher's parameters; the checkpoint holds the student only
     teacher_ckpt = root / "res" / DATASET / TEACHER_FOLDER / "fold_0" / "checkpoint_final.pth"
     ratio = count_checkpoint_parameters(teacher_ckpt) / count_checkpoint_parameters(out / "checkpoint_final.pth")
     assert 12 < ratio < 20, ratio
     plans = json.loads((out.parent / "plans.json").read_text())
     assert plans["configurations"]["3d_fullres"]["recokd_student"]["width"] == 0.25
 
-    # 4. --val reruns nnU-Net's validation from the final checkpoint
+    # 5. --val reruns nnU-Net's validation from the final checkpoint
     _run(["nnUNetv2_train", *train[1:], "--val"], env, root / "kd_val.log")
     assert (out / "validation" / "summary.json").exists()
 
-    # 5. stock nnUNetv2_predict and nnUNetv2_evaluate_folder, with the teacher gone
+    # 6. stock nnUNetv2_predict and nnUNetv2_evaluate_folder, with the teacher gone
     shutil.move(str(root / "res" / DATASET / TEACHER_FOLDER), str(root / "teacher_moved_away"))
     try:
         pred = root / "pred_kd"
         _run(["nnUNetv2_predict", "-i", str(root / "raw" / DATASET / "imagesTs"), "-o", str(pred), "-d",
-              str(DATASET_ID), "-c", "3d_fullres", "-tr", "nnUNetTrainerLogitKD", "-f", "0", "-device", "cpu",
+              str(DATASET_ID), "-c", "3d_fullres", "-tr", TRAINER, "-f", "0", "-device", "cpu",
               "--disable_tta", "-npp", "1", "-nps", "1"], env, root / "predict.log")
     finally:
         shutil.move(str(root / "teacher_moved_away"), str(root / "res" / DATASET / TEACHER_FOLDER))

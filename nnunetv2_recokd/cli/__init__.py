@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=20, help="iterations per epoch")
     p.add_argument("--num-train", type=int, default=10, help="synthetic training cases")
     p.add_argument("--num-test", type=int, default=4, help="synthetic held-out cases")
+    p.add_argument("--seed", type=int, default=0, help="seed of the teacher and of the first student seed")
+    p.add_argument("--seeds", type=int, default=1, help="train the students with this many seeds (seed, seed+1, "
+                                                        "...): the table gives mean and spread per class")
+    p.add_argument("--warmup", type=float, help="warm-up fraction of the distillation terms (default: the "
+                                                 "trainers' own, ReCo-KD's 0.6; 0 = active from the first step)")
+    p.add_argument("--results", help="results folder to train into (default: OUT/nnunet/results; never your "
+                                     "nnUNet_results unless you name it here)")
 
     p = sub.add_parser("benchmark", help="time one training step of each trainer against the floor "
                                          "(student step + teacher forward); peak memory; inference latency")
@@ -89,7 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from nnunetv2_recokd.cli import demo
 
         return demo.main(args.out, args.device, args.dataset, args.teacher_epochs, args.student_epochs,
-                         args.iterations, args.num_train, args.num_test)
+                         args.iterations, args.num_train, args.num_test, args.seed, args.seeds, args.results,
+                         args.warmup)
     if args.command == "benchmark":
         from nnunetv2_recokd.cli import benchmark
 

@@ -2,11 +2,13 @@
 
 1. a synthetic dataset (organ with small lesions; or --dataset ID, an existing nnU-Net dataset)
 2. nnUNetv2_plan_and_preprocess
-3. nnUNetv2_train: teacher (full width), the plain student control, the ReCo-KD student (short schedules)
+3. nnUNetv2_train: the teacher (full width), then per seed the plain student control and the ReCo-KD student
+   (short schedules, seeded: the same command gives the same table), into a results folder of the demo's own
+   (the user's nnUNet_results is never touched unless --results points there)
 4. nnUNetv2_predict on held-out cases and nnUNetv2_evaluate_folder (synthetic: the generated test cases;
    --dataset: imagesTs/labelsTs when the dataset has them, else nnU-Net's fold validation)
-5. a table (Markdown and JSON) of per-class Dice, parameters, GFLOPs per patch and inference latency, and a
-   figure (Dice per class and latency side by side)
+5. a table (Markdown and JSON) of per-class Dice (mean and spread over the seeds), parameters, GFLOPs per
+   patch and inference latency, and a figure (Dice per class and latency side by side)
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -23,8 +26,10 @@ from typing import Optional
 from nnunetv2_recokd.synthetic import write_dataset
 
 SYNTHETIC_ID = 990
-MODELS = (("teacher", "nnUNetTrainerTeacher"), ("student", "nnUNetTrainerStudent"),
-          ("ReCo-KD student", "nnUNetTrainerReCoKD"))
+TEACHER = "nnUNetTrainerTeacher"
+MODELS = (("teacher", TEACHER), ("student", "nnUNetTrainerStudent"), ("ReCo-KD student", "nnUNetTrainerReCoKD"))
+# the demo's distillation settings on top of the trainers' defaults (the control ignores them); see README
+DEMO_DISTILLATION: dict = {"log_term_gradients": True}
 
 
 def nnunet_command(name: str) -> str:
@@ -57,24 +62,45 @@ class Progress:
         print(f"[{self.done}/{self.total} | {time.time() - self.start:6.0f} s] {what}", flush=True)
 
 
+def student_settings(epochs: int, iterations: int, seed: int, teacher_folder: Path,
+                     warmup: Optional[float] = None) -> dict:
+    """RECOKD_CONFIG of the demo's students: the short schedule, the seed, the teacher the demo trained and,
+    when given, the warm-up fraction of the distillation terms (else the trainers' defaults)."""
+    values = {"num_epochs": epochs, "num_iterations_per_epoch": iterations, "num_val_iterations_per_epoch": 2,
+              "save_every": max(1, epochs), "seed": seed, "teacher": str(teacher_folder), **DEMO_DISTILLATION}
+    if warmup is not None:
+        values.update(reco_warmup=warmup, graph_warmup=warmup)
+    return values
+
+
 def main(out: str, device: str, dataset: Optional[str], teacher_epochs: int, student_epochs: int,
-         iterations: int, num_train: int, num_test: int) -> int:
+         iterations: int, num_train: int, num_test: int, seed: int = 0, seeds: int = 1,
+         results: Optional[str] = None, warmup: Optional[float] = None) -> int:
+    if seeds < 1:
+        raise SystemExit("--seeds must be >= 1")
     out_dir = Path(out).resolve()
     work = out_dir / "nnunet"
     env = dict(os.environ)
     if dataset is None:
-        env.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
-                   nnUNet_results=str(work / "results"))
-    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"))
+    for key in ("nnUNet_raw", "nnUNet_preprocessed"):
         if not env.get(key):
             raise SystemExit(f"--dataset needs {key} set (the folders of your nnU-Net installation)")
+    # never train into the user's own nnUNet_results unless told to: the demo's models are short-schedule ones
+    results_root = Path(results).resolve() if results else work / "results"
+    env["nnUNet_results"] = str(results_root)
     env.update(nnUNet_compile=env.get("nnUNet_compile", "f" if device == "cpu" else "t"), PYTHONUNBUFFERED="1")
     if device == "cpu":
         env.update(nnUNet_def_n_proc=env.get("nnUNet_def_n_proc", "1"), nnUNet_npp="0", nnUNet_nps="0")
     env.pop("RECOKD_TEACHER", None)
+    env.pop("RECOKD_CONFIG", None)
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    progress = Progress(2 + 2 * len(MODELS))  # data, planning, then one training and one evaluation per model
+    students = [m for m in MODELS if m[1] != TEACHER]
+    # data, planning, teacher training and evaluation, then per seed one training and one evaluation per student
+    progress = Progress(4 + 2 * len(students) * seeds)
+    print(f"models are trained into {results_root}" + (" (your nnUNet_results is not touched)"
+                                                       if dataset is not None and not results else ""), flush=True)
 
     if dataset is None:
         dataset_id = str(SYNTHETIC_ID)
@@ -100,77 +126,140 @@ def main(out: str, device: str, dataset: Optional[str], teacher_epochs: int, stu
     train_env = {**env, "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", "0" if device == "cpu" else "")}
     if not train_env["nnUNet_n_proc_DA"]:
         train_env.pop("nnUNet_n_proc_DA")
-    for label, trainer in MODELS:
-        epochs = teacher_epochs if trainer == "nnUNetTrainerTeacher" else student_epochs
-        cfg = out_dir / f"config_{trainer}.json"
-        cfg.write_text(json.dumps({"num_epochs": epochs, "num_iterations_per_epoch": iterations,
-                                   "num_val_iterations_per_epoch": 2, "save_every": max(1, epochs),
-                                   "teacher_trainer": "nnUNetTrainerTeacher"}))
-        run_logged(["nnUNetv2_train", dataset_id, "3d_fullres", "0", "-tr", trainer, "-device", device],
-                   {**train_env, "RECOKD_CONFIG": str(cfg)}, logs / f"train_{trainer}.log")
-        progress.step(f"trained {label} ({trainer}, {epochs} x {iterations} iterations)")
+    evaluation = Evaluation(folder, pre, dataset_id, device, env, logs, out_dir)
 
-    rows = []
-    held_out = folder / "imagesTs", folder / "labelsTs"
-    for label, trainer in MODELS:
-        model_folder = Path(env["nnUNet_results"]) / name / f"{trainer}__nnUNetPlans__3d_fullres"
-        if held_out[0].is_dir() and held_out[1].is_dir():
-            pred = out_dir / "predictions" / trainer
-            run_logged(["nnUNetv2_predict", "-i", str(held_out[0]), "-o", str(pred), "-d", dataset_id, "-c",
-                        "3d_fullres", "-tr", trainer, "-f", "0", "-device", device, "--disable_tta",
-                        "-npp", "1", "-nps", "1"], env, logs / f"predict_{trainer}.log")
-            run_logged(["nnUNetv2_evaluate_folder", str(held_out[1]), str(pred), "-djfile",
-                        str(pre / "dataset.json"), "-pfile", str(pre / "nnUNetPlans.json")], env,
-                       logs / f"evaluate_{trainer}.log")
-            summary, source = pred / "summary.json", "held-out test cases"
-        else:
-            summary, source = model_folder / "fold_0" / "validation" / "summary.json", "fold 0 validation"
-        rows.append(model_row(label, trainer, model_folder, summary, source, device))
-        progress.step(f"evaluated {label} on {source}")
+    teacher_cfg = out_dir / "config_teacher.json"
+    teacher_cfg.write_text(json.dumps({"num_epochs": teacher_epochs, "num_iterations_per_epoch": iterations,
+                                       "num_val_iterations_per_epoch": 2, "save_every": max(1, teacher_epochs),
+                                       "seed": seed}))
+    run_logged(["nnUNetv2_train", dataset_id, "3d_fullres", "0", "-tr", TEACHER, "-device", device],
+               {**train_env, "RECOKD_CONFIG": str(teacher_cfg)}, logs / f"train_{TEACHER}.log")
+    teacher_folder = results_root / name / f"{TEACHER}__nnUNetPlans__3d_fullres"
+    progress.step(f"trained the teacher ({TEACHER}, {teacher_epochs} x {iterations} iterations, seed {seed})")
+    runs = {TEACHER: [evaluation.run(TEACHER, teacher_folder, env, seed)]}
+    progress.step(f"evaluated the teacher on {runs[TEACHER][0]['evaluated_on']}")
 
-    write_outputs(rows, out_dir)
+    for k in range(seeds):
+        student_seed = seed + k
+        seed_env = {**env, "nnUNet_results": str(results_root / f"students_seed{student_seed}")}
+        for label, trainer in students:
+            cfg = out_dir / f"config_{trainer}_seed{student_seed}.json"
+            values = student_settings(student_epochs, iterations, student_seed, teacher_folder, warmup)
+            cfg.write_text(json.dumps(values))
+            run_logged(["nnUNetv2_train", dataset_id, "3d_fullres", "0", "-tr", trainer, "-device", device],
+                       {**train_env, **seed_env, "RECOKD_CONFIG": str(cfg)},
+                       logs / f"train_{trainer}_seed{student_seed}.log")
+            progress.step(f"trained {label} ({trainer}, {student_epochs} x {iterations} iterations, "
+                          f"seed {student_seed})")
+            model_folder = Path(seed_env["nnUNet_results"]) / name / f"{trainer}__nnUNetPlans__3d_fullres"
+            runs.setdefault(trainer, []).append(evaluation.run(trainer, model_folder, seed_env, student_seed))
+            progress.step(f"evaluated {label} (seed {student_seed})")
+
+    rows = [model_row(label, trainer, runs[trainer], device) for label, trainer in MODELS]
+    write_outputs(rows, out_dir, time.time() - progress.start)
     return 0
 
 
-def model_row(label: str, trainer: str, model_folder: Path, summary_file: Path, source: str, device: str) -> dict:
-    """One table row: Dice per class from nnU-Net's summary.json, size and speed of the network that
-    nnUNetv2_predict builds for this model folder."""
+class Evaluation:
+    """Predict the held-out cases with nnUNetv2_predict and score them with nnUNetv2_evaluate_folder (synthetic
+    data, or a --dataset with imagesTs/labelsTs), else read nnU-Net's fold-0 validation."""
+
+    def __init__(self, folder: Path, pre: Path, dataset_id: str, device: str, env: dict, logs: Path, out: Path):
+        self.images, self.labels = folder / "imagesTs", folder / "labelsTs"
+        self.pre, self.dataset_id, self.device, self.logs, self.out = pre, dataset_id, device, logs, out
+        self.held_out = self.images.is_dir() and self.labels.is_dir()
+
+    def run(self, trainer: str, model_folder: Path, env: dict, seed: Optional[int] = None) -> dict:
+        tag = trainer if seed is None else f"{trainer}_seed{seed}"
+        if self.held_out:
+            pred = self.out / "predictions" / tag
+            run_logged(["nnUNetv2_predict", "-i", str(self.images), "-o", str(pred), "-d", self.dataset_id, "-c",
+                        "3d_fullres", "-tr", trainer, "-f", "0", "-device", self.device, "--disable_tta",
+                        "-npp", "1", "-nps", "1"], env, self.logs / f"predict_{tag}.log")
+            run_logged(["nnUNetv2_evaluate_folder", str(self.labels), str(pred), "-djfile",
+                        str(self.pre / "dataset.json"), "-pfile", str(self.pre / "nnUNetPlans.json")], env,
+                       self.logs / f"evaluate_{tag}.log")
+            summary, source = pred / "summary.json", "held-out test cases"
+        else:
+            summary, source = model_folder / "fold_0" / "validation" / "summary.json", "fold 0 validation"
+        result = read_dice(summary, model_folder)
+        checkpoint = model_folder / "fold_0" / "checkpoint_final.pth"
+        return {**result, "evaluated_on": source, "seed": seed, "model_folder": str(model_folder),
+                **training_record(checkpoint)}
+
+
+def read_dice(summary_file: Path, model_folder: Path) -> dict:
+    """Dice per class (by name) and the foreground mean from nnU-Net's summary.json."""
+    summary = json.loads(summary_file.read_text())
+    labels = json.loads((model_folder / "dataset.json").read_text())["labels"]
+    names = {str(v): k for k, v in labels.items() if not isinstance(v, list)}
+    return {"dice": {names.get(k, k): v["Dice"] for k, v in summary["mean"].items()},
+            "mean_dice": summary["foreground_mean"]["Dice"], "cases": len(summary.get("metric_per_case", []))}
+
+
+def training_record(checkpoint: Path) -> dict:
+    """What distillation added during training: the weighted distillation total per epoch (nnU-Net's logger)."""
+    import torch
+
+    logging = torch.load(checkpoint, map_location="cpu", weights_only=False).get("logging", {})
+    return {"kd_weighted_per_epoch": [float(v) for v in logging.get("train_kd_total_weighted", [])]}
+
+
+def _spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def model_row(label: str, trainer: str, runs: list[dict], device: str) -> dict:
+    """One table row: Dice per class as mean and sample standard deviation over the seeds (nnU-Net's
+    summary.json of each), size and speed of the network that nnUNetv2_predict builds for the model folder."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from nnunetv2_recokd.profiling import conv_gflops, count_parameters, inference_latency_ms
 
-    summary = json.loads(summary_file.read_text())
-    labels = json.loads((model_folder / "dataset.json").read_text())["labels"]
-    names = {str(v): k for k, v in labels.items() if not isinstance(v, list)}
-    dice = {names.get(k, k): v["Dice"] for k, v in summary["mean"].items()}
+    classes = list(runs[0]["dice"])
+    per_seed = {c: [r["dice"][c] for r in runs] for c in classes}
+    means = [r["mean_dice"] for r in runs]
     predictor = nnUNetPredictor(device=torch.device(device), perform_everything_on_device=device == "cuda",
                                 verbose=False, verbose_preprocessing=False)
-    predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(0,),
+    predictor.initialize_from_trained_model_folder(runs[0]["model_folder"], use_folds=(0,),
                                                    checkpoint_name="checkpoint_final.pth")
     patch = predictor.configuration_manager.patch_size
     net = predictor.network
-    return {"model": label, "trainer": trainer, "dice": dice, "mean_dice": summary["foreground_mean"]["Dice"],
-            "evaluated_on": source, "cases": len(summary.get("metric_per_case", [])),
+    return {"model": label, "trainer": trainer, "seeds": [r["seed"] for r in runs],
+            "dice": {c: statistics.mean(v) for c, v in per_seed.items()},
+            "dice_sd": {c: _spread(v) for c, v in per_seed.items()}, "dice_per_seed": per_seed,
+            "mean_dice": statistics.mean(means), "mean_dice_sd": _spread(means),
+            "evaluated_on": runs[0]["evaluated_on"], "cases": runs[0]["cases"],
+            "kd_weighted_per_epoch": [r["kd_weighted_per_epoch"] for r in runs],
             "params": count_parameters(net), "gflops_per_patch": conv_gflops(net, patch),
             "latency_ms": inference_latency_ms(net, patch, device=torch.device(device)), "patch_size": list(patch),
             "device": device}
 
 
-def write_outputs(rows: list[dict], out_dir: Path) -> None:
+def _cell(row: dict, mean: float, sd: float) -> str:
+    return f"{mean:.3f}" if len(row["seeds"]) < 2 else f"{mean:.3f} ± {sd:.3f}"
+
+
+def write_outputs(rows: list[dict], out_dir: Path, seconds: float) -> None:
     classes = list(rows[0]["dice"])
-    header = ["model", "trainer", *[f"Dice {c}" for c in classes], "mean Dice", "params (M)", "GFLOPs/patch",
-              "latency (ms/patch)"]
+    header = ["model", "trainer", "seeds", *[f"Dice {c}" for c in classes], "mean Dice", "params (M)",
+              "GFLOPs/patch", "latency (ms/patch)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r["model"], f"`{r['trainer']}`", *[f"{r['dice'][c]:.3f}" for c in classes], f"{r['mean_dice']:.3f}",
+        seeds = ", ".join(str(s) for s in r["seeds"])
+        dice = [_cell(r, r["dice"][c], r["dice_sd"][c]) for c in classes]
+        cells = [r["model"], f"`{r['trainer']}`", seeds, *dice, _cell(r, r["mean_dice"], r["mean_dice_sd"]),
                  f"{r['params'] / 1e6:.3f}", f"{r['gflops_per_patch']:.2f}", f"{r['latency_ms']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    note = (f"\nDice from nnU-Net's evaluation on {rows[0]['evaluated_on']} ({rows[0]['cases']} cases); latency: one "
-            f"forward of one {rows[0]['patch_size']} patch on {rows[0]['device']}, median of 5.\n")
+    n_seeds = max(len(r["seeds"]) for r in rows)
+    spread = " Students: mean ± sample standard deviation over the seeds listed." if n_seeds > 1 else ""
+    note = (f"\nDice from nnU-Net's evaluation on {rows[0]['evaluated_on']} ({rows[0]['cases']} cases).{spread} "
+            f"Latency: one forward of one {rows[0]['patch_size']} patch on {rows[0]['device']}, median of 5. "
+            f"Whole run: {seconds / 60:.1f} min.\n")
     table = "\n".join(lines) + "\n" + note
     (out_dir / "table.md").write_text(table)
-    (out_dir / "table.json").write_text(json.dumps(rows, indent=1))
+    (out_dir / "table.json").write_text(json.dumps({"rows": rows, "minutes": seconds / 60}, indent=1))
     plot(rows, classes, out_dir / "figure.png")
     print(table)
     print(f"written: {out_dir / 'table.md'}, {out_dir / 'table.json'}, {out_dir / 'figure.png'}")
@@ -186,7 +275,8 @@ def plot(rows: list[dict], classes: list[str], path: Path) -> None:
     width = 0.8 / len(rows)
     for i, r in enumerate(rows):
         xs = [j + i * width for j in range(len(classes))]
-        bars = ax_dice.bar(xs, [r["dice"][c] for c in classes], width, label=r["model"])
+        errors = [r["dice_sd"][c] for c in classes] if len(r["seeds"]) > 1 else None
+        bars = ax_dice.bar(xs, [r["dice"][c] for c in classes], width, yerr=errors, capsize=3, label=r["model"])
         ax_dice.bar_label(bars, fmt="%.2f", fontsize=8)
     ax_dice.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(classes))], classes)
     ax_dice.set(ylim=(0, 1.25), ylabel="Dice", title="Dice per class")
