@@ -22,7 +22,7 @@ from nnunetv2_recokd.losses.graph import RegionGraphLoss, extract_regions
 from nnunetv2_recokd.losses.logits import LogitKDLoss
 from nnunetv2_recokd.losses.masks import region_masks
 from nnunetv2_recokd.losses.reco import ReCoStageLoss
-from nnunetv2_recokd.losses.sard import SARDLoss
+from nnunetv2_recokd.losses.sard import SARDConfig
 
 
 def stage_weights(levels: Sequence[int], alpha: float) -> list[float]:
@@ -43,8 +43,8 @@ def reco_stage_loss(settings: DistillSettings, student_channels: int, teacher_ch
                     conv_dim: int = 3) -> ReCoStageLoss:
     """One stage's ReCo-KD module (adapter, MS-SARD and/or MS-CA) as the settings configure it."""
     sard_on = settings.sard_fg_weight + settings.sard_bg_weight + settings.sard_att_weight > 0
-    sard = (SARDLoss(settings.sard_temperature, settings.sard_fg_weight, settings.sard_bg_weight,
-                     settings.sard_att_weight) if sard_on else None)
+    sard = (SARDConfig(settings.sard_temperature, settings.sard_fg_weight, settings.sard_bg_weight,
+                       settings.sard_att_weight) if sard_on else None)
     return ReCoStageLoss(student_channels, teacher_channels, conv_dim, sard=sard,
                          ca_ratio=settings.ca_ratio if settings.ca_weight > 0 else None)
 

@@ -30,11 +30,15 @@ def test_recokd_modules_and_schedule():
     d = _distiller("nnUNetTrainerReCoKD")
     assert d.reco_stages == ["enc0", "enc1"] and d.hooked_stages == ["enc0", "enc1"]
     assert set(d.reco) == {"enc0", "enc1"} and len(d.graph) == 0 and d.logit is None
-    assert all(m.sard is not None and m.context is not None for m in d.reco.values())
+    assert all(m.sard is not None and m.student_block is not None and m.teacher_block is not None
+               for m in d.reco.values())
+    assert {key.split(".", 2)[2].split(".")[0] for key in d.state_dict()} == {"adapter", "student_block",
+                                                                              "teacher_block"}
     assert d.schedule(0.0)["reco"] == 0.0 and d.schedule(0.3)["reco"] == pytest.approx(0.005)
     assert d.schedule(0.6)["reco"] == pytest.approx(0.01)
     assert _distiller("nnUNetTrainerReCoKD_singleScale").reco_stages == ["enc0"]
-    assert all(m.context is None for m in _distiller("nnUNetTrainerReCoKD_noCA").reco.values())
+    assert all(m.student_block is None and m.teacher_block is None
+               for m in _distiller("nnUNetTrainerReCoKD_noCA").reco.values())
     assert all(m.sard is None for m in _distiller("nnUNetTrainerReCoKD_noSARD").reco.values())
     with pytest.raises(ValueError, match="reco_stages"):
         _distiller("nnUNetTrainerReCoKD", reco_stages=[2])  # the bottleneck has no deep-supervision target

@@ -1,10 +1,11 @@
-"""One ReCo-KD stage (adapter + MS-SARD + MS-CA) without the adapted student at full resolution.
+"""One ReCo-KD stage (adapter + MS-SARD + MS-CA), the module the trainers use, without the adapted student at
+full resolution.
 
-The values are those of ``SARDLoss`` and ``ContextAlignmentLoss`` applied to the adapted student
-``A = W F_s + b`` (the stage's 1x1x1 adapter, C_s -> C_t); :meth:`ReCoStageLoss.reference` computes
-them that way. A direct implementation keeps several full-resolution float32 tensors alive until
-backward (the adapted student, the difference, its square, the context-shifted features, float32
-copies of the teacher), about 4 GB at 128^3, batch 2, 32 channels. Here:
+The values are those of the direct formulas ``sard_direct`` (losses/sard.py) and ``context_alignment_direct``
+(losses/context.py) applied to the adapted student ``A = W F_s + b`` (the stage's 1x1x1 adapter, C_s -> C_t);
+:meth:`ReCoStageLoss.reference` computes them that way. The direct formulas keep several full-resolution
+float32 tensors alive until backward (the adapted student, the difference, its square, the context-shifted
+features, float32 copies of the teacher), about 4 GB at 128^3, batch 2, 32 channels. Here:
 
 * Every full-resolution quantity both terms need is a per-channel or per-voxel reduction of
   ``A`` and ``d = A - F_t``: the weighted sums of squares ``sum_v w_jv d_cv^2`` (``M_fg S_t`` and
@@ -37,8 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from nnunetv2_recokd.losses._precision import at_least_float32, float32_region
-from nnunetv2_recokd.losses.context import ContextAlignmentLoss
-from nnunetv2_recokd.losses.sard import SARDLoss, attention_from_means
+from nnunetv2_recokd.losses.context import GlobalContextBlock, context_alignment_direct
+from nnunetv2_recokd.losses.sard import SARDConfig, attention_from_means, sard_direct
 
 __all__ = ["ReCoStageLoss"]
 
@@ -180,18 +181,20 @@ def _teacher_abs_means(t: Tensor, dtype: torch.dtype, budget: int) -> tuple[Tens
 
 
 class ReCoStageLoss(nn.Module):
-    """MS-SARD and MS-CA of one encoder stage, with the stage's adapter (ReCo-KD, arXiv 2601.08301).
+    """MS-SARD and MS-CA of one encoder stage (ReCo-KD, arXiv 2601.08301): the stage's one module.
 
-    Values equal ``SARDLoss`` and ``ContextAlignmentLoss`` applied to ``adapter(student)``, which
-    :meth:`reference` computes that way (slowly, at full resolution) for tests and checks; see the
+    It owns the stage's trainable parts: ``adapter`` (1x1(x1) conv C_s -> C_t) and, with MS-CA on,
+    ``student_block`` and ``teacher_block`` (the ``GlobalContextBlock`` of each branch; None with MS-CA off).
+    Values equal ``sard_direct`` and ``context_alignment_direct`` applied to ``adapter(student)``, which
+    :meth:`reference` computes that way (slowly, at full resolution) for tests and the benchmark; see the
     module docstring for how :meth:`forward` avoids the full-resolution float32 temporaries.
 
     Args:
         student_channels: C_s of the raw student feature (>= 1).
         teacher_channels: C_t of the teacher feature; the adapter maps C_s -> C_t (>= 1).
         conv_dim: 2 or 3, dimensionality of the adapter convolution (its weights are what is trained).
-        sard: the MS-SARD weights and temperature, or None to switch MS-SARD off.
-        ca_ratio: bottleneck ratio of the two context blocks, or None to switch MS-CA off.
+        sard: the MS-SARD temperature and weights, or None to switch MS-SARD off.
+        ca_ratio: bottleneck ratio of the two context blocks (> 0), or None to switch MS-CA off.
         chunk_elements: float32 elements of one chunk-sized temporary.
 
     Inputs:
@@ -205,16 +208,19 @@ class ReCoStageLoss(nn.Module):
         ``'ca'`` when MS-CA is on: float32 0-d tensors.
 
     Raises:
-        ValueError: both terms off, bad channel counts or conv_dim (in ``__init__``); shape mismatches or a
-            missing mask (in ``forward``).
+        ValueError: both terms off, bad channel counts, conv_dim or ca_ratio (in ``__init__``); shape mismatches
+            or a missing mask (in ``forward``).
+        TypeError: ``sard`` is neither None nor a ``SARDConfig``.
     """
 
     def __init__(self, student_channels: int, teacher_channels: int, conv_dim: int = 3,
-                 sard: Optional[SARDLoss] = None, ca_ratio: Optional[float] = None,
+                 sard: Optional[SARDConfig] = None, ca_ratio: Optional[float] = None,
                  chunk_elements: int = CHUNK_ELEMENTS) -> None:
         super().__init__()
         if sard is None and ca_ratio is None:
             raise ValueError("a ReCo-KD stage needs MS-SARD, MS-CA or both")
+        if sard is not None and not isinstance(sard, SARDConfig):
+            raise TypeError(f"sard must be a SARDConfig or None, got {type(sard).__name__}")
         if conv_dim not in (2, 3):
             raise ValueError(f"conv_dim must be 2 or 3, got {conv_dim}")
         if min(int(student_channels), int(teacher_channels)) < 1:
@@ -222,8 +228,16 @@ class ReCoStageLoss(nn.Module):
         conv = nn.Conv3d if conv_dim == 3 else nn.Conv2d
         self.adapter = conv(int(student_channels), int(teacher_channels), kernel_size=1, bias=True)
         self.sard = sard
-        self.context = ContextAlignmentLoss(int(teacher_channels), ca_ratio) if ca_ratio is not None else None
+        self.ca_ratio = ca_ratio
+        self.student_block: Optional[GlobalContextBlock] = None
+        self.teacher_block: Optional[GlobalContextBlock] = None
+        if ca_ratio is not None:
+            self.student_block = GlobalContextBlock(int(teacher_channels), ca_ratio)
+            self.teacher_block = GlobalContextBlock(int(teacher_channels), ca_ratio)
         self.chunk_elements = int(chunk_elements)
+
+    def extra_repr(self) -> str:
+        return f"sard={self.sard}, ca_ratio={self.ca_ratio}, chunk_elements={self.chunk_elements}"
 
     def forward(self, student: Tensor, teacher: Tensor, mask_fg: Optional[Tensor] = None,
                 mask_bg: Optional[Tensor] = None) -> dict[str, Tensor]:
@@ -249,7 +263,7 @@ class ReCoStageLoss(nn.Module):
             stacked = torch.stack(weights, dim=1) if weights else s.new_zeros(batch, 0, voxels)  # (B, J, V)
             with_abs = sard is not None and sard.att_weight > 0
             # MS-CA's context shift delta = g_s - g_t (B, C_t) first: the reductions add it to d element by element
-            delta = self._context_shift(s, t, weight, bias) if self.context is not None else None
+            delta = self._context_shift(s, t, weight, bias) if self.ca_ratio is not None else None
             squares, shifted, abs_over_channels, abs_over_voxels = _StageReductions.apply(
                 s, weight, bias, t, stacked, delta, budget, with_abs)
             per_channel = dict(zip(names, squares.unbind(1)))  # name -> (B, C_t)
@@ -269,7 +283,7 @@ class ReCoStageLoss(nn.Module):
                     out["att"] = zero
                 out["sard"] = sard.fg_weight * out["fg"] + sard.bg_weight * out["bg"] + sard.att_weight * out["att"]
 
-            if self.context is not None:
+            if self.ca_ratio is not None:
                 out["ca"] = shifted.sum() / (batch * channels * voxels)
         return out
 
@@ -279,7 +293,7 @@ class ReCoStageLoss(nn.Module):
         The student block's pooling logits ``W_m (W s_v + b)`` are linear in s, and its softmax weights sum to 1,
         so ``ctx_s = W (sum_v p_v s_v) + b``.
         """
-        student_block, teacher_block = self.context.student_block, self.context.teacher_block
+        student_block, teacher_block = self.student_block, self.teacher_block
         w_m = student_block.attention_logits.weight  # (1, C_t)
         logits_s = torch.matmul(w_m @ weight, s).squeeze(1) + w_m @ bias  # (B, V)
         pooled_s = torch.bmm(s, torch.softmax(logits_s, dim=1).unsqueeze(2)).squeeze(2)  # (B, C_s)
@@ -293,18 +307,18 @@ class ReCoStageLoss(nn.Module):
 
     def reference(self, student: Tensor, teacher: Tensor, mask_fg: Optional[Tensor] = None,
                   mask_bg: Optional[Tensor] = None) -> dict[str, Tensor]:
-        """The same values computed directly on the full-resolution adapted student (slow, for checks)."""
+        """The same values from the direct formulas (``sard_direct``, ``context_alignment_direct``) on the
+        full-resolution adapted student: slow, for tests and the benchmark's direct-vs-ours comparison."""
         self._check(student, teacher, mask_fg, mask_bg)
         out: dict[str, Tensor] = {}
         with float32_region(student.device):
             adapted = self.adapter(at_least_float32(student))
             if self.sard is not None:
                 zeros = torch.zeros_like(adapted[:, :1])
-                values = self.sard(adapted, teacher, zeros if mask_fg is None else mask_fg,
-                                   zeros if mask_bg is None else mask_bg)
-                out.update({k: values[k] for k in ("fg", "bg", "att")}, sard=values["total"])
-            if self.context is not None:
-                out["ca"] = self.context(adapted, teacher)
+                out.update(sard_direct(adapted, teacher, zeros if mask_fg is None else mask_fg,
+                                       zeros if mask_bg is None else mask_bg, self.sard))
+            if self.ca_ratio is not None:
+                out["ca"] = context_alignment_direct(adapted, teacher, self.student_block, self.teacher_block)
         return out
 
     def _check(self, student: Tensor, teacher: Tensor, mask_fg: Optional[Tensor], mask_bg: Optional[Tensor]) -> None:
