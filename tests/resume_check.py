@@ -38,7 +38,7 @@ def _equal(a, b, where: str) -> None:
 def main(dataset: str, configuration: str, fold: str, trainer_name: str, saved_path: str) -> None:
     saved = torch.load(saved_path, map_location="cpu", weights_only=False)
     trainer = get_trainer_from_args(dataset, configuration, int(fold), trainer_name, "nnUNetPlans",
-                                    device=torch.device("cpu"))
+                                    continue_training=True, device=torch.device("cpu"))
     maybe_load_checkpoint(trainer, continue_training=True, validation_only=False)
     assert trainer.current_epoch == saved["current_epoch"], (trainer.current_epoch, saved["current_epoch"])
     _equal(trainer.distiller.state_dict(), saved["recokd"]["distiller"], "distiller")

@@ -1,11 +1,11 @@
-"""The wheel ships every trainer's defaults and the nnU-Net shim (a user installs from it, not from the repo)."""
+"""The wheel ships the settings (defaults.json and every trainer's changes) and the nnU-Net shim (a user installs from it, not from the repo)."""
 
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-from nnunetv2_recokd.trainers import PUBLIC_TRAINERS
+from nnunetv2_recokd.config import shipped_config_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,7 +16,9 @@ def test_wheel_contains_trainer_configs_and_shim(tmp_path):
     assert proc.returncode == 0, proc.stderr
     (wheel,) = tmp_path.glob("nnunetv2_recokd-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for trainer in PUBLIC_TRAINERS:
-        assert f"nnunetv2_recokd/trainer_configs/{trainer}.json" in names
+    shipped = {n for n in names if n.startswith("nnunetv2_recokd/trainer_configs/") and n.endswith(".json")}
+    assert shipped == {f"nnunetv2_recokd/trainer_configs/{name}.json"
+                       for name in ["defaults", *shipped_config_names()]}
+    assert len(shipped) > 10
     assert "nnunetv2_recokd/nnunet_ext/nnunetv2_recokd_trainers.py" in names
     assert not any(n.startswith(("tests/", "examples/")) for n in names)
