@@ -1,4 +1,4 @@
-"""The wheel ships the settings (defaults.json and every trainer's changes) and the nnU-Net shim (a user installs from it, not from the repo)."""
+"""The wheel ships the settings (defaults.json and each trainer's changes) and the nnU-Net shim."""
 
 import subprocess
 import sys
