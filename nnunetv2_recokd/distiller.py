@@ -138,6 +138,14 @@ class Distiller(nn.Module):
                 "graph": s.graph_weight * linear_warmup(progress, s.graph_warmup),
                 "logit": s.logit_weight}
 
+    def term_factors(self, progress: float) -> dict[str, float]:
+        """The factor of each raw term of ``forward`` in the weighted total: total == sum_k factor_k * terms[k]
+        over the terms forward returns (the raw terms are already stage-weighted)."""
+        s, mult = self.settings, self.schedule(progress)
+        return {"logit": mult["logit"], "ca": mult["reco"] * s.ca_weight,
+                **{f"sard_{k}": mult["reco"] * getattr(s, f"sard_{k}_weight") for k in ("fg", "bg", "att")},
+                **{f"graph_{k}": mult["graph"] * getattr(s, f"graph_{k}_weight") for k in ("node", "edge", "gw")}}
+
     def forward(self, student_features: dict[str, torch.Tensor], teacher_features: dict[str, torch.Tensor],
                 student_outputs: Sequence[torch.Tensor], teacher_outputs: Sequence[torch.Tensor],
                 targets: Sequence[torch.Tensor], progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

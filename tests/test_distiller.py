@@ -62,3 +62,18 @@ def test_perfect_student_with_identity_adapters_has_zero_feature_loss():
     other = {k: v + 0.5 * torch.randn_like(v) for k, v in feats.items()}
     _, terms = d(other, feats, [], [], batch["target"], progress=1.0)
     assert terms["sard_fg"] > 0 and terms["sard_bg"] > 0
+
+
+@pytest.mark.parametrize("name", ["nnUNetTrainerReCoKD", "nnUNetTrainerReCoKDGraph"])
+def test_weighted_total_is_the_term_factors_times_the_raw_terms(name):
+    d = _distiller(name, graph_lesion_labels=[2], graph_min_component_voxels=1, sard_att_weight=0.5,
+                   ca_weight=2.0, graph_edge_weight=0.25)
+    batch = make_batch((8, 8, 8), 2, n_targets=2)
+    torch.manual_seed(1)
+    student = {"enc0": torch.randn(2, 4, 8, 8, 8), "enc1": torch.randn(2, 8, 4, 4, 4),
+               "dec0": torch.randn(2, 4, 8, 8, 8), "dec1": torch.randn(2, 8, 4, 4, 4)}
+    teacher = {k: v + torch.randn_like(v) for k, v in student.items()}
+    total, terms = d(student, teacher, [], [], batch["target"], progress=0.3)
+    factors = d.term_factors(0.3)
+    assert set(terms) <= set(factors)
+    assert total.item() == pytest.approx(sum(factors[k] * v.item() for k, v in terms.items()), rel=1e-5)

@@ -251,7 +251,6 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         self._first_step_of_epoch = True
-        self._part_gradient_norms: dict[str, float] = {}
         if self.distiller is not None:
             self.distiller.train()
 
@@ -315,11 +314,7 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
                              progress: float) -> dict[str, torch.Tensor]:
         """||d part / d student parameters|| of the seg loss and of each weighted distillation part (one extra
         backward per part; log_term_gradients, first step of each epoch), and of each part w.r.t. the distiller."""
-        s = self.settings
-        mult = self.distiller.schedule(progress)
-        factors = {"logit": mult["logit"], "ca": mult["reco"] * s.ca_weight,
-                   **{f"sard_{k}": mult["reco"] * getattr(s, f"sard_{k}_weight") for k in ("fg", "bg", "att")},
-                   **{f"graph_{k}": mult["graph"] * getattr(s, f"graph_{k}_weight") for k in ("node", "edge", "gw")}}
+        factors = self.distiller.term_factors(progress)
         parts = {"seg": seg, **{k: terms[k] * f for k, f in factors.items() if k in terms and f > 0}}
         student = [p for p in self.network.parameters() if p.requires_grad]
         distiller = [p for p in self.distiller.parameters() if p.requires_grad]
