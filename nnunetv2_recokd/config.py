@@ -43,8 +43,15 @@ class DistillSettings:
     # True: on the first step of every epoch, log the gradient norm of the seg loss and of each weighted
     # distillation part w.r.t. the student and the distillation modules (one extra backward per part)
     log_term_gradients: bool
-    # teacher: None = nnUNet_results/<dataset>/<teacher_trainer>__<teacher_plans>__<configuration>/fold_<fold>
-    teacher: Optional[str]
+    # teacher: None = nnUNet_results/<dataset>/<teacher_trainer>__<teacher_plans>__<configuration>/fold_<fold>;
+    # a path (model folder, fold folder, checkpoint) or a list of paths: several teachers, one student
+    teacher: Optional[Union[str, list[str]]]
+    # folds of every teacher given as a model folder (the default location included): None = the student's fold,
+    # "all" = every fold_<n> folder holding the teacher checkpoint, or a list of folds; one teacher per fold
+    teacher_folds: Optional[Union[str, list[int]]]
+    # per-teacher weights of the distillation terms and of the ensemble's averaged probabilities (None: equal),
+    # one per teacher in the order they are listed; normalised to sum 1
+    teacher_weights: Optional[list[float]]
     teacher_trainer: str
     teacher_plans: Optional[str]
     teacher_checkpoint: str
@@ -104,6 +111,18 @@ class DistillSettings:
                 raise SettingsError(f"setting '{name}' is a fraction of training and must be in [0, 1]")
         if self.student_width > 1:
             raise SettingsError(f"student_width must be in (0, 1], got {self.student_width}")
+        if isinstance(self.teacher, list) and not self.teacher:
+            raise SettingsError("setting 'teacher' is an empty list; give at least one teacher or null")
+        if isinstance(self.teacher_folds, str) and self.teacher_folds != "all":
+            raise SettingsError(f"setting 'teacher_folds' must be null, \"all\" or a list of folds, got "
+                                f"{self.teacher_folds!r}")
+        if isinstance(self.teacher_folds, list) and (not self.teacher_folds or
+                                                     any(f < 0 for f in self.teacher_folds)):
+            raise SettingsError(f"setting 'teacher_folds' must list folds >= 0, got {self.teacher_folds!r}")
+        if self.teacher_weights is not None and (any(w < 0 for w in self.teacher_weights)
+                                                 or not sum(self.teacher_weights) > 0):
+            raise SettingsError(f"setting 'teacher_weights' must be >= 0 with a positive sum, got "
+                                f"{self.teacher_weights!r}")
         if self.graph_gw_solver not in ("exact", "entropic"):
             raise SettingsError(f"graph_gw_solver must be 'exact' or 'entropic', got {self.graph_gw_solver!r}")
 
@@ -121,11 +140,19 @@ class DistillSettings:
 def _check_type(name: str, value: Any, annotation: Any) -> Any:
     """Return value converted to the annotated type, or raise SettingsError."""
     origin = get_origin(annotation)
-    if origin is Union:  # Optional[X]
-        if value is None:
+    if origin is Union:  # Optional[X], Union[X, list[Y]]
+        if value is None and type(None) in get_args(annotation):
             return None
-        (inner,) = [a for a in get_args(annotation) if a is not type(None)]
-        return _check_type(name, value, inner)
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        if len(inner) == 1:
+            return _check_type(name, value, inner[0])
+        for alternative in inner:
+            try:
+                return _check_type(name, value, alternative)
+            except SettingsError:
+                continue
+        raise SettingsError(f"setting '{name}' must be one of {', '.join(_type_name(a) for a in inner)}, got "
+                            f"{type(value).__name__} {value!r}")
     if origin is list:
         (item,) = get_args(annotation)
         if not isinstance(value, list):
@@ -137,6 +164,12 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
         return value
     raise SettingsError(f"setting '{name}' must be of type {getattr(annotation, '__name__', annotation)}, "
                         f"got {type(value).__name__} {value!r}")
+
+
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is list:
+        return f"list of {get_args(annotation)[0].__name__}"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def _annotations() -> dict[str, Any]:

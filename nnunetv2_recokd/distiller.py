@@ -8,11 +8,17 @@ nnUNetv2_predict rebuilds. Data flows one way: trainer -> distiller -> losses.
 Total objective (see docs/METHODS.md):
     L = L_seg + lambda_reco(e) * sum_k w_k (SARD_k + ca_weight * CA_k)
               + lambda_graph(e) * sum_s RGD_s + logit_weight * sum_k ds_k L_logit,k
+
+Several teachers (teacher_weights v_i, normalised): each teacher has its own feature space, so each has its own
+adapters, context blocks and projectors, and every feature term is sum_i v_i term_i; the logit term distils the
+ensemble, the v-weighted mean of the teachers' softened probabilities. Teacher 0's modules keep the one-teacher
+names (reco.enc0, graph.dec0: checkpoints of one teacher resume unchanged); teacher i > 0's are named
+<stage>_teacher<i> (reco.enc0_teacher1, ...).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -59,12 +65,36 @@ def _level(stage_name: str) -> int:
     return int(stage_name[3:])
 
 
+def module_key(stage_name: str, teacher: int) -> str:
+    """Name of one teacher's module for one stage: the stage name for teacher 0 (the one-teacher layout),
+    <stage>_teacher<i> for the others."""
+    return stage_name if teacher == 0 else f"{stage_name}_teacher{teacher}"
+
+
+def normalised_teacher_weights(weights: Optional[Sequence[float]], n_teachers: int) -> list[float]:
+    """Per-teacher weights summing to 1 (equal when None).
+
+    Raises:
+        ValueError: not one weight per teacher, a negative weight, or a zero sum.
+    """
+    if weights is None:
+        return [1.0 / n_teachers] * n_teachers
+    if len(weights) != n_teachers:
+        raise ValueError(f"teacher_weights has {len(weights)} value(s) for {n_teachers} teacher(s); give one weight "
+                         f"per teacher, in the order the teachers are listed, or null for equal weights")
+    if any(w < 0 for w in weights) or not sum(weights) > 0:
+        raise ValueError(f"teacher_weights must be >= 0 with a positive sum, got {list(weights)}")
+    total = float(sum(weights))
+    return [float(w) / total for w in weights]
+
+
 class Distiller(nn.Module):
     """All distillation terms of one trainer, configured by DistillSettings.
 
     Args:
         settings: resolved settings (weights of zero switch a term off entirely: no hooks, no modules).
-        student_channels / teacher_channels: channels of each named stage (see hooks.stage_channels).
+        student_channels / teacher_channels: channels of each named stage (see hooks.stage_channels); for several
+            teachers, teacher_channels is a list with one such dict per teacher.
         n_stages: number of encoder stages of the U-Net (the bottleneck, n_stages-1, is never distilled
             by ReCo-KD: it has no deep-supervision target).
         ds_weights: nnU-Net's deep-supervision weights, one per output (used by the logit term).
@@ -72,15 +102,23 @@ class Distiller(nn.Module):
         has_regions: region-based training (sigmoid outputs, multi-channel targets).
         ignore_label: the dataset's ignore label or None.
         num_classes: max label + 1 of label-map datasets; lets the masks skip a host sync per stage.
+        teacher_weights: one weight per teacher (normalised); None: settings.teacher_weights, else equal.
 
     Raises:
-        ValueError: a configured stage does not exist, or graph lesion settings in region mode.
+        ValueError: a configured stage does not exist, graph lesion settings in region mode, or not one teacher
+            weight per teacher.
     """
 
-    def __init__(self, settings: DistillSettings, student_channels: dict[str, int], teacher_channels: dict[str, int],
+    def __init__(self, settings: DistillSettings,
+                 student_channels: dict[str, int], teacher_channels: Union[dict[str, int], Sequence[dict[str, int]]],
                  n_stages: int, ds_weights: Sequence[float], conv_dim: int = 3, has_regions: bool = False,
-                 ignore_label: Optional[int] = None, num_classes: Optional[int] = None):
+                 ignore_label: Optional[int] = None, num_classes: Optional[int] = None,
+                 teacher_weights: Optional[Sequence[float]] = None):
         super().__init__()
+        per_teacher = [teacher_channels] if isinstance(teacher_channels, Mapping) else list(teacher_channels)
+        self.n_teachers = len(per_teacher)
+        self.teacher_weights = normalised_teacher_weights(
+            teacher_weights if teacher_weights is not None else settings.teacher_weights, self.n_teachers)
         self.settings = settings
         self.has_regions = has_regions
         self.ignore_label = ignore_label
@@ -105,8 +143,8 @@ class Distiller(nn.Module):
             self.reco_stages = [f"enc{k}" for k in levels]
             self.reco_weights = stage_weights(levels, settings.reco_stage_alpha)
         self.reco = nn.ModuleDict({
-            name: reco_stage_loss(settings, student_channels[name], teacher_channels[name], conv_dim)
-            for name in self.reco_stages})
+            module_key(name, i): reco_stage_loss(settings, student_channels[name], channels[name], conv_dim)
+            for i, channels in enumerate(per_teacher) for name in self.reco_stages})
 
         # REACT-KD region graphs on the configured stages
         self.graph_stages: list[str] = list(settings.graph_stages) if settings.graph_weight > 0 else []
@@ -119,8 +157,8 @@ class Distiller(nn.Module):
             raise ValueError("region-graph distillation needs label maps; this dataset is region-based "
                              "(set graph_weight to 0 or use nnUNetTrainerReCoKD)")
         self.graph = nn.ModuleDict({
-            name: region_graph_loss(settings, student_channels[name], teacher_channels[name])
-            for name in self.graph_stages})
+            module_key(name, i): region_graph_loss(settings, student_channels[name], channels[name])
+            for i, channels in enumerate(per_teacher) for name in self.graph_stages})
 
     @property
     def hooked_stages(self) -> list[str]:
@@ -146,17 +184,32 @@ class Distiller(nn.Module):
                 **{f"sard_{k}": mult["reco"] * getattr(s, f"sard_{k}_weight") for k in ("fg", "bg", "att")},
                 **{f"graph_{k}": mult["graph"] * getattr(s, f"graph_{k}_weight") for k in ("node", "edge", "gw")}}
 
-    def forward(self, student_features: dict[str, torch.Tensor], teacher_features: dict[str, torch.Tensor],
-                student_outputs: Sequence[torch.Tensor], teacher_outputs: Sequence[torch.Tensor],
+    def forward(self, student_features: dict[str, torch.Tensor],
+                teacher_features: Union[dict[str, torch.Tensor], Sequence[dict[str, torch.Tensor]]],
+                student_outputs: Sequence[torch.Tensor],
+                teacher_outputs: Union[Sequence[torch.Tensor], Sequence[Sequence[torch.Tensor]]],
                 targets: Sequence[torch.Tensor], progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Weighted total and the raw (unweighted, stage-aggregated) value of every term, all float32.
+        """Weighted total and the raw (unweighted, stage-aggregated, teacher-weighted) value of every term, float32.
 
         Args:
-            student_features / teacher_features: recorded stage outputs, (B, C, *spatial) per name.
-            student_outputs / teacher_outputs: deep-supervision logits, output[k] at target[k]'s resolution.
+            student_features / teacher_features: recorded stage outputs, (B, C, *spatial) per name; for several
+                teachers a list with one dict per teacher.
+            student_outputs / teacher_outputs: deep-supervision logits, output[k] at target[k]'s resolution; for
+                several teachers a list with one such list per teacher (empty when no term needs logits).
             targets: nnU-Net's deep-supervision targets.
             progress: epoch / num_epochs, drives the warm-ups.
+
+        Raises:
+            ValueError: features or logits of another number of teachers than the distiller was built for.
         """
+        teacher_features = ([teacher_features] if isinstance(teacher_features, Mapping)
+                            else list(teacher_features))
+        teacher_outputs = ([list(teacher_outputs)] if teacher_outputs and torch.is_tensor(teacher_outputs[0])
+                           else [list(o) for o in teacher_outputs])
+        if self.hooked_stages and len(teacher_features) != self.n_teachers:
+            raise ValueError(f"features of {len(teacher_features)} teacher(s) for a distiller of {self.n_teachers}")
+        if self.logit is not None and len(teacher_outputs) != self.n_teachers:
+            raise ValueError(f"logits of {len(teacher_outputs)} teacher(s) for a distiller of {self.n_teachers}")
         mult = self.schedule(progress)
         terms: dict[str, torch.Tensor] = {}
         total = None
@@ -165,9 +218,9 @@ class Distiller(nn.Module):
             nonlocal total
             total = value * factor if total is None else total + value * factor
 
-        if self.logit is not None:
-            logit = sum(w * self.logit(s, t, self._valid(y)) for w, s, t, y in
-                        zip(self.ds_weights, student_outputs, teacher_outputs, targets) if w > 0)
+        if self.logit is not None:  # several teachers: against the mean of their softened probabilities
+            logit = sum(w * self.logit(s, [o[k] for o in teacher_outputs], self._valid(y), self.teacher_weights)
+                        for k, (w, s, y) in enumerate(zip(self.ds_weights, student_outputs, targets)) if w > 0)
             terms["logit"] = logit
             add(logit, mult["logit"])
 
@@ -175,15 +228,16 @@ class Distiller(nn.Module):
             reco: dict[str, torch.Tensor] = {}
             for name, w in zip(self.reco_stages, self.reco_weights):
                 masks = (region_masks(targets[_level(name)], self.ignore_label, self.has_regions, self.num_classes)
-                         if self.uses_masks else (None, None))
-                values = self.reco[name](student_features[name], teacher_features[name], *masks)
-                if "sard" in values:  # the weighted MS-SARD total; its raw parts fg, bg, att are logged
-                    add(values.pop("sard"), mult["reco"] * w)
-                if "ca" in values:
-                    add(values["ca"], mult["reco"] * w * self.settings.ca_weight)
-                for key, value in values.items():
-                    log_key = key if key == "ca" else f"sard_{key}"
-                    reco[log_key] = reco.get(log_key, 0) + w * value
+                         if self.uses_masks else (None, None))  # one set of masks for every teacher
+                for i, (features, v) in enumerate(zip(teacher_features, self.teacher_weights)):
+                    values = self.reco[module_key(name, i)](student_features[name], features[name], *masks)
+                    if "sard" in values:  # the weighted MS-SARD total; its raw parts fg, bg, att are logged
+                        add(values.pop("sard"), mult["reco"] * w * v)
+                    if "ca" in values:
+                        add(values["ca"], mult["reco"] * w * v * self.settings.ca_weight)
+                    for key, value in values.items():
+                        log_key = key if key == "ca" else f"sard_{key}"
+                        reco[log_key] = reco.get(log_key, 0) + w * v * value
             terms.update(reco)
 
         if self.graph_stages:
@@ -192,11 +246,12 @@ class Distiller(nn.Module):
                 regions = extract_regions(targets[_level(name)], self.settings.graph_lesion_labels,
                                           self.settings.graph_min_component_voxels,
                                           self.settings.graph_background_node, self.ignore_label)
-                values = self.graph[name](student_features[name], teacher_features[name], regions)
-                for key, value in values.items():
-                    if key != "total":
-                        graph[f"graph_{key}"] = graph.get(f"graph_{key}", 0) + value
-                add(values["total"], mult["graph"])
+                for i, (features, v) in enumerate(zip(teacher_features, self.teacher_weights)):
+                    values = self.graph[module_key(name, i)](student_features[name], features[name], regions)
+                    for key, value in values.items():
+                        if key != "total":
+                            graph[f"graph_{key}"] = graph.get(f"graph_{key}", 0) + v * value
+                    add(values["total"], mult["graph"] * v)
             terms.update(graph)
 
         if total is None:

@@ -117,6 +117,63 @@ def resolve_teacher(setting: Optional[str], dataset_name: str, configuration: st
     return locate_teacher(str(folder), "nnU-Net's default location", fold, checkpoint_name)
 
 
+def resolve_teachers(setting: Union[str, list[str], None], folds: Union[str, list[int], None], dataset_name: str,
+                     configuration: str, fold: Union[int, str], teacher_trainer: str, teacher_plans: str,
+                     checkpoint_name: str, environ: Optional[Mapping[str, str]] = None) -> list[TeacherLocation]:
+    """Every teacher, in order: RECOKD_TEACHER (several paths separated by os.pathsep), else the `teacher` setting
+    (a path or a list), else nnU-Net's conventional folder. `folds` (the teacher_folds setting) turns each entry
+    that is a model folder into one teacher per fold: "all" takes every fold_<n> folder holding the checkpoint,
+    a list names them; None takes the student's fold, as for one teacher.
+
+    Raises:
+        TeacherError: listing every entry that could not be found (all at once), or the same checkpoint twice.
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get(TEACHER_ENV):
+        entries = [(p, f"${TEACHER_ENV}") for p in environ[TEACHER_ENV].split(os.pathsep) if p]
+    elif setting:
+        entries = [(p, "the 'teacher' setting") for p in ([setting] if isinstance(setting, str) else setting)]
+    else:
+        results = environ.get("nnUNet_results")
+        if not results:
+            raise TeacherError(f"nnUNet_results is not set, so the default teacher location is unknown; set "
+                               f"nnUNet_results or {TEACHER_ENV}")
+        folder = default_teacher_folder(results, dataset_name, configuration, teacher_trainer, teacher_plans)
+        entries = [(str(folder), "nnU-Net's default location")]
+    locations, problems = [], []
+    for path, source in entries:
+        for entry_fold in _entry_folds(Path(path).expanduser(), folds, fold, checkpoint_name, problems, source):
+            try:
+                locations.append(locate_teacher(path, source, entry_fold, checkpoint_name))
+            except TeacherError as e:
+                problems.append(str(e))
+    seen: dict[str, str] = {}
+    for location in locations:
+        key = os.path.realpath(location.checkpoint)
+        if key in seen:
+            problems.append(f"teacher {location.checkpoint} is listed twice; each teacher must be listed once")
+        seen[key] = str(location.checkpoint)
+    if problems:
+        raise TeacherError(problems[0] if len(problems) == 1 else f"{len(problems)} teachers cannot be used:\n- "
+                           + "\n- ".join(p.replace("\n", "\n  ") for p in problems))
+    return locations
+
+
+def _entry_folds(path: Path, folds: Union[str, list[int], None], student_fold: Union[int, str],
+                 checkpoint_name: str, problems: list[str], source: str) -> list[Union[int, str]]:
+    """The folds one teacher entry stands for: only a model folder expands to several."""
+    if folds is None or path.is_file() or (path / checkpoint_name).is_file() or path.name.startswith("fold_"):
+        return [student_fold]
+    if isinstance(folds, list):
+        return list(folds)
+    found = sorted(int(p.name[5:]) for p in path.glob("fold_*") if p.name[5:].isdigit()
+                   and (p / checkpoint_name).is_file())
+    if not found:
+        problems.append(f"teacher_folds is \"all\" but {path} (from {source}) holds no fold_<n>/{checkpoint_name}; "
+                        f"train the teacher's folds first (nnUNetv2_train <dataset> <configuration> <fold>)")
+    return found
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
@@ -254,6 +311,21 @@ def load_teacher(location: TeacherLocation, student_plans: dict, student_dataset
                          notes=[note] if note else [], fold=checkpoint_fold(checkpoint, location.checkpoint))
 
 
+def load_teachers(locations: list[TeacherLocation], student_plans: dict, student_dataset: dict, student_cfg: str,
+                  device: torch.device) -> list[LoadedTeacher]:
+    """load_teacher for each location; every teacher is checked and all problems are raised at once."""
+    teachers, problems = [], []
+    for location in locations:
+        try:
+            teachers.append(load_teacher(location, student_plans, student_dataset, student_cfg, device))
+        except TeacherError as e:
+            problems.append(str(e) if len(locations) == 1 else f"teacher {location.checkpoint}: {e}")
+    if problems:
+        raise TeacherError(problems[0] if len(problems) == 1 else f"{len(problems)} of {len(locations)} teachers "
+                           f"cannot be used:\n- " + "\n- ".join(p.replace("\n", "\n  ") for p in problems))
+    return teachers
+
+
 def checkpoint_fold(checkpoint: dict, path: Path) -> Union[int, str, None]:
     """The fold a checkpoint was trained on: nnU-Net's init_args, else its fold_X folder, else None."""
     fold = (checkpoint.get("init_args") or {}).get("fold")
@@ -270,11 +342,15 @@ class Leakage:
 
     cases: list[str]  # student validation cases in the teacher's training set
     n_validation: int  # the student's validation cases
-    teacher_fold: Union[int, str, None]
+    teacher_fold: Union[int, str, None, list]  # a list: the folds of several leaking teachers
     source: str  # how the teacher's held-out cases were determined
 
     def describe(self) -> str:
         shown = ", ".join(self.cases[:5]) + (", ..." if len(self.cases) > 5 else "")
+        if isinstance(self.teacher_fold, list):  # several teachers (combined_leakage)
+            return (f"the teachers of folds {', '.join(map(str, self.teacher_fold))} were trained on "
+                    f"{len(self.cases)} of the student's {self.n_validation} validation cases between them ({shown}; "
+                    f"teachers' held-out cases from {self.source})")
         return (f"the teacher (fold {self.teacher_fold}) was trained on {len(self.cases)} of the student's "
                 f"{self.n_validation} validation cases ({shown}; teacher's held-out cases from {self.source})")
 
@@ -306,6 +382,18 @@ def teacher_held_out_cases(teacher: LoadedTeacher, splits: Optional[list[dict]])
     if fold is None:
         return None, "the teacher checkpoint names no fold"
     return None, f"splits_final.json has no fold {fold} (nnU-Net then drew a random split)"
+
+
+def combined_leakage(leaks: list[Optional[Leakage]]) -> Optional[Leakage]:
+    """One Leakage for several teachers: the union of the validation cases some teacher was trained on.
+    A single leaking teacher is returned as it is (so one teacher reads exactly as before)."""
+    present = [leak for leak in leaks if leak is not None]
+    if len(present) <= 1:
+        return present[0] if present else None
+    cases = sorted(set().union(*(leak.cases for leak in present)))
+    return Leakage(cases=cases, n_validation=present[0].n_validation,
+                   teacher_fold=[leak.teacher_fold for leak in present],
+                   source="; ".join(f"fold {leak.teacher_fold}: {leak.source}" for leak in present))
 
 
 def find_leakage(teacher: LoadedTeacher, student_fold: Union[int, str], student_validation: list[str],

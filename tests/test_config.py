@@ -102,6 +102,17 @@ def test_override_can_set_optional_back_to_none(tmp_path):
     assert s.teacher is None and s.reco_stages == [0, 1]
 
 
+def test_several_teachers_folds_and_weights_are_settings(tmp_path):
+    env = _override(tmp_path, {"teacher": ["/t/a", "/t/b"], "teacher_folds": "all", "teacher_weights": [1, 3]})
+    s = resolve_settings(TRAINER, environ=env)
+    assert s.teacher == ["/t/a", "/t/b"] and s.teacher_folds == "all"
+    assert s.teacher_weights == [1.0, 3.0] and all(isinstance(w, float) for w in s.teacher_weights)
+    s = resolve_settings(TRAINER, environ=_override(tmp_path, {"teacher_folds": [0, 2]}, "o3.json"))
+    assert s.teacher_folds == [0, 2] and s.teacher is None
+    with pytest.raises(SettingsError, match="empty list"):
+        resolve_settings(TRAINER, environ=_override(tmp_path, {"teacher": []}, "o4.json"))
+
+
 def test_unknown_key_names_it_and_lists_valid_keys(tmp_path):
     env = _override(tmp_path, {"num_epoch": 3})
     with pytest.raises(SettingsError) as e:
@@ -119,7 +130,12 @@ def test_unknown_key_names_it_and_lists_valid_keys(tmp_path):
     ("num_epochs", True),             # bool for int
     ("logit_weight", True),           # bool for float
     ("logit_weight", "1.0"),          # string for float
-    ("teacher", ["/a", "/b"]),        # list for str
+    ("teacher", ["/a", 3]),           # a teacher list with a non-path
+    ("teacher", 3),                   # neither a path nor a list of paths
+    ("teacher_folds", "some"),        # only "all" is a word
+    ("teacher_folds", [0, "1"]),      # folds are numbers
+    ("teacher_weights", [1, "x"]),    # weights are numbers
+    ("teacher_weights", [0, 0]),      # a zero sum
     ("seed", 1.5),                    # float for an optional int
     ("seed", True),                   # bool for an optional int
     ("teacher_trainer", 5),           # int for str

@@ -119,7 +119,7 @@ def _doctor_teacher(dataset: str, configuration: str, fold: str, trainer: str, p
     import torch
 
     from nnunetv2_recokd.config import SettingsError, resolve_settings
-    from nnunetv2_recokd.teacher import TeacherError, load_teacher, resolve_teacher
+    from nnunetv2_recokd.teacher import TeacherError, load_teacher, resolve_teachers
 
     try:
         dataset_name = maybe_convert_to_dataset_name(dataset)
@@ -145,34 +145,48 @@ def _doctor_teacher(dataset: str, configuration: str, fold: str, trainer: str, p
         if student is None:
             return False
     try:
-        location = resolve_teacher(settings.teacher, dataset_name, configuration, fold_value,
-                                   settings.teacher_trainer, settings.teacher_plans or plans,
-                                   settings.teacher_checkpoint)
-        print(f"  checkpoint {location.checkpoint} (from {location.source})")
-        if student is None:
-            # no student data to compare with: still build the teacher and load its weights strictly, checked
-            # against its own plans (which match themselves)
-            student_like = _plans_and_dataset(location.model_folder / "plans.json", configuration, "the teacher's")
-            if student_like is None:
-                return False
-            teacher = load_teacher(location, *student_like, configuration, torch.device("cpu"))
-        else:
-            teacher = load_teacher(location, *student, configuration, torch.device("cpu"))
+        locations = resolve_teachers(settings.teacher, settings.teacher_folds, dataset_name, configuration,
+                                     fold_value, settings.teacher_trainer, settings.teacher_plans or plans,
+                                     settings.teacher_checkpoint)
     except TeacherError as e:
-        lines = str(e).splitlines()
-        if len(lines) > _MAX_ERROR_LINES:  # torch lists every mismatched tensor of a checkpoint that does not fit
-            lines = lines[:_MAX_ERROR_LINES] + [f"... ({len(lines) - _MAX_ERROR_LINES} more lines)"]
-        print("  " + "\n  ".join(lines))
+        _print_error(e)
         return False
-    print(f"  {teacher.describe()}")
-    for note in teacher.notes:
-        print(f"  note: {note}")
+    ok = True
+    for location in locations:  # one, or several teachers (teacher list, teacher_folds): each checked
+        print(f"  checkpoint {location.checkpoint} (from {location.source})")
+        try:
+            if student is None:
+                # no student data to compare with: still build the teacher and load its weights strictly, checked
+                # against its own plans (which match themselves)
+                student_like = _plans_and_dataset(location.model_folder / "plans.json", configuration,
+                                                  "the teacher's")
+                if student_like is None:
+                    return False
+                teacher = load_teacher(location, *student_like, configuration, torch.device("cpu"))
+            else:
+                teacher = load_teacher(location, *student, configuration, torch.device("cpu"))
+        except TeacherError as e:
+            _print_error(e)
+            ok = False
+            continue
+        print(f"  {teacher.describe()}")
+        for note in teacher.notes:
+            print(f"  note: {note}")
+    if not ok:
+        return False
     if student is None:
         print(f"  (no preprocessed plans at {student_plans_file}: the teacher loads, but whether it fits the "
               f"student's data is not checked; run nnUNetv2_plan_and_preprocess first)")
     else:
         print(f"  matches the student's data ({student_plans_file})")
     return True
+
+
+def _print_error(error: Exception) -> None:
+    lines = str(error).splitlines()
+    if len(lines) > _MAX_ERROR_LINES:  # torch lists every mismatched tensor of a checkpoint that does not fit
+        lines = lines[:_MAX_ERROR_LINES] + [f"... ({len(lines) - _MAX_ERROR_LINES} more lines)"]
+    print("  " + "\n  ".join(lines))
 
 
 def _plans_and_dataset(plans_file: Path, configuration: str, whose: str) -> Optional[tuple[dict, dict]]:

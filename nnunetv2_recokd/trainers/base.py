@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -45,7 +45,14 @@ from nnunetv2_recokd.student import (
     student_arch_kwargs,
     student_spec,
 )
-from nnunetv2_recokd.teacher import Leakage, LoadedTeacher, TeacherError, find_leakage, load_teacher, resolve_teacher
+from nnunetv2_recokd.teacher import (
+    LoadedTeacher,
+    TeacherError,
+    combined_leakage,
+    find_leakage,
+    load_teachers,
+    resolve_teachers,
+)
 from nnunetv2_recokd.trainers.ddp import all_reduce_gradients
 from nnunetv2_recokd.trainers.progress import KD_PREFIX, SEG_KEY, DistillLocalLogger, ensure_key
 
@@ -79,15 +86,16 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         record_student_spec(self.plans_manager.plans, self.configuration_manager, configuration,
                             s.student_width, s.student_min_channels)
         self.logger.local_logger = DistillLocalLogger(self.logger.local_logger.verbose)
-        self.teacher: Optional[LoadedTeacher] = None
+        self.teachers: list[LoadedTeacher] = []  # one, or several (an ensemble of folds, other plans)
         self.distiller: Optional[Distiller] = None
         self.student_recorder: Optional[FeatureRecorder] = None
-        self.teacher_recorder: Optional[FeatureRecorder] = None
+        self.teacher_recorders: list[FeatureRecorder] = []
         self._teacher_encoder_only = False
         self._validation_only = False  # set by load_checkpoint for --val: no teacher needed
         self._compile_note_logged = False
         self._leakage: Optional[dict] = None  # the teacher saw student validation cases (allow_leaky_teacher)
-        self._checkpoint_teacher: Optional[str] = None  # --c: the teacher the checkpoint was trained with
+        # --c: the teacher(s) the checkpoint was trained with (a path for one teacher, a list for several)
+        self._checkpoint_teacher: Optional[Union[str, list[str]]] = None
         self._first_step_of_epoch = True
         self._part_gradient_norms: dict[str, float] = {}
 
@@ -139,6 +147,9 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         if self.teacher is not None:
             ratio = count_parameters(self.teacher.network) / count_parameters(student)
             message += f", {ratio:.1f}x fewer parameters than the teacher"
+            if len(self.teachers) > 1:
+                total = sum(count_parameters(t.network) for t in self.teachers) / count_parameters(student)
+                message += f" ({total:.1f}x fewer than the {len(self.teachers)} teachers together)"
         self.print_to_log_file(message)
         if self.distiller is not None:
             self.distiller.ds_weights = [float(w) for w in getattr(self.loss, "weight_factors", [1.0])]
@@ -146,7 +157,8 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
             # encoder-feature terms without logits need only the teacher's encoder
             self._teacher_encoder_only = not self.distiller.uses_logits and all(n.startswith("enc") for n in stages)
             self.student_recorder = FeatureRecorder(student, stages)
-            self.teacher_recorder = FeatureRecorder(self.teacher.network.network, stages)
+            # features are recorded at the hooked stages only, per teacher, and handed over by pop() each step
+            self.teacher_recorders = [FeatureRecorder(t.network.network, stages) for t in self.teachers]
             self.print_to_log_file(f"distillation terms recorded at stages {stages or 'none (logits only)'}; "
                                    f"{count_parameters(self.distiller) / 1e6:.4f} M trainable distillation "
                                    f"parameters (adapters, context blocks, projectors)")
@@ -184,9 +196,15 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         if os.path.isfile(splits_file):
             with open(splits_file) as f:
                 splits = json.load(f)
-        leakage: Optional[Leakage] = find_leakage(self.teacher, self.fold, list(validation), splits)
+        leakage = combined_leakage([find_leakage(t, self.fold, list(validation), splits) for t in self.teachers])
         if leakage is None:
             return
+        if not self.settings.allow_leaky_teacher and len(self.teachers) > 1:
+            raise TeacherError(
+                f"{leakage.describe()}: the student's fold {self.fold} validation Dice would be inflated. An "
+                f"ensemble of fold teachers has seen every training case, so this is expected: set "
+                f"\"allow_leaky_teacher\": true in {CONFIG_ENV} (the shipped *_ensemble trainers do) to accept it; the "
+                f"validation is then marked optimistic, and held-out cases (imagesTs/labelsTs) give the honest Dice.")
         if not self.settings.allow_leaky_teacher:
             raise TeacherError(
                 f"{leakage.describe()}: the student's fold {self.fold} validation Dice would be inflated. Use the "
@@ -197,31 +215,53 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         self.print_to_log_file(f"WARNING: {leakage.describe()}. allow_leaky_teacher is set: this student's fold "
                                f"{self.fold} validation is OPTIMISTIC (the report marks it so).")
 
+    @property
+    def teacher(self) -> Optional[LoadedTeacher]:
+        """The first (with one teacher: the) teacher, None before initialize or without distillation."""
+        return self.teachers[0] if self.teachers else None
+
+    @property
+    def teacher_recorder(self) -> Optional[FeatureRecorder]:
+        return self.teacher_recorders[0] if self.teacher_recorders else None
+
     def _load_teacher(self) -> None:
+        """Find every teacher, then check and load them all; every problem is reported at once."""
         s = self.settings
-        location = resolve_teacher(s.teacher, self.plans_manager.dataset_name, self.configuration_name, self.fold,
-                                   s.teacher_trainer, s.teacher_plans or self.plans_manager.plans_name,
-                                   s.teacher_checkpoint)
-        if self._checkpoint_teacher is not None and not _same_file(self._checkpoint_teacher, location.checkpoint):
-            if not s.allow_teacher_change:
-                raise TeacherError(
-                    f"--c: the checkpoint was distilled from the teacher {self._checkpoint_teacher}, but the teacher "
-                    f"found now is {location.checkpoint} (from {location.source}). Point {TEACHER_ENV} at the "
-                    f"original teacher to continue, or set \"allow_teacher_change\": true in {CONFIG_ENV} to "
-                    f"continue with the new one.")
-            self.print_to_log_file(f"NOTE: continuing with another teacher than the checkpoint's "
-                                   f"({self._checkpoint_teacher}); allow_teacher_change is set")
-        self.teacher = load_teacher(location, self.plans_manager.plans, self.dataset_json, self.configuration_name,
-                                    self.device)
-        self.print_to_log_file("Loaded " + self.teacher.describe())
-        for note in self.teacher.notes:
-            self.print_to_log_file("NOTE: " + note)
+        locations = resolve_teachers(s.teacher, s.teacher_folds, self.plans_manager.dataset_name,
+                                     self.configuration_name, self.fold, s.teacher_trainer,
+                                     s.teacher_plans or self.plans_manager.plans_name, s.teacher_checkpoint)
+        if s.teacher_weights is not None and len(s.teacher_weights) != len(locations):
+            raise SettingsError(f"teacher_weights has {len(s.teacher_weights)} value(s) for {len(locations)} "
+                                f"teacher(s) ({', '.join(str(loc.checkpoint) for loc in locations)}); give one weight "
+                                f"per teacher in that order, or null for equal weights")
+        if self._checkpoint_teacher is not None:
+            saved = ([self._checkpoint_teacher] if isinstance(self._checkpoint_teacher, str)
+                     else list(self._checkpoint_teacher))
+            found = [loc.checkpoint for loc in locations]
+            if len(saved) != len(found) or not all(_same_file(a, b) for a, b in zip(saved, found)):
+                if not s.allow_teacher_change:
+                    raise TeacherError(
+                        f"--c: the checkpoint was distilled from the teacher(s) {', '.join(map(str, saved))}, but the "
+                        f"teacher(s) found now are {', '.join(map(str, found))} (from {locations[0].source}). Point "
+                        f"{TEACHER_ENV} or the teacher setting at the original teacher(s) to continue, or set "
+                        f"\"allow_teacher_change\": true in {CONFIG_ENV} to continue with the new one(s).")
+                self.print_to_log_file(f"NOTE: continuing with another teacher than the checkpoint's "
+                                       f"({', '.join(map(str, saved))}); allow_teacher_change is set")
+        self.teachers = load_teachers(locations, self.plans_manager.plans, self.dataset_json, self.configuration_name,
+                                      self.device)
+        for i, teacher in enumerate(self.teachers):
+            prefix = "Loaded " if len(self.teachers) == 1 else f"Loaded teacher {i + 1} of {len(self.teachers)}: "
+            self.print_to_log_file(prefix + teacher.describe())
+            for note in teacher.notes:
+                self.print_to_log_file("NOTE: " + note)
 
     def _build_distiller(self) -> Distiller:
         s = self.settings
         cm = self.configuration_manager
         student_kwargs = student_arch_kwargs(cm.network_arch_init_kwargs, s.student_width, s.student_min_channels)
-        return Distiller(s, stage_channels(student_kwargs), stage_channels(self.teacher.arch_kwargs),
+        teacher_channels = [stage_channels(t.arch_kwargs) for t in self.teachers]
+        return Distiller(s, stage_channels(student_kwargs),
+                         teacher_channels[0] if len(teacher_channels) == 1 else teacher_channels,
                          n_stages=len(student_kwargs["features_per_stage"]), ds_weights=[1.0],
                          conv_dim=len(cm.patch_size), has_regions=self.label_manager.has_regions,
                          ignore_label=self.label_manager.ignore_label,
@@ -265,19 +305,22 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         self.optimizer.zero_grad(set_to_none=True)
         progress = self.current_epoch / max(1, self.num_epochs)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            with self.teacher_recorder:
-                teacher_out = (self.teacher.network.encode(data) if self._teacher_encoder_only
-                               else self.teacher.network(data))
-            teacher_features = self.teacher_recorder.pop()
+            # every teacher in eval mode under no_grad (FrozenTeacher), its encoder only where no term needs more
+            teacher_features, teacher_outputs = [], []
+            for teacher, recorder in zip(self.teachers, self.teacher_recorders):
+                with recorder:
+                    out = teacher.network.encode(data) if self._teacher_encoder_only else teacher.network(data)
+                teacher_features.append(recorder.pop())
+                teacher_outputs.append([] if self._teacher_encoder_only else _as_list(out))
+                del out
             with self.student_recorder:
                 student_out = self.network(data)
             student_features = self.student_recorder.pop()
             seg = self.loss(student_out, target)
             kd, terms = self.distiller(student_features, teacher_features, _as_list(student_out),
-                                       [] if self._teacher_encoder_only else _as_list(teacher_out), targets,
-                                       progress)
+                                       [] if self._teacher_encoder_only else teacher_outputs, targets, progress)
             loss = seg + kd
-        del student_features, teacher_features, teacher_out
+        del student_features, teacher_features, teacher_outputs
         if self.settings.log_term_gradients and self._first_step_of_epoch:
             norms = self._term_gradient_norms(seg, terms, progress)
             if norms:
@@ -370,7 +413,7 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
 
     def on_train_end(self) -> None:
         super().on_train_end()
-        for recorder in (self.student_recorder, self.teacher_recorder):
+        for recorder in (self.student_recorder, *self.teacher_recorders):
             if recorder is not None:
                 recorder.remove()
 
@@ -395,7 +438,9 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
             CHECKPOINT_KEY: {
                 "distiller": self.distiller.state_dict() if self.distiller is not None else None,
                 "settings": self.settings.as_dict(),
-                "teacher": str(self.teacher.location.checkpoint) if self.teacher is not None else None,
+                # one teacher: its path (the layout of checkpoints before ensembles); several: the list
+                "teacher": (None if not self.teachers else str(self.teacher.location.checkpoint)
+                            if len(self.teachers) == 1 else [str(t.location.checkpoint) for t in self.teachers]),
                 "teacher_saw_validation_cases": self._leakage,
             },
         }
