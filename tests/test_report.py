@@ -183,3 +183,7 @@ def test_a_leaky_teachers_student_is_marked_optimistic(results: tuple[Path, dict
     assert "0.7716 (optimistic)" in line
     assert "nnUNetTrainerReCoKD: validation OPTIMISTIC: its teacher was trained on 3 of the 3" in text
     assert "(optimistic)" not in next(li for li in text.splitlines() if li.startswith("| nnUNetTrainerStudent "))
+    ensemble = {**rows[2], "validation_optimistic": {"cases": 3, "of": 3, "teacher_fold": [1, 2, 3, 4],
+                                                     "source": "splits_final.json"}}
+    text = report.to_markdown([ensemble])
+    assert "0.7716 (optimistic)" in text and "its teachers (folds 1, 2, 3, 4) were trained on 3 of the 3" in text

@@ -279,8 +279,14 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
         leak = row.get("validation_optimistic")
         if leak and row["status"] == "validated":
             mean += " (optimistic)"
-            notes.append(f"- {row['trainer']}: validation OPTIMISTIC: its teacher was trained on {leak['cases']} of "
-                         f"the {leak['of']} validation cases (teacher fold {leak['teacher_fold']})")
+            folds = leak["teacher_fold"]
+            if isinstance(folds, list):  # an ensemble of teachers (several folds)
+                notes.append(f"- {row['trainer']}: validation OPTIMISTIC: its teachers (folds "
+                             f"{', '.join(map(str, folds))}) were trained on {leak['cases']} of the {leak['of']} "
+                             f"validation cases between them; held-out cases (imagesTs/labelsTs) give the honest Dice")
+            else:
+                notes.append(f"- {row['trainer']}: validation OPTIMISTIC: its teacher was trained on {leak['cases']} "
+                             f"of the {leak['of']} validation cases (teacher fold {folds})")
         dice = [_fmt(row["dice"].get(c), ".4f") for c in classes]
         latency = _fmt(row["latency_ms"], ".1f", "n/a")
         lines.append("| " + " | ".join([_label(row), f"{row['width']:g}", params, *dice, mean, latency]) + " |")

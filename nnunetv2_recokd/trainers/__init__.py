@@ -8,6 +8,7 @@ from nnunetv2_recokd.trainers.baselines import (
     nnUNetTrainerStudent_w8,
     nnUNetTrainerTeacher,
 )
+from nnunetv2_recokd.trainers.ensemble import nnUNetTrainerLogitKD_ensemble, nnUNetTrainerReCoKD_ensemble
 from nnunetv2_recokd.trainers.graph import nnUNetTrainerGraphKD, nnUNetTrainerReCoKDGraph
 from nnunetv2_recokd.trainers.recokd import (
     nnUNetTrainerReCoKD,
@@ -34,5 +35,7 @@ __all__ = [
     "nnUNetTrainerReCoKD_singleScale",
     "nnUNetTrainerReCoKDGraph",
     "nnUNetTrainerGraphKD",
+    "nnUNetTrainerLogitKD_ensemble",
+    "nnUNetTrainerReCoKD_ensemble",
 ]
 PUBLIC_TRAINERS = __all__[1:]
