@@ -112,3 +112,23 @@ def test_unknown_trainer_names_the_valid_ones():
     # a trainer that does no distillation has nothing to benchmark
     with pytest.raises(SystemExit, match="unknown --trainers nnUNetTrainerStudent;"):
         cli.main(["benchmark", "--trainers", "nnUNetTrainerStudent"])
+
+
+def test_benchmark_with_several_teachers_has_a_floor_per_teacher_count():
+    import torch
+
+    plans = sandbox.unet_plans((16, 32, 64), (8, 8, 8), batch_size=2)
+    result = benchmark.run_setting("tiny", plans, ["nnUNetTrainerLogitKD", "nnUNetTrainerReCoKD"],
+                                   torch.device("cpu"), steps=1, warmup=0, teachers=[1, 3])
+    assert [f["teachers"] for f in result["floors"]] == [1, 3]
+    assert result["floor_ms"] == result["floors"][0]["floor_ms"]  # top-level keys: the first count
+    assert [(r["teachers"], r["trainer"]) for r in result["trainers"]] == [
+        (1, "nnUNetTrainerLogitKD"), (1, "nnUNetTrainerReCoKD"),
+        (3, "nnUNetTrainerLogitKD"), (3, "nnUNetTrainerReCoKD")]
+    for row in result["trainers"]:
+        floor = next(f for f in result["floors"] if f["teachers"] == row["teachers"])
+        assert row["ratio_to_floor"] == row["ms_per_step"] / floor["floor_ms"]
+    text = benchmark.to_markdown([result])
+    assert "| 3 | nnUNetTrainerReCoKD |" in text and "3 teacher(s)" in text
+    with pytest.raises(SystemExit, match="--teachers"):
+        benchmark.run_setting("tiny", plans, ["nnUNetTrainerReCoKD"], torch.device("cpu"), 1, 0, teachers=[0])

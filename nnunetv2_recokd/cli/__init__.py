@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--terms-only", action="store_true",
                    help="only the distillation terms alone (ours vs direct formulas), no training steps")
+    p.add_argument("--teachers", nargs="+", type=int, default=[1],
+                   help="numbers of teachers to time each trainer with, e.g. 1 2 5 (default 1); each count has its "
+                        "own floor: student step + that many teacher forwards")
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--md", help="write the Markdown table here")
 
@@ -102,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from nnunetv2_recokd.cli import benchmark
 
         return benchmark.main(args.setting, args.trainers or benchmark.DEFAULT_TRAINERS, args.device, args.steps,
-                              args.warmup, args.plans, args.json, args.md, args.terms_only)
+                              args.warmup, args.plans, args.json, args.md, args.terms_only, args.teachers)
     if args.command == "report":
         from nnunetv2_recokd.cli import report
 

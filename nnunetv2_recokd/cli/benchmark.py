@@ -122,8 +122,15 @@ def _quiet():
 
 
 def run_setting(name: str, plans: dict, trainers: Sequence[str], device: torch.device, steps: int,
-                warmup: int, terms_only: bool = False) -> dict:
-    """Training steps against the floor, latency and the distillation terms alone (terms_only: the terms only)."""
+                warmup: int, terms_only: bool = False, teachers: Sequence[int] = (1,)) -> dict:
+    """Training steps against the floor, latency and the distillation terms alone (terms_only: the terms only).
+
+    teachers: numbers of teachers to time each trainer with (random teachers of the setting's plans, one student):
+    each count N has its own floor, a plain student step plus N teacher forwards, timed together. The top-level
+    floor keys are those of the first count; "floors" holds one entry per count and each trainer row its count.
+    """
+    if not teachers or any(n < 1 for n in teachers):
+        raise SystemExit(f"--teachers takes counts >= 1, got {list(teachers)}")
     import nnunetv2_recokd.trainers as public
 
     check_trainers(trainers)
@@ -144,7 +151,9 @@ def run_setting(name: str, plans: dict, trainers: Sequence[str], device: torch.d
         try:
             sandbox.prepare_folders(root, plans)
             os.environ["nnUNet_compile"] = "f"
-            os.environ["RECOKD_TEACHER"] = str(sandbox.write_random_teacher(root / "teacher", plans, dataset))
+            teacher_folders = [str(sandbox.write_random_teacher(root / f"teacher_{i}" / "model", plans, dataset,
+                                                                seed=i)) for i in range(max(teachers))]
+            os.environ["RECOKD_TEACHER"] = teacher_folders[0]
             (root / "bench.json").write_text(json.dumps({"graph_lesion_labels": [2],
                                                          "graph_min_component_voxels": 1}))
             os.environ["RECOKD_CONFIG"] = str(root / "bench.json")
@@ -159,26 +168,37 @@ def run_setting(name: str, plans: dict, trainers: Sequence[str], device: torch.d
                 return t
 
             teacher_net = trainer("nnUNetTrainerLogitKD").teacher.network
-            floor = _measure_floor(trainer("nnUNetTrainerStudent"), teacher_net, batch, device, steps, warmup)
-            for cls_name in trainers:
-                ms, peak = _time(partial(trainer(cls_name).train_step, batch), device, steps, warmup)
-                rows.append({"trainer": cls_name, "ms_per_step": ms, "ratio_to_floor": ms / floor["floor_ms"],
-                             "peak_gib": peak, "peak_ratio": (peak / floor["floor_peak_gib"])
-                             if peak is not None and floor["floor_peak_gib"] else None})
             latency = _inference_latency(trainer("nnUNetTrainerStudent").network, teacher_net.network,
                                          batch["data"][:1], device, steps, warmup)
+            floors = []
+            for count in teachers:
+                os.environ["RECOKD_TEACHER"] = os.pathsep.join(teacher_folders[:count])
+                teacher_nets = trainer("nnUNetTrainerLogitKD").teachers if count > 1 else [teacher_net]
+                floor = {"teachers": count, **_measure_floor(trainer("nnUNetTrainerStudent"),
+                                                             [t.network for t in teacher_nets], batch, device,
+                                                             steps, warmup)}
+                del teacher_nets
+                floors.append(floor)
+                for cls_name in trainers:
+                    ms, peak = _time(partial(trainer(cls_name).train_step, batch), device, steps, warmup)
+                    rows.append({"trainer": cls_name, "teachers": count, "ms_per_step": ms,
+                                 "ratio_to_floor": ms / floor["floor_ms"], "peak_gib": peak,
+                                 "peak_ratio": (peak / floor["floor_peak_gib"])
+                                 if peak is not None and floor["floor_peak_gib"] else None})
         finally:
             os.environ.clear()
             os.environ.update(saved_env)
-    return {**header, **floor, "trainers": rows, **latency, **terms}
+    first = {k: v for k, v in floors[0].items() if k != "teachers"}
+    return {**header, **first, "floors": floors, "trainers": rows, **latency, **terms}
 
 
-def _measure_floor(control, teacher_net: torch.nn.Module, batch: dict, device: torch.device, steps: int,
+def _measure_floor(control, teacher_nets: Sequence[torch.nn.Module], batch: dict, device: torch.device, steps: int,
                    warmup: int) -> dict:
-    """The floor no distillation step can beat: a plain student step plus one teacher forward."""
+    """The floor no distillation step can beat: a plain student step plus one forward of every teacher."""
     def teacher_forward():
         with torch.autocast(device.type, enabled=device.type == "cuda"):
-            teacher_net(batch["data"])
+            for teacher_net in teacher_nets:
+                teacher_net(batch["data"])
 
     def floor_step():
         teacher_forward()
@@ -366,13 +386,22 @@ def to_markdown(results: list[dict]) -> str:
                          f"{r['teacher_inference_ms']:.1f} ms ({r['teacher_params'] / 1e6:.2f} M params), student "
                          f"{r['student_inference_ms']:.1f} ms ({r['student_params'] / 1e6:.2f} M params).")
             lines.append("")
-            lines.append("| trainer | ms / step | ratio to floor | peak memory | peak ratio |")
-            lines.append("|---|---|---|---|---|")
+            floors = r.get("floors") or [{"teachers": 1, "floor_ms": r["floor_ms"]}]
+            several = [f["teachers"] for f in floors] != [1]
+            if several:
+                lines.append("Several teachers: the floor of N teachers is a student step plus N teacher forwards, "
+                             "timed together: " + "; ".join(
+                                 f"{f['teachers']} teacher(s) {f['floor_ms']:.1f} ms (teacher forwards alone "
+                                 f"{f['teacher_forward_ms']:.1f} ms)" for f in floors) + ".")
+                lines.append("")
+            lines.append(("| teachers " if several else "") + "| trainer | ms / step | ratio to floor | peak memory "
+                         "| peak ratio |")
+            lines.append(("|---" if several else "") + "|---|---|---|---|---|")
             for t in r["trainers"]:
                 peak = f"{t['peak_gib']:.2f} GiB" if t["peak_gib"] is not None else "n/a (CPU)"
                 ratio = f"{t['peak_ratio']:.2f}" if t["peak_ratio"] is not None else "n/a"
-                lines.append(f"| {t['trainer']} | {t['ms_per_step']:.1f} | {t['ratio_to_floor']:.2f} | {peak} | "
-                             f"{ratio} |")
+                lines.append((f"| {t.get('teachers', 1)} " if several else "") + f"| {t['trainer']} | "
+                             f"{t['ms_per_step']:.1f} | {t['ratio_to_floor']:.2f} | {peak} | {ratio} |")
             lines.append("")
         reco = r.get("reco_terms")
         if reco:
@@ -397,7 +426,8 @@ def to_markdown(results: list[dict]) -> str:
 
 
 def main(settings: Sequence[str], trainers: Sequence[str], device: str, steps: int, warmup: int,
-         plans_file: Optional[str], json_out: Optional[str], md_out: Optional[str], terms_only: bool = False) -> int:
+         plans_file: Optional[str], json_out: Optional[str], md_out: Optional[str], terms_only: bool = False,
+         teachers: Sequence[int] = (1,)) -> int:
     """Run the benchmark; every argument problem is a SystemExit before anything is timed."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -409,11 +439,13 @@ def main(settings: Sequence[str], trainers: Sequence[str], device: str, steps: i
     if plans_file and "plans" not in settings:
         raise SystemExit("--plans is only read by --setting plans; add `--setting plans`")
     check_trainers(trainers)
+    if not teachers or any(n < 1 for n in teachers):
+        raise SystemExit(f"--teachers takes counts >= 1, got {list(teachers)}")
     built = {name: catalogue[name]() for name in settings}  # a bad --plans stops here, before any timing
     results = []
     for name in settings:
         print(f"[benchmark] {name} on {dev} ...", flush=True)
-        results.append(run_setting(name, built[name], trainers, dev, steps, warmup, terms_only))
+        results.append(run_setting(name, built[name], trainers, dev, steps, warmup, terms_only, teachers))
     text = to_markdown(results)
     print(text)
     if json_out:
