@@ -187,3 +187,31 @@ def test_a_leaky_teachers_student_is_marked_optimistic(results: tuple[Path, dict
                                                      "source": "splits_final.json"}}
     text = report.to_markdown([ensemble])
     assert "0.7716 (optimistic)" in text and "its teachers (folds 1, 2, 3, 4) were trained on 3 of the 3" in text
+
+
+def test_held_out_cases_are_found_only_with_images_and_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path))
+    folder = tmp_path / DATASET
+    (folder / "imagesTs").mkdir(parents=True)
+    (folder / "imagesTs" / "case_0000.nii.gz").touch()
+    assert report.test_set(DATASET) is None  # no labelsTs: nothing to score against
+    (folder / "labelsTs").mkdir()
+    assert report.test_set(DATASET) is None  # empty labelsTs
+    (folder / "labelsTs" / "case.nii.gz").touch()
+    assert report.test_set(DATASET) == (folder / "imagesTs", folder / "labelsTs")
+    monkeypatch.delenv("nnUNet_raw")
+    assert report.test_set(DATASET) is None
+
+
+def test_held_out_table_lists_dice_and_seconds_per_case():
+    row = {"trainer": "nnUNetTrainerReCoKD", "role": "student", "width": 0.25, "params": 1000, "status": "validated",
+           "dice": {"organ": 0.9}, "mean_dice": 0.9, "latency_ms": None, "latency_note": None, "checkpoint": "c",
+           "n_cases": 2, "test": {"dice": {"organ": 0.81234, "lesion": 0.5}, "mean_dice": 0.65617, "n_cases": 4,
+                                  "seconds_per_case": 1.234}, "test_note": None}
+    failed = {**row, "trainer": "nnUNetTrainerStudent", "test": None, "test_note": "RuntimeError: no trainer"}
+    text = report.to_markdown([row, failed])
+    assert "Held-out cases (imagesTs/labelsTs, 4 cases" in text
+    assert "| nnUNetTrainerReCoKD | 0.8123 | 0.5000 | 0.6562 | 1.23 |" in text
+    assert "| nnUNetTrainerStudent | - | - | - | - |" in text
+    assert "nnUNetTrainerStudent: held-out cases not evaluated: RuntimeError: no trainer" in text
+    assert "Held-out" not in report.to_markdown([{**row, "test": None}])

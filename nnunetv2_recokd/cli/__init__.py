@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time one forward pass per model, rebuilt as nnUNetv2_predict does")
     p.add_argument("--device", default="cpu", help="device for the latency (cpu or cuda)")
     p.add_argument("--runs", type=int, default=5, help="timed forward passes per model (median reported)")
+    p.add_argument("--test", action=argparse.BooleanOptionalAction, default=True,
+                   help="also predict and score every model on the held-out cases, when $nnUNet_raw/<Dataset> has "
+                        "imagesTs and labelsTs (Dice per class, seconds per case; predictions in OUT/test_predictions)")
+    p.add_argument("--tta", action="store_true", help="mirroring at test-set prediction (nnU-Net's default; slower)")
     return parser
 
 

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -208,10 +209,54 @@ def _latency_or_reason(model_folder: Path, fold: str, checkpoint: Optional[Path]
         return None, f"{type(e).__name__}: {first_line}{hint}"
 
 
+# ----------------------------------------------------------------------------------- held-out cases
+def test_set(dataset_name: str) -> Optional[tuple[Path, Path]]:
+    """($nnUNet_raw/<Dataset>/imagesTs, labelsTs) when nnUNet_raw is set and both folders hold files, else None."""
+    raw = os.environ.get("nnUNet_raw")
+    if not raw:
+        return None
+    images, labels = Path(raw) / dataset_name / "imagesTs", Path(raw) / dataset_name / "labelsTs"
+    if images.is_dir() and labels.is_dir() and any(images.iterdir()) and any(labels.iterdir()):
+        return images, labels
+    return None
+
+
+def evaluate_test_set(model_folder: Path, fold: str, checkpoint: Path, images: Path, labels: Path, out: Path,
+                      device: str, tta: bool) -> dict[str, Any]:
+    """Predict imagesTs with nnU-Net's own predictor (the model's fold, mirroring only with `tta`), score the
+    predictions against labelsTs with nnU-Net's own evaluation (summary.json in `out`), and time the prediction:
+    per-class Dice, mean foreground Dice, case count and seconds per case (preprocessing and export included)."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    dev = torch.device(device)
+    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints per case
+        predictor = nnUNetPredictor(use_mirroring=tta, device=dev, perform_everything_on_device=dev.type == "cuda",
+                                    verbose=False, allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold if fold == "all"
+                                                                                     else int(fold),),
+                                                       checkpoint_name=checkpoint.name)
+        start = time.perf_counter()
+        predictor.predict_from_files_sequential(str(images), str(out), save_probabilities=False, overwrite=True)
+        seconds = time.perf_counter() - start
+        labels_manager = predictor.plans_manager.get_label_manager(predictor.dataset_json)
+        compute_metrics_on_folder(str(labels), str(out), str(out / "summary.json"),
+                                  predictor.plans_manager.image_reader_writer_class(),
+                                  predictor.dataset_json["file_ending"],
+                                  labels_manager.foreground_regions if labels_manager.has_regions
+                                  else labels_manager.foreground_labels, labels_manager.ignore_label, num_processes=1)
+    result = read_summary(out / "summary.json", class_names(predictor.dataset_json))
+    result["seconds_per_case"] = seconds / max(1, result["n_cases"])
+    return result
+
+
 # ----------------------------------------------------------------------------------- the rows
 def collect_row(trainer: str, model_folder: Path, configuration: str, fold: str, latency: bool, device: str,
-                runs: int) -> dict[str, Any]:
-    """One model: its role, width, parameters, Dice from summary.json (or 'not validated yet') and latency."""
+                runs: int, test: Optional[tuple[Path, Path]] = None, test_out: Optional[Path] = None,
+                tta: bool = False) -> dict[str, Any]:
+    """One model: its role, width, parameters, Dice from summary.json (or 'not validated yet'), latency and, with
+    `test` (imagesTs, labelsTs), Dice and seconds per case on the held-out cases (predictions in test_out)."""
     fold_folder = model_folder / f"fold_{fold}"
     plans = _read_json(model_folder / "plans.json")
     dataset_json = _read_json(model_folder / "dataset.json")
@@ -232,6 +277,12 @@ def collect_row(trainer: str, model_folder: Path, configuration: str, fold: str,
         row["latency_ms"], row["latency_note"] = _latency_or_reason(model_folder, fold, checkpoint, device, runs)
     else:
         row["latency_note"] = "not measured (--no-latency)"
+    row["test"], row["test_note"] = None, None
+    if test is not None and checkpoint is not None:
+        try:
+            row["test"] = evaluate_test_set(model_folder, fold, checkpoint, *test, test_out / trainer, device, tta)
+        except Exception as e:  # one model that cannot predict (trainer class not found) must not end the report
+            row["test_note"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
     return row
 
 
@@ -241,10 +292,12 @@ def _read_json(path: Path) -> dict:
 
 
 def collect_rows(dataset: str, configuration: str = "3d_fullres", fold: str = "0", plans: str = "nnUNetPlans",
-                 latency: bool = True, device: str = "cpu", runs: int = 5) -> list[dict[str, Any]]:
-    """One row per model folder of the dataset (teacher first, then references, then our trainers)."""
+                 latency: bool = True, device: str = "cpu", runs: int = 5, test: Optional[tuple[Path, Path]] = None,
+                 test_out: Optional[Path] = None, tta: bool = False) -> list[dict[str, Any]]:
+    """One row per model folder of the dataset (teacher first, then references, then our trainers); with `test`
+    (imagesTs, labelsTs) each model is also predicted and scored on the held-out cases, into test_out/<trainer>."""
     _, root = results_root(dataset)
-    return [collect_row(trainer, folder, configuration, str(fold), latency, device, runs)
+    return [collect_row(trainer, folder, configuration, str(fold), latency, device, runs, test, test_out, tta)
             for trainer, folder in find_model_folders(root, configuration, plans, str(fold))]
 
 
@@ -295,7 +348,31 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
         if row["status"] == "validated":
             ckpt = row["checkpoint"] or "no checkpoint"
             notes.append(f"- {row['trainer']}: {row['n_cases']} validation cases, {ckpt}")
-    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+    return "\n".join(lines + ([""] + notes if notes else []) + _test_table(rows)) + "\n"
+
+
+def _test_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Lines of the held-out table (Dice on imagesTs/labelsTs, seconds per case), empty when nothing was tested."""
+    tested = [r for r in rows if r.get("test") or r.get("test_note")]
+    if not tested:
+        return []
+    classes: list[str] = []
+    for row in tested:
+        classes += [c for c in (row["test"] or {}).get("dice", {}) if c not in classes]
+    n_cases = max((row["test"] or {}).get("n_cases", 0) for row in tested)
+    header = ["trainer", *[f"Dice {c}" for c in classes], "mean Dice", "s / case"]
+    lines = ["", f"Held-out cases (imagesTs/labelsTs, {n_cases} cases; nnU-Net's predictor and evaluation; not seen "
+                 f"by any teacher or student):", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in tested:
+        test = row["test"]
+        if test is None:
+            lines.append("| " + " | ".join([_label(row), *["-"] * len(classes), "-", "-"]) + " |")
+            continue
+        lines.append("| " + " | ".join([_label(row), *[_fmt(test["dice"].get(c), ".4f") for c in classes],
+                                        _fmt(test["mean_dice"], ".4f"), _fmt(test["seconds_per_case"], ".2f")])
+                     + " |")
+    lines += [f"- {r['trainer']}: held-out cases not evaluated: {r['test_note']}" for r in tested if r["test_note"]]
+    return lines
 
 
 def plot(rows: list[dict[str, Any]], path: Union[str, Path]) -> None:
@@ -367,11 +444,15 @@ def main(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and args.latency and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but CUDA is not available")
     name, root = results_root(args.dataset)
-    rows = collect_rows(name, args.configuration, str(args.fold), args.plans, args.latency, args.device, args.runs)
+    out = Path(args.out) if args.out else root / DEFAULT_OUT
+    test = test_set(name) if getattr(args, "test", True) else None
+    tta = getattr(args, "tta", False)
+    rows = collect_rows(name, args.configuration, str(args.fold), args.plans, args.latency, args.device, args.runs,
+                        test, out / "test_predictions", tta)
     meta = {"dataset": name, "configuration": args.configuration, "fold": str(args.fold), "plans": args.plans,
             "device": args.device if args.latency else "latency not measured", "runs": args.runs,
-            "patch_size": _patch_size(rows, args.configuration)}
-    out = Path(args.out) if args.out else root / DEFAULT_OUT
+            "patch_size": _patch_size(rows, args.configuration),
+            "test_set": str(test[0]) if test else None, "test_tta": tta if test else None}
     text = write_outputs(rows, out, meta)
     print(text)
     print(f"written: {out / 'report.md'}, {out / 'report.json'}, {out / 'report.png'}")
