@@ -111,3 +111,19 @@ def test_doctor_reports_a_trainer_module_that_exits(monkeypatch, capsys):
     listed = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("nnUNetTrainer")]
     assert len(listed) == len(PUBLIC_TRAINERS)  # the doctor went on past the exiting module
     assert all("NOT discoverable (a module imported by nnU-Net's lookup called sys.exit(2))" in x for x in listed)
+
+
+def test_doctor_checks_every_fold_teacher_of_an_ensemble_trainer(tmp_path, monkeypatch, capsys):
+    folder = _setup(tmp_path, monkeypatch)
+    shutil.copytree(folder / "fold_0", folder / "fold_1")
+    shutil.copytree(folder / "fold_0", folder / "fold_2")
+    narrow = sandbox.write_random_teacher(tmp_path / "narrow", sandbox.unet_plans((8, 16, 32), PATCH),
+                                          sandbox.dataset_json())
+    shutil.copy(narrow / "fold_0" / "checkpoint_final.pth", folder / "fold_2" / "checkpoint_final.pth")
+    code = cli.main(["doctor", "-d", sandbox.SANDBOX_DATASET, "-tr", "nnUNetTrainerReCoKD_ensemble"])
+    out = capsys.readouterr().out
+    assert code == 1
+    for fold in (0, 1, 2):  # every fold listed, the broken one named, the others still described
+        assert str(folder / f"fold_{fold}" / "checkpoint_final.pth") in out
+    assert out.count("M parameters") == 2 and "does not fit the network built from" in out
+    assert "matches the student's data" not in out

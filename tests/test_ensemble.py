@@ -231,6 +231,11 @@ def test_teachers_of_other_plans_train_per_teacher_adapters_checkpoint_and_resum
     with pytest.raises(TeacherError, match="allow_teacher_change") as e:
         make_trainer(nnUNetTrainerReCoKD, plans, dataset, continue_training=True).load_checkpoint(path)
     assert str(second) in str(e.value)
+    # allowed to change teachers, but one teacher has fewer modules than the checkpoint: the setting is named
+    _config(tmp_path, monkeypatch, teacher=[str(first)], reco_warmup=0.0, allow_teacher_change=True)
+    with pytest.raises(SettingsError, match="teacher: ") as e:
+        make_trainer(nnUNetTrainerReCoKD, plans, dataset, continue_training=True).load_checkpoint(path)
+    assert "teacher_weights" not in str(e.value)
 
 
 def test_every_teacher_problem_is_reported_at_once(tmp_path, monkeypatch):

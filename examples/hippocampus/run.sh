@@ -10,6 +10,11 @@
 # Environment: WORK (output tree, default ./hippocampus_work), SHARED (folder holding data/ and teachers/,
 # default ../shared beside the repository), DEVICE (cuda|cpu), EPOCHS, ITERS, VAL_ITERS, SEED (an integer seeds
 # every trainer the same way; default: unseeded, as nnU-Net), TRAINERS, NP (processes for preprocessing).
+#
+# ENSEMBLE=1 (a GPU job): also train the teacher's folds 1-4 (nnUNetTrainerTeacher, TEACHER_EPOCHS x 250
+# iterations, default 40 as the shared fold-0 teacher) and distil all five folds into one student with each of
+# ENSEMBLE_TRAINERS (default nnUNetTrainerReCoKD_ensemble nnUNetTrainerLogitKD_ensemble). Their fold-0 validation is
+# optimistic (folds 1-4 were trained on it); the report marks it so.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 SHARED=${SHARED:-$(cd "$here/../../../shared" && pwd)}
@@ -20,6 +25,9 @@ ITERS=${ITERS:-250}
 VAL_ITERS=${VAL_ITERS:-50}
 SEED=${SEED:-null}
 NP=${NP:-2}
+ENSEMBLE=${ENSEMBLE:-0}
+TEACHER_EPOCHS=${TEACHER_EPOCHS:-40}
+ENSEMBLE_TRAINERS=${ENSEMBLE_TRAINERS:-"nnUNetTrainerReCoKD_ensemble nnUNetTrainerLogitKD_ensemble"}
 TRAINERS=${TRAINERS:-"nnUNetTrainerStudent nnUNetTrainerLogitKD nnUNetTrainerReCoKD nnUNetTrainerReCoKDGraph nnUNetTrainerStudent_w8 nnUNetTrainerReCoKD_w8"}
 DATASET=Dataset004_Hippocampus
 
@@ -54,6 +62,35 @@ for tr in $TRAINERS; do
     RECOKD_CONFIG="$WORK/schedule.json" nnUNetv2_train 4 3d_fullres 0 -tr "$tr" > "$WORK/train_$tr.log" 2>&1
   fi
 done
+
+device_args=() da_env=()
+if [ "$DEVICE" = cpu ]; then device_args=(-device cpu); da_env=(nnUNet_n_proc_DA=0); fi
+if [ "$ENSEMBLE" = 1 ]; then
+  folds_teacher=$nnUNet_results/$DATASET/nnUNetTrainerTeacher__nnUNetPlans__3d_fullres
+  cat > "$WORK/teacher_schedule.json" <<JSON
+{"num_epochs": $TEACHER_EPOCHS, "num_iterations_per_epoch": 250, "num_val_iterations_per_epoch": 50, "seed": $SEED}
+JSON
+  for fold in 1 2 3 4; do
+    [ -f "$folds_teacher/fold_$fold/checkpoint_final.pth" ] && continue
+    echo "== teacher fold $fold ($TEACHER_EPOCHS x 250 iterations, $DEVICE)"
+    env "${da_env[@]}" RECOKD_CONFIG="$WORK/teacher_schedule.json" nnUNetv2_train 4 3d_fullres "$fold" -tr nnUNetTrainerTeacher \
+      "${device_args[@]}" > "$WORK/train_teacher_fold$fold.log" 2>&1
+  done
+  # the five fold teachers as a list: fold 0 is the shared teacher, folds 1-4 were trained above
+  cat > "$WORK/ensemble.json" <<JSON
+{"num_epochs": $EPOCHS, "num_iterations_per_epoch": $ITERS, "num_val_iterations_per_epoch": $VAL_ITERS, "seed": $SEED,
+ "teacher": ["$teacher/fold_0", "$folds_teacher/fold_1", "$folds_teacher/fold_2", "$folds_teacher/fold_3",
+             "$folds_teacher/fold_4"]}
+JSON
+  for tr in $ENSEMBLE_TRAINERS; do
+    if [ -f "$nnUNet_results/$DATASET/${tr}__nnUNetPlans__3d_fullres/fold_0/validation/summary.json" ]; then
+      echo "== $tr already trained and validated"; continue
+    fi
+    echo "== train $tr from 5 fold teachers ($EPOCHS x $ITERS iterations, $DEVICE)"
+    env "${da_env[@]}" RECOKD_CONFIG="$WORK/ensemble.json" nnUNetv2_train 4 3d_fullres 0 -tr "$tr" "${device_args[@]}" \
+      > "$WORK/train_$tr.log" 2>&1
+  done
+fi
 
 echo "== teacher on the same fold-0 validation cases"
 if [ ! -f "$teacher/fold_0/validation/summary.json" ]; then
