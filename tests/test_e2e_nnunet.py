@@ -160,3 +160,65 @@ def test_student_control_trains_without_teacher(workspace):
     assert "Loaded teacher" not in text
     summary = json.loads((_results(root, "nnUNetTrainerStudent") / "validation" / "summary.json").read_text())
     assert summary["mean"]["1"]["Dice"] > 0.5, summary["mean"]
+
+
+ENSEMBLE = "nnUNetTrainerReCoKD_ensemble"
+
+
+def test_fold_ensemble_student_trains_resumes_predicts_and_is_marked_optimistic(workspace):
+    """Two short fold teachers (fold 0 from the fixture, fold 1 here) distilled into one student by the shipped
+    ensemble trainer: both teachers loaded, the leak named at start, per-teacher modules saved and restored by
+    --c, then nnUNetv2_predict / nnUNetv2_evaluate_folder on the held-out cases and `report` marking the fold
+    validation optimistic."""
+    root, env = workspace
+    teacher_env = {**env, "RECOKD_CONFIG": str(root / "teacher.json")}
+    _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "1", "-tr", "nnUNetTrainerTeacher", "-device", "cpu"],
+         teacher_env, root / "teacher_fold1.log")
+    settings = {"num_epochs": 1, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 1, "seed": 0,
+                "teacher_trainer": "nnUNetTrainerTeacher", "reco_warmup": 0.0}
+    (root / "ensemble.json").write_text(json.dumps(settings))
+    ens_env = {**env, "RECOKD_CONFIG": str(root / "ensemble.json")}
+    train = ["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", ENSEMBLE, "-device", "cpu"]
+    text = _run(train, ens_env, root / "ensemble.log")
+    assert "Loaded teacher 1 of 2" in text and "Loaded teacher 2 of 2" in text
+    assert "the teacher (fold 1) was trained on 2 of the student's 2 validation cases" in text
+    assert "OPTIMISTIC" in text
+    out = _results(root, ENSEMBLE)
+    first = torch.load(out / "checkpoint_final.pth", weights_only=False)
+    teachers = first["recokd"]["teacher"]
+    assert [Path(t).parent.name for t in teachers] == ["fold_0", "fold_1"]
+    modules = {k.split(".")[1] for k in first["recokd"]["distiller"]}
+    stages = {m for m in modules if "_teacher" not in m}
+    assert "enc0" in stages and modules == stages | {f"{m}_teacher1" for m in stages}  # per-teacher modules
+    assert first["recokd"]["teacher_saw_validation_cases"]["cases"] == 2
+    assert first["logging"]["train_kd_total_weighted"][0] > 0
+
+    # --c: one more epoch, from the saved per-teacher modules
+    (root / "ensemble.json").write_text(json.dumps({**settings, "num_epochs": 2}))
+    text = _run([*train, "--c"], ens_env, root / "ensemble_resumed.log")
+    assert "Restored checkpoint at epoch 1 with distillation modules" in text
+    final = torch.load(out / "checkpoint_final.pth", weights_only=False)
+    assert final["current_epoch"] == 2 and set(final["recokd"]["distiller"]) == set(first["recokd"]["distiller"])
+    assert any(not torch.equal(v, final["recokd"]["distiller"][k])  # the restored modules trained on
+               for k, v in first["recokd"]["distiller"].items() if k.startswith("reco.enc0_teacher1.adapter"))
+
+    pred = root / "pred_ensemble"
+    _run(["nnUNetv2_predict", "-i", str(root / "raw" / DATASET / "imagesTs"), "-o", str(pred), "-d",
+          str(DATASET_ID), "-c", "3d_fullres", "-tr", ENSEMBLE, "-f", "0", "-device", "cpu", "--disable_tta",
+          "-npp", "1", "-nps", "1"], env, root / "predict_ensemble.log")
+    assert sorted(p.name for p in pred.glob("*.nii.gz")) == ["case_010.nii.gz", "case_011.nii.gz"]
+    pre = root / "pre" / DATASET
+    _run(["nnUNetv2_evaluate_folder", str(root / "raw" / DATASET / "labelsTs"), str(pred), "-djfile",
+          str(pre / "dataset.json"), "-pfile", str(pre / "nnUNetPlans.json")], env, root / "evaluate_ensemble.log")
+    summary = json.loads((pred / "summary.json").read_text())
+    assert len(summary["metric_per_case"]) == 2 and summary["mean"]["1"]["Dice"] > 0.3, summary["mean"]
+
+    report = _run(["nnunetv2_recokd", "report", str(DATASET_ID), "--no-latency", "--out", str(root / "report")],
+                  env, root / "report.log")
+    line = next(li for li in report.splitlines() if li.startswith(f"| {ENSEMBLE} "))
+    assert "(optimistic)" in line
+    # report also predicts every model on imagesTs and scores it on labelsTs: the same Dice as nnU-Net's commands
+    held_out = report[report.index("Held-out cases (imagesTs/labelsTs, 2 cases"):]
+    row = next(li for li in held_out.splitlines() if li.startswith(f"| {ENSEMBLE} "))
+    assert row.split(" | ")[1] == f"{summary['mean']['1']['Dice']:.4f}", (row, summary["mean"])
+    assert "| nnUNetTrainerTeacher |" in held_out
