@@ -122,3 +122,34 @@ def make_batch(patch: Sequence[int], batch_size: int, n_targets: int, regions: b
     if regions:  # nnU-Net's region targets: one binary channel per region
         targets = [torch.cat([(t > 0).float(), (t == 2).float()], 1) for t in targets]
     return {"data": data.to(device), "target": [t.to(device) for t in targets]}
+
+
+def write_random_student(folder: Path, plans: dict, dataset: dict, trainer: str = "nnUNetTrainerReCoKD",
+                         width: float = 0.25, min_channels: int = 8, folds: Sequence = (0,), seed: int = 0) -> Path:
+    """A student model folder as our trainers leave it (plans.json recording the width, one checkpoint per fold
+    naming the trainer), with random weights: fold f is seeded with seed + f."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunetv2_recokd.student import PLANS_KEY
+    from nnunetv2_recokd.trainers import nnUNetTrainerDistillBase
+
+    plans = deepcopy(plans)
+    plans["configurations"]["3d_fullres"][PLANS_KEY] = {"width": width, "min_channels": min_channels}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    pm = PlansManager(deepcopy(plans))
+    heads = pm.get_label_manager(dataset).num_segmentation_heads
+    channels = len(dataset["channel_names"])
+    for fold in folds:
+        torch.manual_seed(seed + (fold if isinstance(fold, int) else 99))
+        net = nnUNetTrainerDistillBase.build_network_architecture(pm, pm.get_configuration("3d_fullres"), channels,
+                                                                  heads, True)
+        (folder / f"fold_{fold}").mkdir(exist_ok=True)
+        torch.save({"network_weights": net.state_dict(), "trainer_name": trainer, "current_epoch": 1,
+                    "init_args": {"configuration": "3d_fullres", "fold": fold, "plans": plans,
+                                  "dataset_json": dataset},
+                    "inference_allowed_mirroring_axes": (0, 1, 2), "optimizer_state": {"unused": 1},
+                    "recokd": {"adapters": torch.zeros(1)}},
+                   folder / f"fold_{fold}" / "checkpoint_final.pth")
+    return folder

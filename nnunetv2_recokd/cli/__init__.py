@@ -1,4 +1,5 @@
-"""`nnunetv2_recokd` command line: install, ext-path, doctor (and the demo/benchmark/report jobs)."""
+"""`nnunetv2_recokd` command line: install, ext-path, doctor, the demo/benchmark/report jobs, and export/predict
+for deployment."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from nnunetv2_recokd.cli import plugin
+from nnunetv2_recokd.cli import deploy, plugin
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also predict and score every model on the held-out cases, when $nnUNet_raw/<Dataset> has "
                         "imagesTs and labelsTs (Dice per class, seconds per case; predictions in OUT/test_predictions)")
     p.add_argument("--tta", action="store_true", help="mirroring at test-set prediction (nnU-Net's default; slower)")
+    deploy.add_parsers(sub)
     return parser
 
 
@@ -114,6 +116,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from nnunetv2_recokd.cli import report
 
         return report.main(args)
+    if args.command == "export":
+        return deploy.export_main(args)
+    if args.command == "predict":
+        return deploy.predict_main(args)
     raise AssertionError(args.command)
 
 

@@ -1,0 +1,125 @@
+"""`nnunetv2_recokd export` and `nnunetv2_recokd predict`: the student where it runs.
+
+export   a trained student model folder -> a stock nnU-Net model folder (plus its install zip, ONNX files)
+predict  nnUNetv2_predict's options and pipeline, the network run by a CPU inference runtime
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from nnunetv2_recokd.deploy.modelfolder import DeployError, model_folder_from_ids, open_model_folder
+from nnunetv2_recokd.deploy.runtime import DEFAULT_RUNTIME, RUNTIMES
+
+
+def add_model_arguments(p: argparse.ArgumentParser, trainer_default: str = "nnUNetTrainerReCoKD") -> None:
+    """-m MODEL_FOLDER, or nnUNetv2_predict's -d/-tr/-p/-c; -f; -chk."""
+    p.add_argument("-m", "--model", help="model folder <Trainer>__<plans>__<configuration> (instead of -d/-tr/-p/-c)")
+    p.add_argument("-d", help="dataset name or ID (with -tr/-p/-c: the folder in $nnUNet_results)")
+    p.add_argument("-tr", default=trainer_default, help=f"trainer (default {trainer_default})")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
+    p.add_argument("-f", nargs="+", default=None,
+                   help="folds (default: every fold_<f> that has the checkpoint; several folds are ensembled)")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name (default checkpoint_final.pth)")
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("export", help="turn a trained student model folder into a model folder stock nnU-Net "
+                                      "predicts without this package (optionally its install zip and ONNX files)")
+    add_model_arguments(p)
+    p.add_argument("-o", "--out", help="results root to write <Dataset>/nnUNetTrainer__<plans>__<configuration> "
+                                       "into (default: $nnUNet_results)")
+    p.add_argument("--plans-name", help="plans name of the export (default: <plans>_<trainer without "
+                                        "nnUNetTrainer>, e.g. nnUNetPlans_ReCoKD)")
+    p.add_argument("--zip", help="also write the zip that nnUNetv2_install_pretrained_model_from_zip installs")
+    p.add_argument("--onnx", action="store_true", help="also write fold_<f>/<checkpoint>.onnx per fold (input "
+                                                       "'image' (N, C, *patch), output 'logits', no deep "
+                                                       "supervision) and check it against PyTorch")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export of the same name")
+
+    p = sub.add_parser("predict", help="nnUNetv2_predict with the network run by a CPU inference runtime "
+                                       "(nnU-Net's preprocessing, sliding window, mirroring, resampling, export)")
+    p.add_argument("-i", required=True, help="input folder (<case>_0000.nii.gz ..., as for nnUNetv2_predict)")
+    p.add_argument("-o", required=True, help="output folder")
+    add_model_arguments(p)
+    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring (test-time augmentation)")
+    p.add_argument("--save_probabilities", action="store_true")
+    p.add_argument("--continue_prediction", action="store_true", help="skip cases whose output exists")
+    p.add_argument("-npp", type=int, default=0, help="preprocessing worker processes (default 0: in this process, "
+                                                     "no worker start-up; >0 uses nnU-Net's multiprocessing "
+                                                     "pipeline)")
+    p.add_argument("-nps", type=int, default=0, help="export worker processes (default 0: in this process)")
+    p.add_argument("--runtime", default=DEFAULT_RUNTIME, choices=RUNTIMES,
+                   help=f"network runtime (default {DEFAULT_RUNTIME}; torch = PyTorch as stock nnU-Net)")
+    p.add_argument("--threads", type=int, help="runtime CPU threads (default: all cores)")
+    p.add_argument("--verbose", action="store_true")
+
+
+def resolve_model(args) -> "object":
+    if args.model:
+        folder = Path(args.model)
+    elif args.d:
+        folder = model_folder_from_ids(args.d, args.tr, args.p, args.c)
+    else:
+        raise DeployError("name the model: -m MODEL_FOLDER, or -d DATASET [-tr TRAINER -p PLANS -c CONFIGURATION]")
+    return open_model_folder(folder, args.f, args.chk)
+
+
+def export_main(args) -> int:
+    from nnunetv2_recokd.deploy.export import export_stock_model
+
+    try:
+        model = resolve_model(args)
+        out = args.out or os.environ.get("nnUNet_results")
+        if not out:
+            raise DeployError("nnUNet_results is not set: give the results root to export into with -o")
+        result = export_stock_model(model, out, args.plans_name, args.zip, args.onnx, args.overwrite)
+    except DeployError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"exported {model.describe()}\n      -> {result.folder}")
+    for f in result.onnx_files:
+        print(f"ONNX: {f}")
+    if result.onnx_max_difference is not None:
+        print(f"ONNX vs PyTorch, max |logit difference| on a random patch: {result.onnx_max_difference:.2e}")
+    if result.zip_file:
+        print(f"zip: {result.zip_file} (nnUNetv2_install_pretrained_model_from_zip {result.zip_file})")
+    print("predict it with stock nnU-Net (this package not needed):\n  "
+          + (result.predict_command(model.dataset_name) if Path(out).resolve() ==
+             Path(os.environ.get("nnUNet_results", "/nonexistent")).resolve() else
+             f"nnUNetv2_predict_from_modelfolder -i INPUT -o OUTPUT -m {result.folder} -f "
+             + " ".join(map(str, result.folds))))
+    return 0
+
+
+def predict_main(args) -> int:
+    from nnunetv2_recokd.deploy.predictor import build_predictor, check_input_folder, predict_cases
+
+    try:
+        model = resolve_model(args)
+        cases = check_input_folder(args.i, model.dataset_json)
+        start = time.perf_counter()
+        predictor = build_predictor(model, args.runtime, not args.disable_tta, args.step_size, args.threads,
+                                    args.verbose)
+        print(f"{model.describe()}: {len(model.folds)} fold(s) on {args.runtime}, ready in "
+              f"{time.perf_counter() - start:.1f} s; {len(cases)} case(s), TTA {'off' if args.disable_tta else 'on'}")
+        if args.npp > 0 or args.nps > 0:
+            predictor.predict_from_files(cases, args.o, save_probabilities=args.save_probabilities,
+                                         overwrite=not args.continue_prediction,
+                                         num_processes_preprocessing=max(1, args.npp),
+                                         num_processes_segmentation_export=max(1, args.nps))
+        else:
+            timings = predict_cases(predictor, cases, args.o, args.save_probabilities, not args.continue_prediction)
+            if timings:
+                total = sum(t.total_s for t in timings)
+                print(f"{len(timings)} case(s) in {total:.1f} s, {total / len(timings):.2f} s per case")
+    except DeployError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,209 @@
+"""nnU-Net's own predictor with each fold's network run by a CPU inference runtime.
+
+Everything but the network call is nnU-Net's code, unchanged: preprocessing (``preprocessor.run_case``), the
+sliding window with Gaussian weighting and mirroring (``predict_sliding_window_return_logits``), the fold
+ensemble (logits averaged over folds), resampling to the original geometry and export
+(``export_prediction_from_logits``). ``RuntimePredictor`` only swaps ``self.network`` for the fold's compiled
+network before each sliding window.
+
+In-process prediction (``predict_cases``, the default: no worker processes to start) also times each case's
+stages and writes each case through a hidden staging folder, so an interrupted run leaves only complete files
+(``--continue_prediction`` then skips them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+from nnunetv2_recokd.deploy.modelfolder import DeployError, ModelFolder
+from nnunetv2_recokd.deploy.runtime import DEFAULT_RUNTIME, compile_network, require_runtime
+
+STAGING = ".recokd_partial"
+
+
+@dataclasses.dataclass
+class CaseTiming:
+    case: str
+    preprocess_s: float
+    network_s: float
+    export_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.preprocess_s + self.network_s + self.export_s
+
+
+class RuntimePredictor(nnUNetPredictor):
+    """nnUNetPredictor on the CPU whose network is compiled by ``runtime`` (one compiled network per fold)."""
+
+    def __init__(self, runtime: str = DEFAULT_RUNTIME, threads: Optional[int] = None, tile_step_size: float = 0.5,
+                 use_mirroring: bool = True, verbose: bool = False, allow_tqdm: bool = False):
+        require_runtime(runtime)  # before anything is loaded: a missing runtime is the first thing said
+        super().__init__(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
+                         perform_everything_on_device=False, device=torch.device("cpu"), verbose=verbose,
+                         verbose_preprocessing=verbose, allow_tqdm=allow_tqdm)
+        self.runtime = runtime
+        self.threads = threads
+        self.fold_networks: list[torch.nn.Module] = []
+        self.compile_seconds = 0.0
+
+    def initialize_from_trained_model_folder(self, model_training_output_dir: str,
+                                             use_folds: Union[Sequence[Union[int, str]], None],
+                                             checkpoint_name: str = "checkpoint_final.pth") -> None:
+        """nnU-Net's initialisation (network rebuilt from the trainer class and plans), then one compiled network
+        per fold."""
+        super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
+        network = getattr(self.network, "_orig_mod", self.network)  # nnUNet_compile=t wraps it
+        input_shape = (1, self.num_input_channels(), *self.configuration_manager.patch_size)
+        start = time.perf_counter()
+        self.fold_networks = []
+        for params in self.list_of_parameters:
+            if self.runtime == "torch":
+                self.fold_networks.append(None)  # nnU-Net's own loop loads each fold's weights
+                continue
+            network.load_state_dict(params)
+            self.fold_networks.append(compile_network(network, input_shape, self.runtime, self.threads))
+        self.compile_seconds = time.perf_counter() - start
+
+    def num_input_channels(self) -> int:
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+        return determine_num_input_channels(self.plans_manager, self.configuration_manager, self.dataset_json)
+
+    @torch.inference_mode()
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        """nnU-Net's fold loop (logits summed over folds, then divided), each fold through its compiled network."""
+        if self.runtime == "torch":
+            return super().predict_logits_from_preprocessed_data(data)
+        prediction = None
+        for network in self.fold_networks:
+            self.network = network
+            logits = self.predict_sliding_window_return_logits(data).to("cpu")
+            prediction = logits if prediction is None else prediction + logits
+        if len(self.fold_networks) > 1:
+            prediction /= len(self.fold_networks)
+        return prediction
+
+
+def check_input_folder(folder: Union[str, Path], dataset_json: dict) -> list[list[str]]:
+    """The cases of an nnU-Net input folder as lists of channel files, after checking every file name.
+
+    Each case needs exactly the files ``<case>_0000<ending>`` .. ``<case>_<C-1><ending>`` for the C channels of
+    dataset.json. All problems are reported at once, before anything is predicted.
+
+    Raises:
+        DeployError: missing folder, no images, files that are not named as nnU-Net expects, missing or extra
+            channels.
+    """
+    folder = Path(folder)
+    ending = dataset_json["file_ending"]
+    channels = dataset_json.get("channel_names", dataset_json.get("modality", {}))
+    n_channels = len(channels)
+    if not folder.is_dir():
+        raise DeployError(f"input folder {folder} does not exist")
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.endswith(ending))
+    if not files:
+        raise DeployError(f"no {ending} files in {folder}: nnU-Net expects <case>_0000{ending}, one file per channel")
+    pattern = re.compile(r"^(.+)_(\d{4})" + re.escape(ending) + "$")
+    cases: dict[str, set[int]] = {}
+    problems = []
+    for name in files:
+        match = pattern.match(name)
+        if match is None:
+            problems.append(f"{name}: not named <case>_XXXX{ending} (XXXX: the 4-digit channel number)")
+            continue
+        cases.setdefault(match.group(1), set()).add(int(match.group(2)))
+    expected = set(range(n_channels))
+    names = ", ".join(f"{int(k):04d} {v}" for k, v in channels.items())
+    for case, found in sorted(cases.items()):
+        if found != expected:
+            missing, extra = sorted(expected - found), sorted(found - expected)
+            problems.append(f"{case}: " + "; ".join(
+                ([f"missing channel(s) {', '.join(f'{c:04d}' for c in missing)}"] if missing else [])
+                + ([f"channel(s) {', '.join(f'{c:04d}' for c in extra)} not in the model's dataset.json"]
+                   if extra else [])))
+    if problems:
+        raise DeployError(f"input folder {folder} does not match the model's {n_channels} channel(s) ({names}):\n  "
+                          + "\n  ".join(problems))
+    return [[str(folder / f"{case}_{c:04d}{ending}") for c in range(n_channels)] for case in sorted(cases)]
+
+
+def predict_cases(predictor: nnUNetPredictor, cases: list[list[str]], output_folder: Union[str, Path],
+                  save_probabilities: bool = False, overwrite: bool = True,
+                  log=print) -> list[CaseTiming]:
+    """Predict the cases in this process, one after the other, with nnU-Net's preprocessing and export.
+
+    Each case is exported into ``<output_folder>/.recokd_partial`` and moved into place once complete. Returns one
+    CaseTiming per predicted case (cases skipped because their output exists are not listed).
+    """
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+
+    output = Path(output_folder)
+    output.mkdir(parents=True, exist_ok=True)
+    staging = output / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    ending = predictor.dataset_json["file_ending"]
+    _write_json(output / "dataset.json", predictor.dataset_json)
+    _write_json(output / "plans.json", predictor.plans_manager.plans)
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=predictor.verbose)
+    timings = []
+    try:
+        for files in cases:
+            case = os.path.basename(files[0])[: -len(ending) - 5]
+            if not overwrite and (output / f"{case}{ending}").is_file():
+                log(f"{case}: exists, skipped (--continue_prediction)")
+                continue
+            t0 = time.perf_counter()
+            data, _, properties = preprocessor.run_case(files, None, predictor.plans_manager,
+                                                        predictor.configuration_manager, predictor.dataset_json)
+            t1 = time.perf_counter()
+            logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+            t2 = time.perf_counter()
+            export_prediction_from_logits(logits, properties, predictor.configuration_manager,
+                                          predictor.plans_manager, predictor.dataset_json, str(staging / case),
+                                          save_probabilities)
+            for produced in sorted(staging.glob(f"{case}.*")):  # the segmentation, and .npz/.pkl with probabilities
+                os.replace(produced, output / produced.name)
+            t3 = time.perf_counter()
+            timing = CaseTiming(case, t1 - t0, t2 - t1, t3 - t2)
+            timings.append(timing)
+            log(f"{case}: {timing.total_s:.2f} s (preprocess {timing.preprocess_s:.2f}, network "
+                f"{timing.network_s:.2f}, resample + export {timing.export_s:.2f})")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return timings
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    from batchgenerators.utilities.file_and_folder_operations import save_json
+
+    save_json(obj, str(path), sort_keys=False)
+
+
+def build_predictor(model: ModelFolder, runtime: str, use_mirroring: bool, tile_step_size: float,
+                    threads: Optional[int] = None, verbose: bool = False) -> RuntimePredictor:
+    predictor = RuntimePredictor(runtime=runtime, threads=threads, tile_step_size=tile_step_size,
+                                 use_mirroring=use_mirroring, verbose=verbose)
+    predictor.initialize_from_trained_model_folder(str(model.path), model.folds, model.checkpoint_name)
+    return predictor
+
+
+def dice_per_class(a: np.ndarray, b: np.ndarray, labels: Sequence[int]) -> dict[int, float]:
+    """Dice between two label maps per label (1.0 where the label is absent from both)."""
+    out = {}
+    for label in labels:
+        x, y = a == label, b == label
+        denominator = x.sum() + y.sum()
+        out[int(label)] = 1.0 if denominator == 0 else float(2 * np.logical_and(x, y).sum() / denominator)
+    return out

@@ -1,0 +1,153 @@
+"""One fold's network compiled by a CPU inference runtime, callable as a torch module.
+
+On a CPU, PyTorch eager is overhead-bound on the narrow 3D convolutions of a distilled student: 16x fewer FLOPs
+buy about 1.6x. Inference runtimes that fuse the graph and pick CPU kernels ahead of time do much better. The
+path is the same for every runtime: the network (deep supervision off, one output) is exported to ONNX at the
+configuration's patch size with batch 1 -- the only input shape nnU-Net's sliding window ever feeds it, since
+smaller images are padded to the patch -- and the runtime compiles that file.
+
+Runtimes (measured on this project's 2-core CPU, Hippocampus student patch 40x56x40, see README):
+    openvino     OpenVINO, f32 precision forced (its CPU plugin would otherwise choose bf16 where the CPU has it,
+                 which changes the logits far beyond fp32 rounding). The fastest: the default.
+    onnxruntime  ONNX Runtime's CPU execution provider.
+    torch        no runtime: PyTorch eager, as stock nnUNetv2_predict (for comparisons through one command).
+
+Install the runtimes with ``pip install 'nnunetv2-recokd[deploy]'``.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnunetv2_recokd.deploy.modelfolder import DeployError
+
+RUNTIMES = ("openvino", "onnxruntime", "torch")
+DEFAULT_RUNTIME = "openvino"
+ONNX_OPSET = 17
+INSTALL_HINT = "pip install 'nnunetv2-recokd[deploy]'"
+
+
+def require_runtime(runtime: str) -> None:
+    """Raise DeployError with the install command when the runtime (or onnx, needed to export) is missing."""
+    if runtime not in RUNTIMES:
+        raise DeployError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    needed = {"openvino": ("openvino", "onnx"), "onnxruntime": ("onnxruntime", "onnx"), "torch": ()}[runtime]
+    for module in needed:
+        try:
+            __import__(module)
+        except ImportError:
+            raise DeployError(f"the {runtime} runtime needs the Python package {module!r}, which is not installed: "
+                              f"{INSTALL_HINT} (or --runtime torch to run PyTorch as stock nnU-Net does)") from None
+
+
+def export_onnx(network: nn.Module, input_shape: Sequence[int], target: Union[str, Path, io.BytesIO],
+                dynamic_batch: bool = False) -> None:
+    """Export a single-output network to ONNX (input ``image``, output ``logits``).
+
+    Args:
+        network: the network with deep supervision off (nnU-Net's inference network).
+        input_shape: (1, C, *patch); the spatial size is fixed to the patch nnU-Net's sliding window feeds.
+        target: file path or buffer.
+        dynamic_batch: leave the batch axis free (for users who batch patches themselves).
+    """
+    network = network.eval()
+    example = torch.zeros(*input_shape)
+    with torch.no_grad():
+        out = network(example)
+    if not isinstance(out, torch.Tensor):
+        raise DeployError("the network returns several outputs (deep supervision on?); build it with "
+                          "enable_deep_supervision=False")
+    axes = {"image": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        # the TorchScript exporter is deprecated in favour of torch.export (which needs onnxscript); instance norm
+        # in eval mode with input statistics is what nnU-Net computes, the exporter's note about it is moot
+        warnings.simplefilter("ignore")
+        torch.onnx.export(network, (example,), target if isinstance(target, io.BytesIO) else str(target),
+                          input_names=["image"], output_names=["logits"], opset_version=ONNX_OPSET,
+                          dynamic_axes=axes, dynamo=False)
+
+
+class CompiledNetwork(nn.Module):
+    """A runtime-compiled network with the torch interface nnU-Net's predictor uses (``net(x)``, ``.eval()``,
+    ``.to()``). It accepts exactly the shape it was compiled for and returns a fresh float32 tensor (OpenVINO's
+    output buffer is reused by the next call; nnU-Net adds mirrored predictions in place)."""
+
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], input_shape: Sequence[int], runtime: str):
+        super().__init__()
+        self._run = run
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.runtime = runtime
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape) != self.input_shape:
+            raise DeployError(f"{self.runtime} network compiled for input {self.input_shape}, got {tuple(x.shape)}")
+        array = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(np.array(self._run(array), dtype=np.float32, copy=True))
+
+    def extra_repr(self) -> str:
+        return f"runtime={self.runtime}, input_shape={self.input_shape}"
+
+
+def compile_network(network: nn.Module, input_shape: Sequence[int], runtime: str = DEFAULT_RUNTIME,
+                    threads: Optional[int] = None) -> nn.Module:
+    """The network as the runtime runs it (``torch``: the network itself, in eval mode).
+
+    Args:
+        network: nnU-Net's inference network (deep supervision off) with the fold's weights loaded.
+        input_shape: (1, C, *patch).
+        runtime: one of RUNTIMES.
+        threads: CPU threads of the runtime (None: the runtime's default, all cores).
+    """
+    require_runtime(runtime)
+    if runtime == "torch":
+        return network.eval()
+    with tempfile.TemporaryDirectory(prefix="recokd_onnx_") as tmp:
+        onnx_file = Path(tmp) / "network.onnx"
+        export_onnx(network, input_shape, onnx_file)
+        if runtime == "openvino":
+            run = _openvino(onnx_file, threads)
+        else:
+            run = _onnxruntime(onnx_file, threads)
+    return CompiledNetwork(run, input_shape, runtime)
+
+
+def _openvino(onnx_file: Path, threads: Optional[int]) -> Callable[[np.ndarray], np.ndarray]:
+    import openvino as ov
+
+    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    compiled = ov.Core().compile_model(ov.Core().read_model(str(onnx_file)), "CPU", config)
+    request = compiled.create_infer_request()
+    output = compiled.output(0)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return request.infer([x])[output]
+    return run
+
+
+def _onnxruntime(onnx_file: Path, threads: Optional[int]) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    session = ort.InferenceSession(onnx_file.read_bytes(), options, providers=["CPUExecutionProvider"])
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {"image": x})[0]
+    return run
+
+
+def max_logit_difference(reference: nn.Module, compiled: nn.Module, x: torch.Tensor) -> float:
+    """max |reference(x) - compiled(x)| over one input (the parity figure the predict command reports)."""
+    with torch.no_grad():
+        return float((reference.eval()(x) - compiled(x)).abs().max())

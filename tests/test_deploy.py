@@ -1,0 +1,353 @@
+"""Deployment: stock model export (+ zip, ONNX), the runtime predictor inside nnU-Net's pipeline, bad inputs.
+
+The student folders here hold random weights (sandbox.write_random_student): a random U-Net gives a noisy label map
+with every class in it, so "identical predictions" and "Dice >= 0.999" compare two computations voxel by voxel,
+which a trained, mostly-background student would do far less strictly. nnU-Net's real preprocessing, sliding
+window and export run on small synthetic images (24^3, patch 16^3: 8 windows per case). PyTorch's prediction of
+the two-fold ensemble with mirroring is made once (fixture torch_reference) and every other path is compared with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunetv2_recokd import sandbox
+from nnunetv2_recokd.deploy.export import STOCK_TRAINER, build_stock_network, export_stock_model, write_install_zip
+from nnunetv2_recokd.deploy.modelfolder import DeployError, open_model_folder
+from nnunetv2_recokd.deploy.predictor import build_predictor, check_input_folder, dice_per_class, predict_cases
+from nnunetv2_recokd.deploy.runtime import compile_network, export_onnx
+from nnunetv2_recokd.synthetic import make_case
+
+PATCH = (16, 16, 16)
+STUDENT = "nnUNetTrainerReCoKD__nnUNetPlans__3d_fullres"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny test networks are dominated by thread start-up and contention, not arithmetic: one thread is fastest
+    (nnU-Net's predictor never raises the count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """results/Dataset991_Sandbox/<student folder> (folds 0, 1) and an input folder of 3 cases."""
+    root = tmp_path_factory.mktemp("deploy")
+    plans, dataset = sandbox.unet_plans((16, 32, 64), PATCH), sandbox.dataset_json()
+    results = root / "results"
+    student = sandbox.write_random_student(results / sandbox.SANDBOX_DATASET / STUDENT, plans, dataset,
+                                           folds=(0, 1))
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        image, _ = make_case(rng, 24, 0.15)
+        sitk.WriteImage(sitk.GetImageFromArray(image), str(images / f"case_{i:03d}_0000.nii.gz"))
+    return root, results, student, images
+
+
+@pytest.fixture(scope="module")
+def torch_reference(world, tmp_path_factory):
+    """PyTorch's predictions (folds 0 and 1 ensembled, mirroring on) through our predictor with --runtime torch."""
+    _, _, student, images = world
+    model = open_model_folder(student)
+    out = tmp_path_factory.mktemp("torch_reference")
+    timings = predict_cases(build_predictor(model, "torch", True, 0.5), check_input_folder(images, model.dataset_json),
+                            out, log=lambda m: None)
+    assert [t.case for t in timings] == ["case_000", "case_001"]
+    return _labels(out)
+
+
+def _labels(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in sorted(folder.glob("*.nii.gz"))}
+
+
+# ----------------------------------------------------------------------------------------------- export
+def test_export_writes_the_student_architecture_under_a_stock_trainer(world, tmp_path):
+    _, _, student, _ = world
+    model = open_model_folder(student)
+    assert model.folds == [0, 1] and model.trainer_name == "nnUNetTrainerReCoKD" and model.is_student
+    result = export_stock_model(model, tmp_path)
+    folder = tmp_path / sandbox.SANDBOX_DATASET / f"{STOCK_TRAINER}__nnUNetPlans_ReCoKD__3d_fullres"
+    assert result.folder == folder and result.plans_name == "nnUNetPlans_ReCoKD"
+    plans = json.loads((folder / "plans.json").read_text())
+    config = plans["configurations"]["3d_fullres"]
+    # (16, 32, 64) at width 1/4 with at least 8 channels: 4 -> 8, 8, 16
+    assert config["architecture"]["arch_kwargs"]["features_per_stage"] == [8, 8, 16]
+    assert "recokd_student" not in config and plans["plans_name"] == "nnUNetPlans_ReCoKD"
+    assert config["data_identifier"] == "nnUNetPlans_3d_fullres"  # same preprocessing as the source
+    for fold in (0, 1):
+        exported = torch.load(folder / f"fold_{fold}" / "checkpoint_final.pth", weights_only=False)
+        source = torch.load(student / f"fold_{fold}" / "checkpoint_final.pth", weights_only=False)
+        assert exported["trainer_name"] == "nnUNetTrainer"
+        assert "optimizer_state" not in exported and "recokd" not in exported  # weights only
+        assert exported["init_args"]["configuration"] == "3d_fullres"
+        assert exported["inference_allowed_mirroring_axes"] == (0, 1, 2)
+        for key, value in source["network_weights"].items():
+            assert torch.equal(exported["network_weights"][key], value)
+    # stock nnU-Net's network from the exported plans computes what the student computes
+    stock, channels = build_stock_network(plans, model.dataset_json, "3d_fullres")
+    stock.load_state_dict(torch.load(folder / "fold_0" / "checkpoint_final.pth", weights_only=False)
+                          ["network_weights"])
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunetv2_recokd.trainers import nnUNetTrainerReCoKD
+
+    pm = PlansManager(model.plans)
+    ours = nnUNetTrainerReCoKD.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 3, False)
+    ours.load_state_dict(torch.load(student / "fold_0" / "checkpoint_final.pth", weights_only=False)
+                         ["network_weights"])
+    x = torch.randn(1, channels, *PATCH)
+    with torch.no_grad():
+        assert torch.equal(stock.eval()(x), ours.eval()(x))
+
+
+def test_export_refuses_a_folder_that_is_not_a_student(world, tmp_path):
+    plans, dataset = sandbox.unet_plans((16, 32, 64), PATCH), sandbox.dataset_json()
+    teacher = sandbox.write_random_teacher(tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres", plans, dataset)
+    with pytest.raises(DeployError, match="not an nnunetv2-recokd student"):
+        export_stock_model(open_model_folder(teacher), tmp_path / "out")
+    assert not (tmp_path / "out" / sandbox.SANDBOX_DATASET).exists() or \
+        not any((tmp_path / "out" / sandbox.SANDBOX_DATASET).iterdir())
+
+
+def test_missing_checkpoint_names_what_the_fold_has(world, tmp_path):
+    _, _, student, _ = world
+    with pytest.raises(DeployError, match=r"fold 3: .* does not exist .*not trained"):
+        open_model_folder(student, ["0", "3"])
+    with pytest.raises(DeployError, match=r"\(this fold has checkpoint_latest.pth: choose one with -chk\)"):
+        copy = tmp_path / STUDENT
+        (copy / "fold_0").mkdir(parents=True)
+        for name in ("plans.json", "dataset.json"):
+            (copy / name).write_bytes((student / name).read_bytes())
+        (copy / "fold_0" / "checkpoint_latest.pth").write_bytes((student / "fold_0" / "checkpoint_final.pth")
+                                                                .read_bytes())
+        open_model_folder(copy, ["0"])
+    with pytest.raises(DeployError, match="not an nnU-Net model folder"):
+        open_model_folder(tmp_path / "nowhere")
+
+
+def test_failed_export_leaves_nothing_and_existing_target_is_kept(world, tmp_path):
+    _, _, student, _ = world
+    broken = tmp_path / "src" / STUDENT
+    sandbox.write_random_student(broken, sandbox.unet_plans((16, 32, 64), PATCH), sandbox.dataset_json(),
+                                 folds=(0, 1))
+    checkpoint = torch.load(broken / "fold_1" / "checkpoint_final.pth", weights_only=False)
+    checkpoint["network_weights"].pop(next(iter(checkpoint["network_weights"])))
+    torch.save(checkpoint, broken / "fold_1" / "checkpoint_final.pth")
+    out = tmp_path / "out"
+    with pytest.raises(DeployError, match="fold 1: the weights do not fit"):
+        export_stock_model(open_model_folder(broken), out)
+    assert list((out / sandbox.SANDBOX_DATASET).iterdir()) == []  # no staging folder, no half export
+    export_stock_model(open_model_folder(student), out)
+    with pytest.raises(DeployError, match="exists"):
+        export_stock_model(open_model_folder(student), out)
+    export_stock_model(open_model_folder(student), out, overwrite=True)
+
+
+def test_install_zip_layout(world, tmp_path):
+    _, _, student, _ = world
+    result = export_stock_model(open_model_folder(student), tmp_path / "res", onnx=True, zip_file=tmp_path / "m.zip")
+    names = zipfile.ZipFile(result.zip_file).namelist()
+    prefix = f"{sandbox.SANDBOX_DATASET}/nnUNetTrainer__nnUNetPlans_ReCoKD__3d_fullres/"
+    assert sorted(names) == sorted(prefix + n for n in ("plans.json", "dataset.json", "fold_0/checkpoint_final.pth",
+                                                        "fold_1/checkpoint_final.pth"))
+    assert not list(tmp_path.glob("*.partial"))
+    assert write_install_zip(result.folder, tmp_path / "again.zip").is_file()
+
+
+def test_onnx_export_matches_pytorch_and_takes_any_batch(world, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    _, _, student, _ = world
+    result = export_stock_model(open_model_folder(student), tmp_path, onnx=True)
+    assert [p.name for p in result.onnx_files] == ["checkpoint_final.onnx", "checkpoint_final.onnx"]
+    assert result.onnx_max_difference < 1e-4
+    plans = json.loads((result.folder / "plans.json").read_text())
+    network, _ = build_stock_network(plans, sandbox.dataset_json(), "3d_fullres")
+    network.load_state_dict(torch.load(result.folder / "fold_1" / "checkpoint_final.pth", weights_only=False)
+                            ["network_weights"])
+    session = ort.InferenceSession(str(result.folder / "fold_1" / "checkpoint_final.onnx"))
+    x = torch.randn(2, 1, *PATCH)
+    (out,) = session.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        expected = network.eval()(x).numpy()
+    assert out.shape == (2, 3, *PATCH)
+    assert np.abs(out - expected).max() < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------- runtimes
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+def test_compiled_network_equals_pytorch_and_returns_fresh_tensors(runtime):
+    pytest.importorskip(runtime)
+    torch.manual_seed(0)
+    plans = sandbox.unet_plans((8, 16, 32), PATCH)
+    network, _ = build_stock_network(plans, sandbox.dataset_json(), "3d_fullres")
+    compiled = compile_network(network, (1, 1, *PATCH), runtime)
+    x1, x2 = torch.randn(1, 1, *PATCH), torch.randn(1, 1, *PATCH)
+    with torch.no_grad():
+        y1, y2 = network(x1), network(x2)
+    first = compiled(x1)
+    second = compiled(x2)
+    assert (first - y1).abs().max() < 1e-4 and (second - y2).abs().max() < 1e-4
+    assert (first - y1).abs().max() < 1e-4  # the second call did not overwrite the first result
+    with pytest.raises(DeployError, match="compiled for input"):
+        compiled(torch.randn(1, 1, 8, 16, 16))
+
+
+def test_missing_runtime_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+    with pytest.raises(DeployError, match=r"pip install 'nnunetv2-recokd\[deploy\]'"):
+        compile_network(torch.nn.Identity(), (1, 1, *PATCH), "openvino")
+
+
+def test_onnx_export_refuses_deep_supervision(tmp_path):
+    plans = sandbox.unet_plans((8, 16, 32), PATCH)
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(plans)
+    network = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, 3, True)
+    with pytest.raises(DeployError, match="deep supervision"):
+        export_onnx(network, (1, 1, *PATCH), tmp_path / "x.onnx")
+
+
+# ----------------------------------------------------------------------------------------------- predictor
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+def test_runtime_prediction_matches_pytorch_through_nnunet_pipeline(world, torch_reference, tmp_path, runtime):
+    """Two folds (ensemble) with mirroring: the runtime's label maps agree with PyTorch's (Dice >= 0.999 per class);
+    each case is timed; the staging folder is gone."""
+    pytest.importorskip(runtime)
+    _, _, student, images = world
+    model = open_model_folder(student)
+    cases = check_input_folder(images, model.dataset_json)
+    predictor = build_predictor(model, runtime, True, 0.5)
+    assert len(predictor.fold_networks) == 2
+    timings = predict_cases(predictor, cases, tmp_path / runtime, log=lambda m: None)
+    assert [t.case for t in timings] == ["case_000", "case_001"]
+    assert all(t.network_s > 0 and t.total_s >= t.network_s for t in timings)
+    ours, theirs = _labels(tmp_path / runtime), torch_reference
+    assert sorted(ours) == sorted(theirs) == ["case_000.nii.gz", "case_001.nii.gz"]
+    for name in ours:
+        assert set(np.unique(theirs[name])) == {0, 1, 2}  # a noisy map: every class present, a strict comparison
+        assert min(dice_per_class(ours[name], theirs[name], [1, 2]).values()) >= 0.999
+    assert not (tmp_path / runtime / ".recokd_partial").exists()
+
+
+def test_torch_runtime_equals_stock_predictor(world, torch_reference, tmp_path):
+    """--runtime torch is nnU-Net's own predictor: identical label maps, so comparisons are like for like."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    _, _, student, images = world
+    stock = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    stock.initialize_from_trained_model_folder(str(student), (0, 1), "checkpoint_final.pth")
+    (tmp_path / "stock").mkdir()
+    stock.predict_from_files_sequential(str(images), str(tmp_path / "stock"))
+    stock_labels, ours = _labels(tmp_path / "stock"), torch_reference
+    assert sorted(stock_labels) == sorted(ours) and len(ours) == 2
+    for name in ours:
+        assert np.array_equal(stock_labels[name], ours[name])
+
+
+def test_input_folder_problems_are_reported_at_once(tmp_path):
+    dataset = {**sandbox.dataset_json(), "channel_names": {"0": "T1", "1": "T2"}}
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz", "c_0000.nii.gz", "c_0001.nii.gz",
+                 "c_0002.nii.gz", "scan.nii.gz", "notes.txt"):
+        (folder / name).touch()
+    with pytest.raises(DeployError) as info:
+        check_input_folder(folder, dataset)
+    message = str(info.value)
+    assert "2 channel(s) (0000 T1, 0001 T2)" in message
+    assert "b: missing channel(s) 0001" in message
+    assert "c: channel(s) 0002 not in the model's dataset.json" in message
+    assert "scan.nii.gz: not named <case>_XXXX.nii.gz" in message
+    assert "a:" not in message and "notes.txt" not in message
+    with pytest.raises(DeployError, match="no .nii.gz files"):
+        check_input_folder(tmp_path, dataset)
+    with pytest.raises(DeployError, match="does not exist"):
+        check_input_folder(tmp_path / "nope", dataset)
+
+
+def test_predict_command_writes_nothing_on_bad_input(world, tmp_path):
+    from nnunetv2_recokd.cli import main
+
+    _, _, student, images = world
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x_0001.nii.gz").write_bytes((images / "case_000_0000.nii.gz").read_bytes())
+    out = tmp_path / "out"
+    assert main(["predict", "-i", str(bad), "-o", str(out), "-m", str(student)]) == 1
+    assert not out.exists()
+    assert main(["predict", "-i", str(images), "-o", str(out), "-m", str(student), "-f", "7"]) == 1
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------- stock nnU-Net
+BLOCKER = '''
+import sys
+class _NoRecoKD:
+    """Makes this interpreter behave as if nnunetv2-recokd were not installed."""
+    def find_spec(self, name, path=None, target=None):
+        if name == "nnunetv2_recokd" or name.startswith("nnunetv2_recokd."):
+            raise ModuleNotFoundError("No module named 'nnunetv2_recokd'", name="nnunetv2_recokd")
+        return None
+sys.meta_path.insert(0, _NoRecoKD())
+'''
+
+
+def _nnunet(args: list[str], env: dict) -> None:
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_stock_nnunet_predicts_the_export_without_this_package(world, tmp_path):
+    """nnUNetv2_predict (stock, in a process where nnunetv2_recokd cannot be imported) on the exported folder and on
+    the zip installed into another results folder gives exactly the original student folder's predictions."""
+    _, results, student, images = world
+    export_stock_model(open_model_folder(student), results, zip_file=tmp_path / "student.zip", overwrite=True)
+    env = {**os.environ, "nnUNet_results": str(results), "nnUNet_raw": str(tmp_path / "raw"),
+           "nnUNet_preprocessed": str(tmp_path / "pre"), "nnUNet_npp": "0", "nnUNet_nps": "0",
+           "nnUNet_compile": "f", "nnUNet_def_n_proc": "1"}
+    bin_dir = Path(sys.executable).parent
+    predict = str(bin_dir / "nnUNetv2_predict")
+    common = ["-i", str(images), "-d", "991", "-c", "3d_fullres", "-f", "0", "1", "-device", "cpu",
+              "--disable_progress_bar", "--disable_tta"]
+    _nnunet([predict, *common, "-o", str(tmp_path / "original"), "-tr", "nnUNetTrainerReCoKD"], env)
+
+    blocked_dir = tmp_path / "blocked"
+    blocked_dir.mkdir()
+    (blocked_dir / "sitecustomize.py").write_text(BLOCKER)
+    blocked = {**env, "PYTHONPATH": str(blocked_dir)}
+    probe = subprocess.run([sys.executable, "-c", "import nnunetv2_recokd"], env=blocked, capture_output=True,
+                           text=True)
+    assert probe.returncode != 0 and "No module named 'nnunetv2_recokd'" in probe.stderr  # the block is real
+    _nnunet([predict, *common, "-o", str(tmp_path / "exported"), "-tr", "nnUNetTrainer", "-p", "nnUNetPlans_ReCoKD"],
+            blocked)
+    installed = tmp_path / "results2"
+    installed.mkdir()
+    _nnunet([str(bin_dir / "nnUNetv2_install_pretrained_model_from_zip"), str(tmp_path / "student.zip")],
+            {**blocked, "nnUNet_results": str(installed)})
+    _nnunet([predict, *common, "-o", str(tmp_path / "from_zip"), "-tr", "nnUNetTrainer", "-p", "nnUNetPlans_ReCoKD"],
+            {**blocked, "nnUNet_results": str(installed)})
+
+    original = _labels(tmp_path / "original")
+    assert len(original) == 2
+    for other in ("exported", "from_zip"):
+        labels = _labels(tmp_path / other)
+        assert sorted(labels) == sorted(original)
+        for name in original:
+            assert np.array_equal(labels[name], original[name]), (other, name)
