@@ -91,7 +91,8 @@ def write_random_teacher(folder: Path, plans: dict, dataset: dict, seed: int = 0
     torch.manual_seed(seed)
     net = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, heads, True)
     torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer",
-                "init_args": {"configuration": "3d_fullres"}}, folder / "fold_0" / "checkpoint_final.pth")
+                "init_args": {"configuration": "3d_fullres"}, "inference_allowed_mirroring_axes": (0, 1, 2)},
+               folder / "fold_0" / "checkpoint_final.pth")
     return folder
 
 

@@ -351,3 +351,30 @@ def test_stock_nnunet_predicts_the_export_without_this_package(world, tmp_path):
         assert sorted(labels) == sorted(original)
         for name in original:
             assert np.array_equal(labels[name], original[name]), (other, name)
+
+
+# ----------------------------------------------------------------------------------------------- benchmark
+def test_benchmark_predict_times_every_command_and_checks_parity(world, tmp_path):
+    """Teacher and student, stock command and ours, TTA off: one row each, ratios to the teacher's stock command,
+    our command's time split, label and logit parity, per-patch latencies; the Markdown names the machine."""
+    from nnunetv2_recokd.cli.predict_benchmark import run, to_markdown
+
+    _, results, student, images = world
+    teacher = sandbox.write_random_teacher(tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres",
+                                           sandbox.unet_plans((16, 32, 64), PATCH), sandbox.dataset_json())
+    result = run(teacher, student, images, tmp_path / "bench", ["openvino"], ["off"], ["0"], None, 1, 1, "folders")
+    rows = {(r["model"], r["runtime"]): r for r in result["rows"]}
+    assert sorted(rows) == [("student", "openvino"), ("student", "torch"), ("teacher", "openvino"),
+                            ("teacher", "torch")]
+    assert rows[("teacher", "torch")]["ratio_to_teacher_stock"] == 1.0
+    for row in rows.values():
+        assert row["cases"] == 2 and row["wall_s"] > 0
+        assert row["s_per_case"] == pytest.approx(row["wall_s"] / 2)
+    breakdown = rows[("student", "openvino")]["breakdown"]
+    assert breakdown["network_s"] > 0 and breakdown["setup_s"] >= breakdown["compile_s"] > 0
+    assert {c["model"] for c in result["label_parity"]} == {"teacher", "student"}
+    assert all(c["min_case_dice_vs_pytorch"] >= 0.999 for c in result["label_parity"])
+    assert result["student_logit_parity"]["openvino"]["max_logit_difference_patch"] < 1e-3
+    assert set(result["per_patch_ms"]["student"]) == {"torch", "openvino"}
+    markdown = to_markdown(result)
+    assert "cores" in markdown and "| student | nnunetv2_recokd predict --runtime openvino | off | 0 |" in markdown

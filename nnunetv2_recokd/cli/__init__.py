@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from nnunetv2_recokd.cli import deploy, plugin
+from nnunetv2_recokd.cli import deploy, plugin, predict_benchmark
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "imagesTs and labelsTs (Dice per class, seconds per case; predictions in OUT/test_predictions)")
     p.add_argument("--tta", action="store_true", help="mirroring at test-set prediction (nnU-Net's default; slower)")
     deploy.add_parsers(sub)
+    predict_benchmark.add_parser(sub)
     return parser
 
 
@@ -120,6 +121,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return deploy.export_main(args)
     if args.command == "predict":
         return deploy.predict_main(args)
+    if args.command == "benchmark-predict":
+        return predict_benchmark.main(args)
     raise AssertionError(args.command)
 
 

@@ -7,6 +7,8 @@ predict  nnUNetv2_predict's options and pipeline, the network run by a CPU infer
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -58,6 +60,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--runtime", default=DEFAULT_RUNTIME, choices=RUNTIMES,
                    help=f"network runtime (default {DEFAULT_RUNTIME}; torch = PyTorch as stock nnU-Net)")
     p.add_argument("--threads", type=int, help="runtime CPU threads (default: all cores)")
+    p.add_argument("--timings", help="write the per-case timings (and the set-up time) as JSON here")
     p.add_argument("--verbose", action="store_true")
 
 
@@ -115,10 +118,16 @@ def predict_main(args) -> int:
                                          num_processes_preprocessing=max(1, args.npp),
                                          num_processes_segmentation_export=max(1, args.nps))
         else:
+            ready = time.perf_counter() - start
             timings = predict_cases(predictor, cases, args.o, args.save_probabilities, not args.continue_prediction)
             if timings:
                 total = sum(t.total_s for t in timings)
                 print(f"{len(timings)} case(s) in {total:.1f} s, {total / len(timings):.2f} s per case")
+            if args.timings:
+                Path(args.timings).write_text(json.dumps(
+                    {"runtime": args.runtime, "folds": model.folds, "tta": not args.disable_tta,
+                     "setup_s": ready, "compile_s": predictor.compile_seconds,
+                     "cases": [dataclasses.asdict(t) for t in timings]}, indent=1))
     except DeployError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,310 @@
+"""`nnunetv2_recokd benchmark-predict`: seconds per case of full prediction, teacher vs student, as users run it.
+
+Every row is one whole command in a fresh process, timed from the outside (process start, imports, model load,
+runtime compilation, preprocessing, sliding window, resampling, export): ``nnUNetv2_predict_from_modelfolder``
+as stock nnU-Net runs it (its defaults: 3 preprocessing and 3 export worker processes), and
+``nnunetv2_recokd predict`` with a runtime (in one process). Seconds per case = wall time / cases. Ratios are
+to the teacher's stock command with the same TTA setting. Our command also reports where its time goes
+(set-up, preprocessing, network, resampling + export per case).
+
+Then, per patch, one forward of the teacher and the student in PyTorch eager and in the runtimes; and parity:
+per-case Dice between the runtime's and PyTorch's label maps of the same model, and the largest logit difference
+over the compared cases' whole volumes.
+
+Workloads:
+    folders  your teacher and student model folders and an input folder (e.g. held-out Hippocampus cases)
+    large    a CT-sized synthetic volume (256 x 256 x 200 voxels at 1 mm) with random-weight 6-stage U-Nets at
+             128^3 (teacher 32..320 channels, student width 1/4), where the network dominates; weights do not
+             change the time, so no training is needed
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+TTA_CHOICES = ("on", "off")
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def _run(args: list[str], log: Path, env: Optional[dict] = None) -> float:
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        done = subprocess.run(args, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"command failed ({done.returncode}), see {log}: {' '.join(args)}")
+    return wall
+
+
+def _labels(folder: Path) -> dict[str, np.ndarray]:
+    import SimpleITK as sitk
+
+    return {p.name: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in sorted(folder.glob("*.nii*"))}
+
+
+def make_large_workload(root: Path, num_cases: int = 1, seed: int = 0) -> tuple[Path, Path, Path]:
+    """(teacher folder, student folder, input folder) for the CT-sized synthetic workload."""
+    import SimpleITK as sitk
+
+    from nnunetv2_recokd import sandbox
+
+    plans = sandbox.unet_plans((32, 64, 128, 256, 320, 320), (128, 128, 128), dataset_name="Dataset992_LargeCT")
+    dataset = sandbox.dataset_json()
+    results = root / "results" / "Dataset992_LargeCT"
+    teacher = sandbox.write_random_teacher(results / "nnUNetTrainer__nnUNetPlans__3d_fullres", plans, dataset)
+    student = sandbox.write_random_student(results / "nnUNetTrainerReCoKD__nnUNetPlans__3d_fullres", plans, dataset)
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(np.arange(200), np.arange(256), np.arange(256), indexing="ij")
+    for i in range(num_cases):
+        body = ((y - 128) / 110) ** 2 + ((x - 128) / 120) ** 2 <= 1  # a body cross-section along z, HU values
+        organ = ((z - 100) / 60) ** 2 + ((y - 120) / 40) ** 2 + ((x - 100) / 45) ** 2 <= 1
+        hu = np.where(body, 40.0, -1000.0) + np.where(organ, 60.0, 0.0) + rng.normal(0, 20, body.shape)
+        image = sitk.GetImageFromArray(hu.astype(np.float32))
+        image.SetSpacing((1.0, 1.0, 1.0))
+        sitk.WriteImage(image, str(images / f"ct_{i:03d}_0000.nii.gz"))
+    return teacher, student, images
+
+
+def per_patch(folder: Path, checkpoint: str, runtimes: Sequence[str], runs: int) -> dict[str, float]:
+    """ms per forward of one patch (batch 1) of the folder's first fold: PyTorch eager and each runtime."""
+    import torch
+
+    from nnunetv2_recokd.deploy.modelfolder import open_model_folder
+    from nnunetv2_recokd.deploy.predictor import RuntimePredictor
+    from nnunetv2_recokd.deploy.runtime import compile_network
+    from nnunetv2_recokd.profiling import inference_latency_ms
+
+    model = open_model_folder(folder, None, checkpoint)
+    predictor = RuntimePredictor("torch")
+    predictor.initialize_from_trained_model_folder(str(folder), model.folds[:1], model.checkpoint_name)
+    network = predictor.network.eval()
+    patch = predictor.configuration_manager.patch_size
+    channels = predictor.num_input_channels()
+    out = {"torch": inference_latency_ms(network, patch, channels, runs=runs)}
+    x = torch.randn(1, channels, *patch)
+    for runtime in runtimes:
+        if runtime == "torch":
+            continue
+        compiled = compile_network(network, x.shape, runtime)
+        compiled(x)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            compiled(x)
+            times.append((time.perf_counter() - start) * 1000)
+        out[runtime] = float(np.median(times))
+    return out
+
+
+def parity(folder: Path, checkpoint: str, images: Path, runtime: str, num_cases: int, tta: bool) -> dict:
+    """Runtime vs PyTorch on real preprocessed cases of the same model: the largest |logit| difference of the network
+    alone (first sliding-window patch of each case) and of the whole case's logits after nnU-Net's sliding window,
+    which accumulates in float16 (so its differences are at float16 resolution of the logits)."""
+    import torch
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+
+    from nnunetv2_recokd.deploy.modelfolder import open_model_folder
+    from nnunetv2_recokd.deploy.predictor import build_predictor, check_input_folder
+
+    model = open_model_folder(folder, None, checkpoint)
+    cases = check_input_folder(images, model.dataset_json)[:num_cases]
+    reference = build_predictor(model, "torch", tta, 0.5)
+    compiled = build_predictor(model, runtime, tta, 0.5)
+    network, runtime_network = reference.network.eval(), compiled.fold_networks[0]
+    patch = reference.configuration_manager.patch_size
+    preprocessor = reference.configuration_manager.preprocessor_class(verbose=False)
+    patch_worst = case_worst = 0.0
+    for files in cases:
+        data, _, _ = preprocessor.run_case(files, None, reference.plans_manager, reference.configuration_manager,
+                                           reference.dataset_json)
+        data = torch.from_numpy(data)
+        first = pad_nd_image(data, patch, "constant", {"value": 0})[(slice(None), *[slice(0, p) for p in patch])]
+        with torch.no_grad():
+            patch_worst = max(patch_worst, float((network(first[None]) - runtime_network(first[None])).abs().max()))
+        a = reference.predict_logits_from_preprocessed_data(data).float()
+        b = compiled.predict_logits_from_preprocessed_data(data).float()
+        case_worst = max(case_worst, float((a - b).abs().max()))
+    return {"cases": len(cases), "max_logit_difference_patch": patch_worst, "max_logit_difference_case": case_worst}
+
+
+def run(teacher: Path, student: Path, images: Path, out: Path, runtimes: Sequence[str], tta: Sequence[str],
+        folds: Optional[Sequence[str]], labels: Optional[Path], patch_runs: int, parity_cases: int,
+        workload: str, checkpoints: tuple[str, str] = ("checkpoint_final.pth", "checkpoint_final.pth")) -> dict:
+    from nnunetv2_recokd.deploy.modelfolder import open_model_folder
+    from nnunetv2_recokd.deploy.predictor import dice_per_class
+
+    out.mkdir(parents=True, exist_ok=True)
+    n_cases = len(list(images.glob("*_0000.*")))
+    models = {"teacher": open_model_folder(teacher, folds, checkpoints[0]),
+              "student": open_model_folder(student, folds, checkpoints[1])}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    label_ids = sorted(v for v in models["student"].dataset_json["labels"].values() if isinstance(v, int) and v > 0)
+    rows = []
+    for tta_setting in tta:
+        for role, model in models.items():
+            fold_args = ["-f", *map(str, model.folds)]
+            commands = [("nnUNetv2_predict (stock, PyTorch)", "stock",
+                         [_bin("nnUNetv2_predict_from_modelfolder"), "-m", str(model.path), "-device", "cpu",
+                          "--disable_progress_bar", "-chk", model.checkpoint_name])]
+            for runtime in runtimes:
+                commands.append((f"nnunetv2_recokd predict --runtime {runtime}", runtime,
+                                 [_bin("nnunetv2_recokd"), "predict", "-m", str(model.path), "--runtime", runtime,
+                                  "-chk", model.checkpoint_name]))
+            for label, key, command in commands:
+                tag = f"{role}_{key}_tta-{tta_setting}"
+                target = out / "predictions" / tag
+                shutil.rmtree(target, ignore_errors=True)
+                timings_file = out / "logs" / f"{tag}.timings.json"
+                (out / "logs").mkdir(exist_ok=True)
+                args = [*command, "-i", str(images), "-o", str(target), *fold_args]
+                if tta_setting == "off":
+                    args.append("--disable_tta")
+                if key != "stock":
+                    args += ["--timings", str(timings_file)]
+                print(f"== {role}: {label}, TTA {tta_setting}, folds {model.folds}", flush=True)
+                wall = _run(args, out / "logs" / f"{tag}.log", env)
+                row = {"model": role, "command": label, "runtime": "torch" if key == "stock" else key,
+                       "tta": tta_setting, "folds": model.folds, "cases": n_cases, "wall_s": wall,
+                       "s_per_case": wall / n_cases, "predictions": str(target)}
+                if key != "stock":
+                    detail = json.loads(timings_file.read_text())
+                    cases = detail["cases"]
+                    row["breakdown"] = {"setup_s": detail["setup_s"], "compile_s": detail["compile_s"],
+                                        **{k: float(np.mean([c[k] for c in cases]))
+                                           for k in ("preprocess_s", "network_s", "export_s")}}
+                    row["breakdown"]["process_start_and_rest_s"] = wall - detail["setup_s"] - sum(
+                        c["preprocess_s"] + c["network_s"] + c["export_s"] for c in cases)
+                if labels is not None:
+                    predicted, truth = _labels(target), _labels(labels)
+                    dices = [dice_per_class(predicted[n], truth[n], label_ids) for n in predicted]
+                    row["dice"] = {str(k): float(np.mean([d[k] for d in dices])) for k in label_ids}
+                print(f"   {wall:.1f} s, {row['s_per_case']:.2f} s per case", flush=True)
+                rows.append(row)
+    reference = {(r["tta"]): r["s_per_case"] for r in rows if r["model"] == "teacher" and r["runtime"] == "torch"
+                 and r["command"].startswith("nnUNetv2_predict")}
+    for row in rows:
+        row["ratio_to_teacher_stock"] = row["s_per_case"] / reference[row["tta"]]
+    # parity of the label maps: each runtime vs the stock PyTorch prediction of the same model and TTA setting
+    checks = []
+    for row in rows:
+        if row["runtime"] == "torch":
+            continue
+        stock = next(r for r in rows if r["model"] == row["model"] and r["tta"] == row["tta"]
+                     and r["command"].startswith("nnUNetv2_predict"))
+        a, b = _labels(Path(row["predictions"])), _labels(Path(stock["predictions"]))
+        dices = [min(dice_per_class(a[n], b[n], label_ids).values()) for n in a]
+        checks.append({"model": row["model"], "runtime": row["runtime"], "tta": row["tta"],
+                       "min_case_dice_vs_pytorch": float(min(dices)), "cases": len(dices)})
+    print("== per patch and logit parity", flush=True)
+    patches = {role: per_patch(model.path, model.checkpoint_name, runtimes, patch_runs)
+               for role, model in models.items()}
+    logit = {}
+    if parity_cases > 0:
+        for runtime in runtimes:
+            if runtime != "torch":
+                logit[runtime] = parity(models["student"].path, models["student"].checkpoint_name, images, runtime,
+                                        parity_cases, tta=False)
+    return {"workload": workload, "machine": machine(), "cases": n_cases, "rows": rows, "label_parity": checks,
+            "per_patch_ms": patches, "student_logit_parity": logit,
+            "teacher": str(models["teacher"].path), "student": str(models["student"].path)}
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def to_markdown(result: dict) -> str:
+    lines = [f"Workload: {result['workload']} ({result['cases']} cases). Machine: {result['machine']}.", "",
+             "| model | command | TTA | folds | s per case | x teacher stock | set-up s | preprocess s | network s "
+             "| export s | Dice per class |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        b = r.get("breakdown")
+        cells = ([f"{b['setup_s']:.1f}", f"{b['preprocess_s']:.2f}", f"{b['network_s']:.2f}", f"{b['export_s']:.2f}"]
+                 if b else ["", "", "", ""])
+        dice = " / ".join(f"{v:.3f}" for v in r["dice"].values()) if "dice" in r else ""
+        lines.append(f"| {r['model']} | {r['command']} | {r['tta']} | {','.join(map(str, r['folds']))} | "
+                     f"{r['s_per_case']:.2f} | {r['ratio_to_teacher_stock']:.3f} | " + " | ".join(cells)
+                     + f" | {dice} |")
+    lines += ["", "| model | PyTorch eager ms / patch | " + " | ".join(
+        k for k in next(iter(result["per_patch_ms"].values())) if k != "torch") + " | best / teacher eager |",
+        "|---|---|" + "---|" * (len(next(iter(result["per_patch_ms"].values()))) - 1) + "---|"]
+    teacher_eager = result["per_patch_ms"]["teacher"]["torch"]
+    for role, values in result["per_patch_ms"].items():
+        others = [v for k, v in values.items() if k != "torch"]
+        best = min([values["torch"], *others])
+        lines.append(f"| {role} | {values['torch']:.1f} | " + " | ".join(f"{v:.1f}" for v in others)
+                     + f" | {best / teacher_eager:.3f} |")
+    lines.append("")
+    for c in result["label_parity"]:
+        lines.append(f"- {c['model']} {c['runtime']} (TTA {c['tta']}): lowest per-case Dice vs PyTorch over "
+                     f"{c['cases']} cases: {c['min_case_dice_vs_pytorch']:.4f}")
+    for runtime, p in result["student_logit_parity"].items():
+        lines.append(f"- student {runtime}, max |logit difference| vs PyTorch on {p['cases']} real cases: network "
+                     f"alone (one patch per case) {p['max_logit_difference_patch']:.1e}; whole case after nnU-Net's "
+                     f"float16 sliding-window accumulation {p['max_logit_difference_case']:.1e}")
+    return "\n".join(lines) + "\n"
+
+
+def main(args) -> int:
+    out = Path(args.out)
+    if args.workload == "large":
+        teacher, student, images = make_large_workload(out / "large_workload", args.large_cases)
+        tta = args.tta or ["off"]
+    else:
+        if not (args.teacher and args.student and args.i):
+            raise SystemExit("--workload folders needs --teacher, --student and -i")
+        teacher, student, images = Path(args.teacher), Path(args.student), Path(args.i)
+        tta = args.tta or list(TTA_CHOICES)
+    result = run(teacher, student, images, out, args.runtimes, tta, args.f, Path(args.labels) if args.labels else None,
+                 args.patch_runs, args.parity_cases, args.workload, (args.teacher_chk, args.student_chk))
+    markdown = to_markdown(result)
+    print(markdown)
+    (out / "benchmark_predict.json").write_text(json.dumps(result, indent=1))
+    (out / "benchmark_predict.md").write_text(markdown)
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("benchmark-predict", help="seconds per case of full prediction, teacher vs student, stock "
+                                                 "nnUNetv2_predict vs our predict with a CPU runtime")
+    p.add_argument("--workload", choices=("folders", "large"), default="folders")
+    p.add_argument("--teacher", help="teacher model folder (workload folders)")
+    p.add_argument("--student", help="student model folder (workload folders)")
+    p.add_argument("-i", help="input images (workload folders)")
+    p.add_argument("--teacher-chk", default="checkpoint_final.pth", help="teacher checkpoint file name")
+    p.add_argument("--student-chk", default="checkpoint_final.pth", help="student checkpoint file name")
+    p.add_argument("--labels", help="reference labels for Dice (optional)")
+    p.add_argument("-f", nargs="+", help="folds (default: every fold with checkpoint_final.pth; several folds are the "
+                                         "ensemble)")
+    p.add_argument("--runtimes", nargs="+", default=["openvino"], help="runtimes of our predict (default openvino)")
+    p.add_argument("--tta", nargs="+", choices=TTA_CHOICES,
+                   help="TTA settings (default: on and off for folders, off for large)")
+    p.add_argument("--large-cases", type=int, default=1, help="volumes of the large workload")
+    p.add_argument("--patch-runs", type=int, default=5, help="timed forwards per patch latency (median)")
+    p.add_argument("--parity-cases", type=int, default=2, help="whole cases for the student's logit parity")
+    p.add_argument("--out", default="recokd_benchmark_predict", help="output folder (tables, JSON, predictions)")
