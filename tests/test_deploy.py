@@ -33,6 +33,18 @@ STUDENT = "nnUNetTrainerReCoKD__nnUNetPlans__3d_fullres"
 
 
 @pytest.fixture(scope="module", autouse=True)
+def onnx_cache(tmp_path_factory):
+    """ONNX exports cached in a temporary folder, never in the user's ~/.cache."""
+    old = os.environ.get("RECOKD_CACHE")
+    os.environ["RECOKD_CACHE"] = str(tmp_path_factory.mktemp("onnx_cache"))
+    yield Path(os.environ["RECOKD_CACHE"])
+    if old is None:
+        del os.environ["RECOKD_CACHE"]
+    else:
+        os.environ["RECOKD_CACHE"] = old
+
+
+@pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """The tiny test networks are dominated by thread start-up and contention, not arithmetic: one thread is fastest
     (nnU-Net's predictor never raises the count)."""
@@ -244,6 +256,30 @@ def test_runtime_prediction_matches_pytorch_through_nnunet_pipeline(world, torch
         assert set(np.unique(theirs[name])) == {0, 1, 2}  # a noisy map: every class present, a strict comparison
         assert min(dice_per_class(ours[name], theirs[name], [1, 2]).values()) >= 0.999
     assert not (tmp_path / runtime / ".recokd_partial").exists()
+
+
+def test_onnx_export_is_cached_per_checkpoint(world, tmp_path, monkeypatch):
+    """The second load reuses the export; a checkpoint written again (new modification time) is exported anew."""
+    from nnunetv2_recokd.deploy import runtime as runtime_module
+
+    _, _, student, _ = world
+    copy = tmp_path / STUDENT
+    sandbox.write_random_student(copy, sandbox.unet_plans((16, 32, 64), PATCH), sandbox.dataset_json())
+    model = open_model_folder(copy)
+    calls = []
+    export = runtime_module.export_onnx
+    monkeypatch.setattr(runtime_module, "export_onnx", lambda *a, **k: (calls.append(1), export(*a, **k)))
+    cache = tmp_path / "cache"
+    build_predictor(model, "onnxruntime", True, 0.5, cache_dir=cache)
+    assert len(calls) == 1 and len(list((cache / "onnx").glob("*.onnx"))) == 1
+    build_predictor(model, "onnxruntime", True, 0.5, cache_dir=cache)
+    assert len(calls) == 1  # reused
+    checkpoint = copy / "fold_0" / "checkpoint_final.pth"
+    os.utime(checkpoint, ns=(checkpoint.stat().st_atime_ns, checkpoint.stat().st_mtime_ns + 10**9))
+    build_predictor(model, "onnxruntime", True, 0.5, cache_dir=cache)
+    assert len(calls) == 2 and len(list((cache / "onnx").glob("*.onnx"))) == 2
+    build_predictor(model, "onnxruntime", True, 0.5, cache_dir=cache, use_cache=False)
+    assert len(calls) == 3
 
 
 def test_torch_runtime_equals_stock_predictor(world, torch_reference, tmp_path):

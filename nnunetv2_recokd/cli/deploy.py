@@ -60,6 +60,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--runtime", default=DEFAULT_RUNTIME, choices=RUNTIMES,
                    help=f"network runtime (default {DEFAULT_RUNTIME}; torch = PyTorch as stock nnU-Net)")
     p.add_argument("--threads", type=int, help="runtime CPU threads (default: all cores)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="export each fold to ONNX afresh instead of reusing the cached export of the same checkpoint "
+                        "($RECOKD_CACHE, default ~/.cache/nnunetv2_recokd)")
     p.add_argument("--timings", help="write the per-case timings (and the set-up time) as JSON here")
     p.add_argument("--verbose", action="store_true")
 
@@ -109,7 +112,7 @@ def predict_main(args) -> int:
         cases = check_input_folder(args.i, model.dataset_json)
         start = time.perf_counter()
         predictor = build_predictor(model, args.runtime, not args.disable_tta, args.step_size, args.threads,
-                                    args.verbose)
+                                    args.verbose, use_cache=not args.no_cache)
         print(f"{model.describe()}: {len(model.folds)} fold(s) on {args.runtime}, ready in "
               f"{time.perf_counter() - start:.1f} s; {len(cases)} case(s), TTA {'off' if args.disable_tta else 'on'}")
         if args.npp > 0 or args.nps > 0:

@@ -26,7 +26,7 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunetv2_recokd.deploy.modelfolder import DeployError, ModelFolder
-from nnunetv2_recokd.deploy.runtime import DEFAULT_RUNTIME, compile_network, require_runtime
+from nnunetv2_recokd.deploy.runtime import DEFAULT_RUNTIME, compile_network, onnx_cache_file, require_runtime
 
 STAGING = ".recokd_partial"
 
@@ -47,13 +47,16 @@ class RuntimePredictor(nnUNetPredictor):
     """nnUNetPredictor on the CPU whose network is compiled by ``runtime`` (one compiled network per fold)."""
 
     def __init__(self, runtime: str = DEFAULT_RUNTIME, threads: Optional[int] = None, tile_step_size: float = 0.5,
-                 use_mirroring: bool = True, verbose: bool = False, allow_tqdm: bool = False):
+                 use_mirroring: bool = True, verbose: bool = False, allow_tqdm: bool = False,
+                 cache_dir: Optional[Path] = None, use_cache: bool = True):
         require_runtime(runtime)  # before anything is loaded: a missing runtime is the first thing said
         super().__init__(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
                          perform_everything_on_device=False, device=torch.device("cpu"), verbose=verbose,
                          verbose_preprocessing=verbose, allow_tqdm=allow_tqdm)
         self.runtime = runtime
         self.threads = threads
+        self.cache_dir = cache_dir
+        self.use_cache = use_cache
         self.fold_networks: list[torch.nn.Module] = []
         self.compile_seconds = 0.0
 
@@ -67,12 +70,17 @@ class RuntimePredictor(nnUNetPredictor):
         input_shape = (1, self.num_input_channels(), *self.configuration_manager.patch_size)
         start = time.perf_counter()
         self.fold_networks = []
-        for params in self.list_of_parameters:
+        folds = use_folds if use_folds is not None else \
+            self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
+        folds = [folds] if isinstance(folds, str) else list(folds)
+        for fold, params in zip(folds, self.list_of_parameters):
             if self.runtime == "torch":
                 self.fold_networks.append(None)  # nnU-Net's own loop loads each fold's weights
                 continue
             network.load_state_dict(params)
-            self.fold_networks.append(compile_network(network, input_shape, self.runtime, self.threads))
+            checkpoint = Path(model_training_output_dir) / f"fold_{fold}" / checkpoint_name
+            cache = onnx_cache_file(checkpoint, input_shape, self.cache_dir) if self.use_cache else None
+            self.fold_networks.append(compile_network(network, input_shape, self.runtime, self.threads, cache))
         self.compile_seconds = time.perf_counter() - start
 
     def num_input_channels(self) -> int:
@@ -192,9 +200,11 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def build_predictor(model: ModelFolder, runtime: str, use_mirroring: bool, tile_step_size: float,
-                    threads: Optional[int] = None, verbose: bool = False) -> RuntimePredictor:
+                    threads: Optional[int] = None, verbose: bool = False, use_cache: bool = True,
+                    cache_dir: Optional[Path] = None) -> RuntimePredictor:
     predictor = RuntimePredictor(runtime=runtime, threads=threads, tile_step_size=tile_step_size,
-                                 use_mirroring=use_mirroring, verbose=verbose)
+                                 use_mirroring=use_mirroring, verbose=verbose, use_cache=use_cache,
+                                 cache_dir=cache_dir)
     predictor.initialize_from_trained_model_folder(str(model.path), model.folds, model.checkpoint_name)
     return predictor
 

@@ -17,7 +17,10 @@ Install the runtimes with ``pip install 'nnunetv2-recokd[deploy]'``.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -33,6 +36,7 @@ RUNTIMES = ("openvino", "onnxruntime", "torch")
 DEFAULT_RUNTIME = "openvino"
 ONNX_OPSET = 17
 INSTALL_HINT = "pip install 'nnunetv2-recokd[deploy]'"
+CACHE_ENV = "RECOKD_CACHE"
 
 
 def require_runtime(runtime: str) -> None:
@@ -97,7 +101,7 @@ class CompiledNetwork(nn.Module):
 
 
 def compile_network(network: nn.Module, input_shape: Sequence[int], runtime: str = DEFAULT_RUNTIME,
-                    threads: Optional[int] = None) -> nn.Module:
+                    threads: Optional[int] = None, onnx_cache: Optional[Path] = None) -> nn.Module:
     """The network as the runtime runs it (``torch``: the network itself, in eval mode).
 
     Args:
@@ -105,18 +109,51 @@ def compile_network(network: nn.Module, input_shape: Sequence[int], runtime: str
         input_shape: (1, C, *patch).
         runtime: one of RUNTIMES.
         threads: CPU threads of the runtime (None: the runtime's default, all cores).
+        onnx_cache: ONNX file to reuse if it exists, else to write (atomically): the export is most of the set-up
+            time of a prediction command (see onnx_cache_file).
     """
     require_runtime(runtime)
     if runtime == "torch":
         return network.eval()
     with tempfile.TemporaryDirectory(prefix="recokd_onnx_") as tmp:
         onnx_file = Path(tmp) / "network.onnx"
-        export_onnx(network, input_shape, onnx_file)
+        if onnx_cache is not None and onnx_cache.is_file():
+            onnx_file = onnx_cache
+        else:
+            export_onnx(network, input_shape, onnx_file)
+            if onnx_cache is not None:
+                _store(onnx_file, onnx_cache)
         if runtime == "openvino":
             run = _openvino(onnx_file, threads)
         else:
             run = _onnxruntime(onnx_file, threads)
     return CompiledNetwork(run, input_shape, runtime)
+
+
+def default_cache_dir() -> Path:
+    """$RECOKD_CACHE, else ~/.cache/nnunetv2_recokd."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "nnunetv2_recokd")
+
+
+def onnx_cache_file(checkpoint: Path, input_shape: Sequence[int], cache_dir: Optional[Path] = None) -> Path:
+    """Where the ONNX export of this checkpoint at this input shape is cached. The key covers the checkpoint's path,
+    size and modification time, the shape, torch's version and the opset, so a retrained or replaced checkpoint
+    gets a new file."""
+    stat = checkpoint.stat()
+    key = "|".join(map(str, (checkpoint.resolve(), stat.st_size, stat.st_mtime_ns, tuple(input_shape),
+                             torch.__version__, ONNX_OPSET)))
+    return (cache_dir or default_cache_dir()) / "onnx" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".onnx")
+
+
+def _store(source: Path, target: Path) -> None:
+    """Copy into the cache atomically; a cache that cannot be written is skipped (it only saves time)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        shutil.copyfile(source, partial)
+        os.replace(partial, target)
+    except OSError as e:
+        warnings.warn(f"ONNX cache not written ({e}); set {CACHE_ENV} to a writable folder to reuse exports")
 
 
 def _openvino(onnx_file: Path, threads: Optional[int]) -> Callable[[np.ndarray], np.ndarray]:
