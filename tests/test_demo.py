@@ -28,6 +28,8 @@ def test_demo_smallest_setting_writes_table_and_figure(tmp_path):
         assert r["cases"] == 2 and r["evaluated_on"] == "held-out test cases" and r["seeds"] == [0]
         assert set(r["dice"]) == {"organ", "lesion"} and all(0 <= d <= 1 for d in r["dice"].values())
         assert r["latency_ms"] > 0
+        # seconds per held-out case of the whole stock nnUNetv2_predict command and of our predict on the runtime
+        assert r["stock_s_per_case"] > 0 and r["runtime_s_per_case"] > 0
     # distillation really added to the ReCo-KD student's loss; the control has no such term
     assert distilled["kd_weighted_per_epoch"][0] and min(distilled["kd_weighted_per_epoch"][0]) > 0
     assert student["kd_weighted_per_epoch"] == [[]]
@@ -35,6 +37,8 @@ def test_demo_smallest_setting_writes_table_and_figure(tmp_path):
     assert config["seed"] == 0 and config["reco_warmup"] == 0.0
     table = (out / "table.md").read_text()
     assert f"{teacher['params'] / 1e6:.3f}" in table and "`nnUNetTrainerReCoKD`" in table
+    assert "s / case, nnUNetv2_predict | s / case, openvino |" in table
+    assert f"| {distilled['stock_s_per_case']:.2f} | {distilled['runtime_s_per_case']:.2f} |" in table
     assert (out / "figure.png").read_bytes()[:4] == b"\x89PNG"
 
 

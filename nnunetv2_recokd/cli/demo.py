@@ -29,6 +29,21 @@ SYNTHETIC_ID = 990
 TEACHER = "nnUNetTrainerTeacher"
 MODELS = (("teacher", TEACHER), ("student", "nnUNetTrainerStudent"), ("ReCo-KD student", "nnUNetTrainerReCoKD"))
 # the demo's distillation settings on top of the trainers' defaults (the control ignores them); see README
+DEMO_RUNTIME = "openvino"  # the CPU runtime of `nnunetv2_recokd predict` timed beside stock nnUNetv2_predict
+
+
+def runtime_available(runtime: str) -> bool:
+    """True when the optional deploy extra provides this runtime (the demo then also times it)."""
+    from nnunetv2_recokd.deploy.modelfolder import DeployError
+    from nnunetv2_recokd.deploy.runtime import require_runtime
+
+    try:
+        require_runtime(runtime)
+    except DeployError:
+        return False
+    return True
+
+
 DEMO_DISTILLATION: dict = {"log_term_gradients": True}
 
 
@@ -171,11 +186,21 @@ class Evaluation:
 
     def run(self, trainer: str, model_folder: Path, env: dict, seed: Optional[int] = None) -> dict:
         tag = trainer if seed is None else f"{trainer}_seed{seed}"
+        timing = {}
         if self.held_out:
             pred = self.out / "predictions" / tag
+            cases = max(1, len(list(self.images.glob("*_0000.*"))))
+            start = time.perf_counter()
             run_logged(["nnUNetv2_predict", "-i", str(self.images), "-o", str(pred), "-d", self.dataset_id, "-c",
                         "3d_fullres", "-tr", trainer, "-f", "0", "-device", self.device, "--disable_tta",
                         "-npp", "1", "-nps", "1"], env, self.logs / f"predict_{tag}.log")
+            timing["stock_s_per_case"] = (time.perf_counter() - start) / cases
+            if runtime_available(DEMO_RUNTIME):  # the same cases through our predict on the CPU runtime
+                start = time.perf_counter()
+                run_logged([nnunet_command("nnunetv2_recokd"), "predict", "-i", str(self.images), "-o",
+                            str(self.out / "predictions_runtime" / tag), "-m", str(model_folder), "-f", "0",
+                            "--disable_tta", "--runtime", DEMO_RUNTIME], env, self.logs / f"predict_runtime_{tag}.log")
+                timing["runtime_s_per_case"] = (time.perf_counter() - start) / cases
             run_logged(["nnUNetv2_evaluate_folder", str(self.labels), str(pred), "-djfile",
                         str(self.pre / "dataset.json"), "-pfile", str(self.pre / "nnUNetPlans.json")], env,
                        self.logs / f"evaluate_{tag}.log")
@@ -185,7 +210,7 @@ class Evaluation:
         result = read_dice(summary, model_folder)
         checkpoint = model_folder / "fold_0" / "checkpoint_final.pth"
         return {**result, "evaluated_on": source, "seed": seed, "model_folder": str(model_folder),
-                **training_record(checkpoint)}
+                **training_record(checkpoint), **timing}
 
 
 def read_dice(summary_file: Path, model_folder: Path) -> dict:
@@ -234,7 +259,8 @@ def model_row(label: str, trainer: str, runs: list[dict], device: str) -> dict:
             "kd_weighted_per_epoch": [r["kd_weighted_per_epoch"] for r in runs],
             "params": count_parameters(net), "gflops_per_patch": conv_gflops(net, patch),
             "latency_ms": inference_latency_ms(net, patch, device=torch.device(device)), "patch_size": list(patch),
-            "device": device}
+            "device": device, **{key: statistics.mean(r[key] for r in runs) for key in
+                                 ("stock_s_per_case", "runtime_s_per_case") if all(key in r for r in runs)}}
 
 
 def _cell(row: dict, mean: float, sd: float) -> str:
@@ -243,19 +269,25 @@ def _cell(row: dict, mean: float, sd: float) -> str:
 
 def write_outputs(rows: list[dict], out_dir: Path, seconds: float) -> None:
     classes = list(rows[0]["dice"])
+    timed = [key for key in ("stock_s_per_case", "runtime_s_per_case") if all(key in r for r in rows)]
+    columns = {"stock_s_per_case": "s / case, nnUNetv2_predict", "runtime_s_per_case": f"s / case, {DEMO_RUNTIME}"}
     header = ["model", "trainer", "seeds", *[f"Dice {c}" for c in classes], "mean Dice", "params (M)",
-              "GFLOPs/patch", "latency (ms/patch)"]
+              "GFLOPs/patch", "latency (ms/patch)", *[columns[key] for key in timed]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         seeds = ", ".join(str(s) for s in r["seeds"])
         dice = [_cell(r, r["dice"][c], r["dice_sd"][c]) for c in classes]
         cells = [r["model"], f"`{r['trainer']}`", seeds, *dice, _cell(r, r["mean_dice"], r["mean_dice_sd"]),
-                 f"{r['params'] / 1e6:.3f}", f"{r['gflops_per_patch']:.2f}", f"{r['latency_ms']:.1f}"]
+                 f"{r['params'] / 1e6:.3f}", f"{r['gflops_per_patch']:.2f}", f"{r['latency_ms']:.1f}",
+                 *[f"{r[key]:.2f}" for key in timed]]
         lines.append("| " + " | ".join(cells) + " |")
     n_seeds = max(len(r["seeds"]) for r in rows)
     spread = " Students: mean ± sample standard deviation over the seeds listed." if n_seeds > 1 else ""
     note = (f"\nDice from nnU-Net's evaluation on {rows[0]['evaluated_on']} ({rows[0]['cases']} cases).{spread} "
             f"Latency: one forward of one {rows[0]['patch_size']} patch on {rows[0]['device']}, median of 5. "
+            + ("Seconds per case: the whole command's wall time over the held-out cases, TTA off, `nnUNetv2_predict "
+               f"-device {rows[0]['device']}` and `nnunetv2_recokd predict --runtime {DEMO_RUNTIME}` (CPU). "
+               if timed else "") +
             f"Whole run: {seconds / 60:.1f} min.\n")
     table = "\n".join(lines) + "\n" + note
     (out_dir / "table.md").write_text(table)
