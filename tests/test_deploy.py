@@ -282,6 +282,24 @@ def test_onnx_export_is_cached_per_checkpoint(world, tmp_path, monkeypatch):
     assert len(calls) == 3
 
 
+def test_trainer_lookup_skips_nnunets_walk_for_known_trainers(world, monkeypatch):
+    import nnunetv2.inference.predict_from_raw_data as nnunet_predict
+
+    from nnunetv2_recokd.trainers import nnUNetTrainerReCoKD
+
+    walked = []
+    original = nnunet_predict.recursive_find_trainer_class_by_name
+    monkeypatch.setattr(nnunet_predict, "recursive_find_trainer_class_by_name",
+                        lambda name: (walked.append(name), original(name))[1])
+    patched = nnunet_predict.recursive_find_trainer_class_by_name
+    _, _, student, _ = world
+    predictor = build_predictor(open_model_folder(student, ["0"]), "torch", False, 0.5)
+    assert walked == [] and predictor.trainer_name == "nnUNetTrainerReCoKD"
+    assert type(predictor.network) is type(nnUNetTrainerReCoKD.build_network_architecture(
+        predictor.plans_manager, predictor.configuration_manager, 1, 3, False))
+    assert nnunet_predict.recursive_find_trainer_class_by_name is patched  # restored after loading
+
+
 def test_torch_runtime_equals_stock_predictor(world, torch_reference, tmp_path):
     """--runtime torch is nnU-Net's own predictor: identical label maps, so comparisons are like for like."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor

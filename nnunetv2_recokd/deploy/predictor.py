@@ -13,6 +13,7 @@ stages and writes each case through a hidden staging folder, so an interrupted r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -65,7 +66,8 @@ class RuntimePredictor(nnUNetPredictor):
                                              checkpoint_name: str = "checkpoint_final.pth") -> None:
         """nnU-Net's initialisation (network rebuilt from the trainer class and plans), then one compiled network
         per fold."""
-        super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
+        with _direct_trainer_lookup():
+            super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
         network = getattr(self.network, "_orig_mod", self.network)  # nnUNet_compile=t wraps it
         input_shape = (1, self.num_input_channels(), *self.configuration_manager.patch_size)
         start = time.perf_counter()
@@ -101,6 +103,30 @@ class RuntimePredictor(nnUNetPredictor):
         if len(self.fold_networks) > 1:
             prediction /= len(self.fold_networks)
         return prediction
+
+
+@contextlib.contextmanager
+def _direct_trainer_lookup():
+    """nnU-Net finds the trainer class by importing every module of its trainer folder (about 0.5 s of a
+    prediction command's start). nnU-Net's stock trainer and ours are known without that walk; any other name
+    still goes through nnU-Net's own lookup."""
+    import nnunetv2.inference.predict_from_raw_data as nnunet_predict
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    walk = nnunet_predict.recursive_find_trainer_class_by_name
+
+    def lookup(name: str):
+        if name == "nnUNetTrainer":
+            return nnUNetTrainer
+        from nnunetv2_recokd import trainers
+
+        return getattr(trainers, name, None) if name in trainers.__all__ else walk(name)
+
+    nnunet_predict.recursive_find_trainer_class_by_name = lookup
+    try:
+        yield
+    finally:
+        nnunet_predict.recursive_find_trainer_class_by_name = walk
 
 
 def check_input_folder(folder: Union[str, Path], dataset_json: dict) -> list[list[str]]:
