@@ -336,6 +336,23 @@ def test_input_folder_problems_are_reported_at_once(tmp_path):
         check_input_folder(tmp_path / "nope", dataset)
 
 
+def test_predict_command_in_process_and_with_nnunet_workers(world, tmp_path):
+    """The command's default (one process, --timings) and nnU-Net's worker pipeline (-npp/-nps) give the same files."""
+    from nnunetv2_recokd.cli import main
+
+    _, _, student, images = world
+    common = ["-i", str(images), "-m", str(student), "-f", "0", "--disable_tta", "--runtime", "openvino"]
+    assert main(["predict", *common, "-o", str(tmp_path / "seq"), "--timings", str(tmp_path / "t.json")]) == 0
+    assert main(["predict", *common, "-o", str(tmp_path / "mp"), "-npp", "1", "-nps", "1"]) == 0
+    timings = json.loads((tmp_path / "t.json").read_text())
+    assert timings["runtime"] == "openvino" and timings["folds"] == [0] and timings["tta"] is False
+    assert [c["case"] for c in timings["cases"]] == ["case_000", "case_001"] and timings["setup_s"] > 0
+    sequential, workers = _labels(tmp_path / "seq"), _labels(tmp_path / "mp")
+    assert sorted(sequential) == sorted(workers) == ["case_000.nii.gz", "case_001.nii.gz"]
+    for name in sequential:
+        assert np.array_equal(sequential[name], workers[name])
+
+
 def test_predict_command_writes_nothing_on_bad_input(world, tmp_path):
     from nnunetv2_recokd.cli import main
 
