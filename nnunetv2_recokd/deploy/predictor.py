@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
 import re
 import shutil
@@ -51,9 +52,10 @@ class RuntimePredictor(nnUNetPredictor):
                  use_mirroring: bool = True, verbose: bool = False, allow_tqdm: bool = False,
                  cache_dir: Optional[Path] = None, use_cache: bool = True):
         require_runtime(runtime)  # before anything is loaded: a missing runtime is the first thing said
-        super().__init__(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
-                         perform_everything_on_device=False, device=torch.device("cpu"), verbose=verbose,
-                         verbose_preprocessing=verbose, allow_tqdm=allow_tqdm)
+        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's note that CPU runs are not "on device"
+            super().__init__(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
+                             perform_everything_on_device=False, device=torch.device("cpu"), verbose=verbose,
+                             verbose_preprocessing=verbose, allow_tqdm=allow_tqdm)
         self.runtime = runtime
         self.threads = threads
         self.cache_dir = cache_dir
