@@ -144,7 +144,8 @@ def parity(folder: Path, checkpoint: str, images: Path, runtime: str, num_cases:
 
 def run(teacher: Path, student: Path, images: Path, out: Path, runtimes: Sequence[str], tta: Sequence[str],
         folds: Optional[Sequence[str]], labels: Optional[Path], patch_runs: int, parity_cases: int,
-        workload: str, checkpoints: tuple[str, str] = ("checkpoint_final.pth", "checkpoint_final.pth")) -> dict:
+        workload: str, checkpoints: tuple[str, str] = ("checkpoint_final.pth", "checkpoint_final.pth"),
+        patch_runtimes: Optional[Sequence[str]] = None) -> dict:
     from nnunetv2_recokd.deploy.modelfolder import open_model_folder
     from nnunetv2_recokd.deploy.predictor import dice_per_class
 
@@ -223,7 +224,7 @@ def run(teacher: Path, student: Path, images: Path, out: Path, runtimes: Sequenc
         checks.append({"model": row["model"], "runtime": row["runtime"], "tta": row["tta"],
                        "min_case_dice_vs_pytorch": float(min(dices)), "cases": len(dices)})
     print("== per patch and logit parity", flush=True)
-    patches = {role: per_patch(model.path, model.checkpoint_name, runtimes, patch_runs)
+    patches = {role: per_patch(model.path, model.checkpoint_name, patch_runtimes or runtimes, patch_runs)
                for role, model in models.items()}
     logit = {}
     if parity_cases > 0:
@@ -297,7 +298,8 @@ def main(args) -> int:
         teacher, student, images = Path(args.teacher), Path(args.student), Path(args.i)
         tta = args.tta or list(TTA_CHOICES)
     result = run(teacher, student, images, out, args.runtimes, tta, args.f, Path(args.labels) if args.labels else None,
-                 args.patch_runs, args.parity_cases, args.workload, (args.teacher_chk, args.student_chk))
+                 args.patch_runs, args.parity_cases, args.workload, (args.teacher_chk, args.student_chk),
+                 args.patch_runtimes)
     markdown = to_markdown(result)
     print(markdown)
     (out / "benchmark_predict.json").write_text(json.dumps(result, indent=1))
@@ -318,6 +320,8 @@ def add_parser(sub) -> None:
     p.add_argument("-f", nargs="+", help="folds (default: every fold with checkpoint_final.pth; several folds are the "
                                          "ensemble)")
     p.add_argument("--runtimes", nargs="+", default=["openvino"], help="runtimes of our predict (default openvino)")
+    p.add_argument("--patch-runtimes", nargs="+",
+                   help="runtimes timed per patch (default: --runtimes; e.g. openvino onnxruntime to compare them)")
     p.add_argument("--tta", nargs="+", choices=TTA_CHOICES,
                    help="TTA settings (default: on and off for folders, off for large)")
     p.add_argument("--large-cases", type=int, default=1, help="volumes of the large workload")
