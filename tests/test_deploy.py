@@ -449,3 +449,15 @@ def test_benchmark_predict_times_every_command_and_checks_parity(world, tmp_path
     assert set(result["per_patch_ms"]["student"]) == {"torch", "openvino"}
     markdown = to_markdown(result)
     assert "cores" in markdown and "| student | nnunetv2_recokd predict --runtime openvino | off | 0 |" in markdown
+
+
+def test_report_times_held_out_cases_on_the_runtime(world, tmp_path, monkeypatch):
+    from nnunetv2_recokd.cli import report
+
+    _, _, student, images = world
+    checkpoint = student / "fold_0" / "checkpoint_final.pth"
+    seconds, runtime = report.runtime_seconds_per_case(student, "0", checkpoint, images, tmp_path / "rt", False)
+    assert runtime == "openvino" and seconds > 0
+    assert sorted(p.name for p in (tmp_path / "rt").glob("*.nii.gz")) == ["case_000.nii.gz", "case_001.nii.gz"]
+    monkeypatch.setitem(sys.modules, "openvino", None)  # without the deploy extra: no column, no error
+    assert report.runtime_seconds_per_case(student, "0", checkpoint, images, tmp_path / "none", False) == (None, None)

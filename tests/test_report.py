@@ -215,3 +215,9 @@ def test_held_out_table_lists_dice_and_seconds_per_case():
     assert "| nnUNetTrainerStudent | - | - | - | - |" in text
     assert "nnUNetTrainerStudent: held-out cases not evaluated: RuntimeError: no trainer" in text
     assert "Held-out" not in report.to_markdown([{**row, "test": None}])
+    # with the deploy extra each model is also timed on the CPU runtime, in a column of its own
+    timed = {**row, "test": {**row["test"], "runtime_seconds_per_case": 0.1234, "runtime": "openvino"}}
+    text = report.to_markdown([timed, failed])
+    assert "| mean Dice | s / case | s / case, CPU openvino |" in text
+    assert "| nnUNetTrainerReCoKD | 0.8123 | 0.5000 | 0.6562 | 1.23 | 0.12 |" in text
+    assert "| nnUNetTrainerStudent | - | - | - | - | - |" in text

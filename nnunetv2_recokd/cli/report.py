@@ -31,6 +31,7 @@ TEACHER_TRAINER = "nnUNetTrainer"
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
 NOT_VALIDATED = "not validated yet"
 DEFAULT_OUT = "recokd_report"
+REPORT_RUNTIME = "openvino"  # held-out cases are also timed on this CPU runtime (deploy extra) beside nnU-Net's
 _BUFFER_SUFFIXES = ("running_mean", "running_var")  # BatchNorm statistics: stored floats, not parameters
 
 
@@ -248,7 +249,25 @@ def evaluate_test_set(model_folder: Path, fold: str, checkpoint: Path, images: P
                                   else labels_manager.foreground_labels, labels_manager.ignore_label, num_processes=1)
     result = read_summary(out / "summary.json", class_names(predictor.dataset_json))
     result["seconds_per_case"] = seconds / max(1, result["n_cases"])
+    result["runtime_seconds_per_case"], result["runtime"] = runtime_seconds_per_case(
+        model_folder, fold, checkpoint, images, out.parent / f"{out.name}_{REPORT_RUNTIME}", tta)
     return result
+
+
+def runtime_seconds_per_case(model_folder: Path, fold: str, checkpoint: Path, images: Path, out: Path,
+                             tta: bool) -> tuple[Optional[float], Optional[str]]:
+    """Seconds per case of the same prediction on the CPU with `nnunetv2_recokd predict`'s runtime (model load and
+    compilation excluded, as for nnU-Net's predictor above), or (None, None) without the deploy extra."""
+    from nnunetv2_recokd.deploy.modelfolder import DeployError, open_model_folder
+    from nnunetv2_recokd.deploy.predictor import build_predictor, check_input_folder, predict_cases
+
+    try:
+        model = open_model_folder(model_folder, [fold], checkpoint.name)
+        predictor = build_predictor(model, REPORT_RUNTIME, tta, 0.5)
+    except DeployError:
+        return None, None
+    timings = predict_cases(predictor, check_input_folder(images, model.dataset_json), out, log=lambda m: None)
+    return sum(t.total_s for t in timings) / max(1, len(timings)), REPORT_RUNTIME
 
 
 # ----------------------------------------------------------------------------------- the rows
@@ -360,16 +379,19 @@ def _test_table(rows: list[dict[str, Any]]) -> list[str]:
     for row in tested:
         classes += [c for c in (row["test"] or {}).get("dice", {}) if c not in classes]
     n_cases = max((row["test"] or {}).get("n_cases", 0) for row in tested)
-    header = ["trainer", *[f"Dice {c}" for c in classes], "mean Dice", "s / case"]
+    runtime = next((r["test"]["runtime"] for r in tested if r["test"] and r["test"].get("runtime")), None)
+    header = ["trainer", *[f"Dice {c}" for c in classes], "mean Dice", "s / case"] + (
+        [f"s / case, CPU {runtime}"] if runtime else [])
     lines = ["", f"Held-out cases (imagesTs/labelsTs, {n_cases} cases; nnU-Net's predictor and evaluation; not seen "
                  f"by any teacher or student):", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in tested:
         test = row["test"]
         if test is None:
-            lines.append("| " + " | ".join([_label(row), *["-"] * len(classes), "-", "-"]) + " |")
+            lines.append("| " + " | ".join([_label(row), *["-"] * (len(header) - 1)]) + " |")
             continue
         lines.append("| " + " | ".join([_label(row), *[_fmt(test["dice"].get(c), ".4f") for c in classes],
-                                        _fmt(test["mean_dice"], ".4f"), _fmt(test["seconds_per_case"], ".2f")])
+                                        _fmt(test["mean_dice"], ".4f"), _fmt(test["seconds_per_case"], ".2f"),
+                                        *([_fmt(test.get("runtime_seconds_per_case"), ".2f")] if runtime else [])])
                      + " |")
     lines += [f"- {r['trainer']}: held-out cases not evaluated: {r['test_note']}" for r in tested if r["test_note"]]
     return lines
