@@ -171,7 +171,10 @@ def test_fold_ensemble_student_trains_resumes_predicts_and_is_marked_optimistic(
     --c, then nnUNetv2_predict / nnUNetv2_evaluate_folder on the held-out cases and `report` marking the fold
     validation optimistic."""
     root, env = workspace
-    teacher_env = {**env, "RECOKD_CONFIG": str(root / "teacher.json")}
+    # a second fold teacher, shorter than fold 0's (the suite's time budget): what matters is that it exists
+    (root / "teacher_fold1.json").write_text(json.dumps({"num_epochs": 1, "num_iterations_per_epoch": 10,
+                                                         "num_val_iterations_per_epoch": 1, "seed": 1}))
+    teacher_env = {**env, "RECOKD_CONFIG": str(root / "teacher_fold1.json")}
     _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "1", "-tr", "nnUNetTrainerTeacher", "-device", "cpu"],
          teacher_env, root / "teacher_fold1.log")
     settings = {"num_epochs": 1, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 1, "seed": 0,
