@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from nnunetv2_recokd.deploy.modelfolder import DeployError, model_folder_from_ids, open_model_folder
+from nnunetv2_recokd.deploy.modelfolder import DeployError, ModelFolder, model_folder_from_ids, open_model_folder
 from nnunetv2_recokd.deploy.runtime import DEFAULT_RUNTIME, RUNTIMES
 
 
@@ -67,7 +67,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--verbose", action="store_true")
 
 
-def resolve_model(args) -> "object":
+def resolve_model(args: argparse.Namespace) -> ModelFolder:
     if args.model:
         folder = Path(args.model)
     elif args.d:
@@ -77,7 +77,7 @@ def resolve_model(args) -> "object":
     return open_model_folder(folder, args.f, args.chk)
 
 
-def export_main(args) -> int:
+def export_main(args: argparse.Namespace) -> int:
     from nnunetv2_recokd.deploy.export import export_stock_model
 
     try:
@@ -104,7 +104,7 @@ def export_main(args) -> int:
     return 0
 
 
-def predict_main(args) -> int:
+def predict_main(args: argparse.Namespace) -> int:
     from nnunetv2_recokd.deploy.predictor import build_predictor, check_input_folder, predict_cases
 
     try:
