@@ -60,6 +60,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--runtime", default=DEFAULT_RUNTIME, choices=RUNTIMES,
                    help=f"network runtime (default {DEFAULT_RUNTIME}; torch = PyTorch as stock nnU-Net)")
     p.add_argument("--threads", type=int, help="runtime CPU threads (default: all cores)")
+    p.add_argument("--precision", choices=("f32", "bf16"), default="f32",
+                   help="f32 (default: PyTorch's logits to float32 rounding) or bf16 (openvino only: faster on CPUs "
+                        "with bf16 units, labels may differ slightly; see the README's measured parity)")
     p.add_argument("--no-cache", action="store_true",
                    help="export each fold to ONNX afresh instead of reusing the cached export of the same checkpoint "
                         "($RECOKD_CACHE, default ~/.cache/nnunetv2_recokd)")
@@ -112,7 +115,7 @@ def predict_main(args: argparse.Namespace) -> int:
         cases = check_input_folder(args.i, model.dataset_json)
         start = time.perf_counter()
         predictor = build_predictor(model, args.runtime, not args.disable_tta, args.step_size, args.threads,
-                                    args.verbose, use_cache=not args.no_cache)
+                                    args.verbose, use_cache=not args.no_cache, precision=args.precision)
         print(f"{model.describe()}: {len(model.folds)} fold(s) on {args.runtime}, ready in "
               f"{time.perf_counter() - start:.1f} s; {len(cases)} case(s), TTA {'off' if args.disable_tta else 'on'}")
         if args.npp > 0 or args.nps > 0:

@@ -50,7 +50,7 @@ class RuntimePredictor(nnUNetPredictor):
 
     def __init__(self, runtime: str = DEFAULT_RUNTIME, threads: Optional[int] = None, tile_step_size: float = 0.5,
                  use_mirroring: bool = True, verbose: bool = False, allow_tqdm: bool = False,
-                 cache_dir: Optional[Path] = None, use_cache: bool = True):
+                 cache_dir: Optional[Path] = None, use_cache: bool = True, precision: str = "f32"):
         require_runtime(runtime)  # before anything is loaded: a missing runtime is the first thing said
         with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's note that CPU runs are not "on device"
             super().__init__(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
@@ -60,6 +60,7 @@ class RuntimePredictor(nnUNetPredictor):
         self.threads = threads
         self.cache_dir = cache_dir
         self.use_cache = use_cache
+        self.precision = precision
         self.fold_networks: list[torch.nn.Module] = []
         self.compile_seconds = 0.0
 
@@ -84,7 +85,8 @@ class RuntimePredictor(nnUNetPredictor):
             network.load_state_dict(params)
             checkpoint = Path(model_training_output_dir) / f"fold_{fold}" / checkpoint_name
             cache = onnx_cache_file(checkpoint, input_shape, self.cache_dir) if self.use_cache else None
-            self.fold_networks.append(compile_network(network, input_shape, self.runtime, self.threads, cache))
+            self.fold_networks.append(compile_network(network, input_shape, self.runtime, self.threads, cache,
+                                                      self.precision))
         self.compile_seconds = time.perf_counter() - start
 
     def num_input_channels(self) -> int:
@@ -229,10 +231,10 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def build_predictor(model: ModelFolder, runtime: str, use_mirroring: bool, tile_step_size: float,
                     threads: Optional[int] = None, verbose: bool = False, use_cache: bool = True,
-                    cache_dir: Optional[Path] = None) -> RuntimePredictor:
+                    cache_dir: Optional[Path] = None, precision: str = "f32") -> RuntimePredictor:
     predictor = RuntimePredictor(runtime=runtime, threads=threads, tile_step_size=tile_step_size,
                                  use_mirroring=use_mirroring, verbose=verbose, use_cache=use_cache,
-                                 cache_dir=cache_dir)
+                                 cache_dir=cache_dir, precision=precision)
     predictor.initialize_from_trained_model_folder(str(model.path), model.folds, model.checkpoint_name)
     return predictor
 
