@@ -81,19 +81,9 @@ def prepare_folders(root: Path, plans: dict, environ: Optional[dict] = None) -> 
 def write_random_teacher(folder: Path, plans: dict, dataset: dict, seed: int = 0) -> Path:
     """An nnU-Net model folder (plans.json, dataset.json, fold_0/checkpoint_final.pth) with random weights."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    (folder / "fold_0").mkdir(parents=True, exist_ok=True)
-    (folder / "plans.json").write_text(json.dumps(plans))
-    (folder / "dataset.json").write_text(json.dumps(dataset))
-    pm = PlansManager(deepcopy(plans))
-    heads = pm.get_label_manager(dataset).num_segmentation_heads
-    torch.manual_seed(seed)
-    net = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration("3d_fullres"), 1, heads, True)
-    torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer",
-                "init_args": {"configuration": "3d_fullres"}, "inference_allowed_mirroring_axes": (0, 1, 2)},
-               folder / "fold_0" / "checkpoint_final.pth")
-    return folder
+    return _write_random_model(folder, plans, dataset, nnUNetTrainer, "nnUNetTrainer", (0,), seed, 1,
+                               lambda fold: {"init_args": {"configuration": "3d_fullres"}})
 
 
 def make_trainer(cls, plans: dict, dataset: dict, device: torch.device = torch.device("cpu"),
@@ -129,28 +119,36 @@ def write_random_student(folder: Path, plans: dict, dataset: dict, trainer: str 
                          width: float = 0.25, min_channels: int = 8, folds: Sequence = (0,), seed: int = 0) -> Path:
     """A student model folder as our trainers leave it (plans.json recording the width, one checkpoint per fold
     naming the trainer), with random weights: fold f is seeded with seed + f."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     from nnunetv2_recokd.student import PLANS_KEY
     from nnunetv2_recokd.trainers import nnUNetTrainerDistillBase
 
     plans = deepcopy(plans)
     plans["configurations"]["3d_fullres"][PLANS_KEY] = {"width": width, "min_channels": min_channels}
+    channels = len(dataset["channel_names"])
+
+    def extras(fold) -> dict:
+        return {"current_epoch": 1, "optimizer_state": {"unused": 1}, "recokd": {"adapters": torch.zeros(1)},
+                "init_args": {"configuration": "3d_fullres", "fold": fold, "plans": plans, "dataset_json": dataset}}
+    return _write_random_model(folder, plans, dataset, nnUNetTrainerDistillBase, trainer, folds, seed, channels,
+                               extras)
+
+
+def _write_random_model(folder: Path, plans: dict, dataset: dict, trainer_class, trainer_name: str, folds: Sequence,
+                        seed: int, channels: int, checkpoint_extras) -> Path:
+    """plans.json, dataset.json and fold_<f>/checkpoint_final.pth with random weights of trainer_class's network
+    (fold f seeded with seed + f, fold_all with seed + 99); checkpoint_extras(fold) adds keys to each checkpoint."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "plans.json").write_text(json.dumps(plans))
     (folder / "dataset.json").write_text(json.dumps(dataset))
     pm = PlansManager(deepcopy(plans))
     heads = pm.get_label_manager(dataset).num_segmentation_heads
-    channels = len(dataset["channel_names"])
     for fold in folds:
         torch.manual_seed(seed + (fold if isinstance(fold, int) else 99))
-        net = nnUNetTrainerDistillBase.build_network_architecture(pm, pm.get_configuration("3d_fullres"), channels,
-                                                                  heads, True)
+        net = trainer_class.build_network_architecture(pm, pm.get_configuration("3d_fullres"), channels, heads, True)
         (folder / f"fold_{fold}").mkdir(exist_ok=True)
-        torch.save({"network_weights": net.state_dict(), "trainer_name": trainer, "current_epoch": 1,
-                    "init_args": {"configuration": "3d_fullres", "fold": fold, "plans": plans,
-                                  "dataset_json": dataset},
-                    "inference_allowed_mirroring_axes": (0, 1, 2), "optimizer_state": {"unused": 1},
-                    "recokd": {"adapters": torch.zeros(1)}},
+        torch.save({"network_weights": net.state_dict(), "trainer_name": trainer_name,
+                    "inference_allowed_mirroring_axes": (0, 1, 2), **checkpoint_extras(fold)},
                    folder / f"fold_{fold}" / "checkpoint_final.pth")
     return folder

@@ -27,7 +27,7 @@ from typing import Optional, Union
 import torch
 
 from nnunetv2_recokd.deploy.modelfolder import DeployError, ModelFolder
-from nnunetv2_recokd.deploy.runtime import export_onnx, max_logit_difference
+from nnunetv2_recokd.deploy.runtime import compile_network, export_onnx, max_logit_difference
 from nnunetv2_recokd.student import PLANS_KEY, student_arch_kwargs, student_spec
 
 STOCK_TRAINER = "nnUNetTrainer"
@@ -167,17 +167,11 @@ def export_stock_model(model: ModelFolder, out_root: Union[str, Path], plans_nam
 
 def _onnx_parity(network: torch.nn.Module, onnx_file: Path, shape) -> float:
     """max |PyTorch - ONNX Runtime| logits on a seeded random input, or NaN if ONNX Runtime is not installed."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
+    try:  # the written file is compiled as the predictor compiles a cached export
+        session = compile_network(network, shape, "onnxruntime", onnx_cache=onnx_file)
+    except DeployError:
         return float("nan")
-    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-
-    class _Session(torch.nn.Module):
-        def forward(self, t):
-            return torch.from_numpy(session.run(None, {"image": t.numpy()})[0])
-    return max_logit_difference(network, _Session(), x)
+    return max_logit_difference(network, session, torch.randn(*shape, generator=torch.Generator().manual_seed(0)))
 
 
 def write_install_zip(model_folder: Path, zip_file: Path) -> Path:
