@@ -63,6 +63,12 @@ class DistillSettings:
     # student: nnU-Net's own plans with features_per_stage scaled (ReCo-KD: C' = max(C_min, C * width))
     student_width: float
     student_min_channels: int
+    # the dataset channels the student reads (indices or dataset.json names, in the student's order; None: all).
+    # The teacher reads every channel; the student's model folder describes only its own (inputs/channels.py)
+    student_channels: Optional[list[Union[int, str]]]
+    # modality dropout (REACT-KD): per sample and per student channel, the probability of blanking that channel of
+    # the student's input during training (each channel at exactly this rate, never all of a sample; 0: off)
+    modality_dropout: float
     # Hinton logit distillation on the deep-supervision outputs
     logit_weight: float
     logit_temperature: float
@@ -123,6 +129,8 @@ class DistillSettings:
                                                  or not sum(self.teacher_weights) > 0):
             raise SettingsError(f"setting 'teacher_weights' must be >= 0 with a positive sum, got "
                                 f"{self.teacher_weights!r}")
+        if not 0 <= self.modality_dropout < 1:
+            raise SettingsError(f"setting 'modality_dropout' is a probability in [0, 1), got {self.modality_dropout!r}")
         if self.graph_gw_solver not in ("exact", "entropic"):
             raise SettingsError(f"graph_gw_solver must be 'exact' or 'entropic', got {self.graph_gw_solver!r}")
 

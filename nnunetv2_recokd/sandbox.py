@@ -82,7 +82,8 @@ def write_random_teacher(folder: Path, plans: dict, dataset: dict, seed: int = 0
     """An nnU-Net model folder (plans.json, dataset.json, fold_0/checkpoint_final.pth) with random weights."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    return _write_random_model(folder, plans, dataset, nnUNetTrainer, "nnUNetTrainer", (0,), seed, 1,
+    return _write_random_model(folder, plans, dataset, nnUNetTrainer, "nnUNetTrainer", (0,), seed,
+                               len(dataset["channel_names"]),
                                lambda fold: {"init_args": {"configuration": "3d_fullres"}})
 
 

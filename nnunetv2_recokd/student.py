@@ -35,10 +35,12 @@ def scaled_features(features_per_stage: list[int], width: float, min_channels: i
 
 
 def student_spec(configuration: dict[str, Any], default_width: float, default_min_channels: int) -> dict[str, Any]:
-    """The (width, min_channels) recorded in a plans configuration, else the given defaults."""
+    """The (width, min_channels) recorded in a plans configuration, else the given defaults, and the dataset
+    channels the student reads (input_channels; None: every channel of its dataset.json)."""
     spec = configuration.get(PLANS_KEY) or {}
     return {"width": float(spec.get("width", default_width)),
-            "min_channels": int(spec.get("min_channels", default_min_channels))}
+            "min_channels": int(spec.get("min_channels", default_min_channels)),
+            "input_channels": spec.get("input_channels")}
 
 
 def student_arch_kwargs(arch_kwargs: dict[str, Any], width: float, min_channels: int) -> dict[str, Any]:

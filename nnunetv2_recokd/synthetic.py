@@ -4,6 +4,9 @@ Made for the end-to-end test and the demo: it needs nothing downloaded, plans an
 a CPU, and has what distillation is for -- a large structure and small ones (label 1 organ, label 2
 lesions). Lesion radius is a fraction of the volume edge; at >= 0.14 a width/4 net learns both labels
 in about 80 iterations on a CPU, smaller lesions need hundreds.
+
+With channels=2 a second, weaker channel is added (the missing-input experiments of REACT-KD): channel 0 carries
+most of the signal, channel 1 shows the same anatomy at a third of the contrast under more noise.
 """
 
 from __future__ import annotations
@@ -35,6 +38,13 @@ def make_case(rng: np.random.Generator, size: int, lesion_radius: float) -> tupl
     return image.astype(np.float32), label
 
 
+def weak_channel(rng: np.random.Generator, label: np.ndarray) -> np.ndarray:
+    """The second channel of a two-channel case: the label's anatomy at a third of make_case's contrast, more
+    noise (noise 0.5 against contrast 0.33 and 0.73: alone it still shows the organ, the lesions barely)."""
+    clean = np.where(label == 1, 1.0, 0.0) + np.where(label == 2, 2.2, 0.0)
+    return (clean / 3 + rng.normal(0, 0.5, label.shape)).astype(np.float32)
+
+
 def _write(array: np.ndarray, path: Path) -> None:
     img = sitk.GetImageFromArray(array)
     img.SetSpacing((1.0, 1.0, 1.0))
@@ -43,9 +53,12 @@ def _write(array: np.ndarray, path: Path) -> None:
 
 def write_dataset(raw_root: Union[str, Path], dataset_id: int = 990, name: str = "SyntheticLesions",
                   num_train: int = 10, num_test: int = 0, size: int = 48, lesion_radius: float = 0.15,
-                  seed: int = 0) -> Path:
+                  seed: int = 0, channels: int = 1) -> Path:
     """Write Dataset<ID>_<name> in nnU-Net's raw layout (imagesTr, labelsTr, dataset.json; imagesTs,
-    labelsTs when num_test > 0) and return its folder."""
+    labelsTs when num_test > 0) and return its folder. channels=2 adds the weak channel (_0001); one channel
+    gives the same cases as before that option existed."""
+    if channels not in (1, 2):
+        raise ValueError(f"channels must be 1 or 2, got {channels}")
     folder = Path(raw_root) / f"Dataset{dataset_id:03d}_{name}"
     for sub in ("imagesTr", "labelsTr") + (("imagesTs", "labelsTs") if num_test else ()):
         (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -54,8 +67,11 @@ def write_dataset(raw_root: Union[str, Path], dataset_id: int = 990, name: str =
         image, label = make_case(rng, size, lesion_radius)
         split = "Tr" if i < num_train else "Ts"
         _write(image, folder / f"images{split}" / f"case_{i:03d}_0000.nii.gz")
+        if channels == 2:
+            _write(weak_channel(rng, label), folder / f"images{split}" / f"case_{i:03d}_0001.nii.gz")
         _write(label, folder / f"labels{split}" / f"case_{i:03d}.nii.gz")
-    dataset_json = {"channel_names": {"0": "synthetic"}, "labels": LABELS, "numTraining": num_train,
+    names = {"0": "synthetic"} if channels == 1 else {"0": "main", "1": "weak"}
+    dataset_json = {"channel_names": names, "labels": LABELS, "numTraining": num_train,
                     "file_ending": ".nii.gz", "name": name,
                     "description": "synthetic organ with small lesions (nnunetv2-recokd)"}
     (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))

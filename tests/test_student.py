@@ -125,15 +125,18 @@ def test_record_student_spec_writes_plans_and_cached_manager():
     assert cm.configuration[PLANS_KEY] == expected
     # nnU-Net caches the manager: later lookups see the record too
     assert pm.get_configuration("3d_fullres").configuration[PLANS_KEY]["width"] == 0.5
-    assert student_spec(cm.configuration, 0.25, 8) == {"width": 0.5, "min_channels": 4}
+    assert student_spec(cm.configuration, 0.25, 8) == {"width": 0.5, "min_channels": 4, "input_channels": None}
+    record_student_spec(pm.plans, cm, "3d_fullres", 0.5, 4, extra={"input_channels": [1]})
+    assert student_spec(cm.configuration, 0.25, 8)["input_channels"] == [1]
 
 
 def test_student_spec_falls_back_to_defaults():
     _, cm = managers()
     assert PLANS_KEY not in cm.configuration
-    assert student_spec(cm.configuration, 0.25, 8) == {"width": 0.25, "min_channels": 8}
-    assert student_spec({PLANS_KEY: {"width": 0.125}}, 0.25, 8) == {"width": 0.125, "min_channels": 8}
-    assert student_spec({PLANS_KEY: None}, 0.5, 2) == {"width": 0.5, "min_channels": 2}
+    assert student_spec(cm.configuration, 0.25, 8) == {"width": 0.25, "min_channels": 8, "input_channels": None}
+    assert student_spec({PLANS_KEY: {"width": 0.125}}, 0.25, 8) == {"width": 0.125, "min_channels": 8,
+                                                                     "input_channels": None}
+    assert student_spec({PLANS_KEY: None}, 0.5, 2) == {"width": 0.5, "min_channels": 2, "input_channels": None}
 
 
 def _trainer_cls():

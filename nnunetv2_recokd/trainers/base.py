@@ -2,10 +2,13 @@
 
 nnU-Net does the planning, preprocessing, augmentation, data loading, validation and inference; this
 class adds, in nnU-Net's own order:
-  __init__              settings (trainer_configs/ + RECOKD_CONFIG) and the student's width in the plans
+  __init__              settings (trainer_configs/ + RECOKD_CONFIG) and the student's width and input channels
+                        in the plans
   initialize            teacher found, checked, frozen; distiller built; then nnU-Net's initialize
                         (student network, optimizer over student + distiller, loss); hooks registered
-  train_step            teacher forward, student forward, seg loss + distillation terms, one backward
+  train_step            teacher forward (every channel), student forward (its view of the batch: its channels,
+                        modality dropout, simulated low dose), seg loss + distillation terms, one backward
+  validation            the student on its channels; its model folder describes only those (inputs/channels.py)
   on_train_epoch_end    each term logged per epoch and drawn in progress.png
   save/load_checkpoint  network (student only), optimizer, grad scaler AND distiller, written atomically
 
@@ -37,6 +40,12 @@ from nnunetv2_recokd.config import (
 )
 from nnunetv2_recokd.distiller import Distiller
 from nnunetv2_recokd.hooks import FeatureRecorder, stage_channels, unwrap_network
+from nnunetv2_recokd.inputs.channels import (
+    resolve_student_channels,
+    student_dataset_json,
+    student_plans,
+)
+from nnunetv2_recokd.inputs.view import StudentInput, build_student_input
 from nnunetv2_recokd.student import (
     PLANS_KEY,
     build_student_network,
@@ -82,9 +91,12 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         self.num_val_iterations_per_epoch = s.num_val_iterations_per_epoch
         self.save_every = s.save_every
         self.initial_lr = s.initial_lr
-        # nnUNetv2_predict rebuilds the student from the model folder's plans.json: record the width there
-        record_student_spec(self.plans_manager.plans, self.configuration_manager, configuration,
-                            s.student_width, s.student_min_channels)
+        self.student_channels: Optional[list[int]] = resolve_student_channels(s.student_channels, dataset_json)
+        if self.student_channels is not None and self.is_cascaded:
+            raise SettingsError("student_channels cannot be used with a cascade stage (its input adds the previous "
+                                "stage's segmentation as channels); set it to null")
+        self._record_student_spec()
+        self.student_input: Optional[StudentInput] = None  # built in initialize
         self.logger.local_logger = DistillLocalLogger(self.logger.local_logger.verbose)
         self.teachers: list[LoadedTeacher] = []  # one, or several (an ensemble of folds, other plans)
         self.distiller: Optional[Distiller] = None
@@ -100,6 +112,14 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         self._part_gradient_norms: dict[str, float] = {}
 
     # ----------------------------------------------------------------------------------- construction
+    def _record_student_spec(self) -> None:
+        """nnUNetv2_predict rebuilds the student from the model folder's plans.json: record its width and the
+        dataset channels it reads there."""
+        s = self.settings
+        record_student_spec(self.plans_manager.plans, self.configuration_manager, self.configuration_name,
+                            s.student_width, s.student_min_channels,
+                            {"input_channels": self.student_channels} if self.student_channels is not None else None)
+
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
@@ -107,7 +127,10 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         defaults = default_settings(cls)
         spec = student_spec(configuration_manager.configuration, defaults.student_width,
                             defaults.student_min_channels)
-        return build_student_network(configuration_manager, num_input_channels, num_output_channels,
+        # training: num_input_channels counts the dataset's channels, the student reads input_channels of them;
+        # prediction: the student's model folder lists only its channels, so both agree
+        n_inputs = len(spec["input_channels"]) if spec["input_channels"] else num_input_channels
+        return build_student_network(configuration_manager, n_inputs, num_output_channels,
                                      enable_deep_supervision, spec["width"], spec["min_channels"])
 
     def initialize(self) -> None:
@@ -118,6 +141,7 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
                                + "):\n" + json.dumps(self.settings.as_dict(), indent=1),
                                also_print_to_console=False, add_timestamp=False)
         self._check_model_folder_width()
+        self.student_input = self._build_student_input()
         if self.settings.seed is not None:  # before anything random: distiller, network, data loaders
             seed = self.settings.seed + self.local_rank
             seed_everything(seed)
@@ -139,11 +163,17 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
                 for tensor in self.distiller.state_dict().values():
                     dist.broadcast(tensor, src=0)
         super().initialize()
+        self.num_input_channels = self.student_input.n_channels  # nnU-Net counted the dataset's channels
         student = unwrap_network(self.network)
         s = self.settings
         features = student_arch_kwargs(self.configuration_manager.network_arch_init_kwargs, s.student_width,
                                        s.student_min_channels)["features_per_stage"]
         message = f"student: {count_parameters(student) / 1e6:.3f} M parameters, features per stage {features}"
+        if self.student_channels is not None:
+            names = self.dataset_json["channel_names"]
+            message += f", reads channels {[names[str(c)] for c in self.student_channels]} of {list(names.values())}"
+        if s.modality_dropout > 0:
+            message += f", modality dropout {s.modality_dropout:g} per channel"
         if self.teacher is not None:
             ratio = count_parameters(self.teacher.network) / count_parameters(student)
             message += f", {ratio:.1f}x fewer parameters than the teacher"
@@ -162,6 +192,17 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
             self.print_to_log_file(f"distillation terms recorded at stages {stages or 'none (logits only)'}; "
                                    f"{count_parameters(self.distiller) / 1e6:.4f} M trainable distillation "
                                    f"parameters (adapters, context blocks, projectors)")
+
+    def _build_student_input(self) -> StudentInput:
+        """The student's view of a batch from the settings (channels, modality dropout); checked before training."""
+        s = self.settings
+        try:
+            return build_student_input(self.student_channels, self.dataset_json,
+                                       self.configuration_manager.normalization_schemes,
+                                       self.plans_manager.foreground_intensity_properties_per_channel,
+                                       s.modality_dropout)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
 
     def _check_model_folder_width(self) -> None:
         """All folds of a model folder share its plans.json, from which nnUNetv2_predict builds ONE network for
@@ -295,8 +336,8 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
             self.distiller.train()
 
     def train_step(self, batch: dict) -> dict:
-        if self.distiller is None:
-            return super().train_step(batch)
+        if self.distiller is None:  # the control: nnU-Net's step on the student's view of the batch
+            return super().train_step({**batch, "data": self.student_input(batch["data"], training=True)})
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
@@ -313,14 +354,15 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
                 teacher_features.append(recorder.pop())
                 teacher_outputs.append([] if self._teacher_encoder_only else _as_list(out))
                 del out
+            student_data = self.student_input(data, training=True)  # a new tensor: the teacher's stays as it was
             with self.student_recorder:
-                student_out = self.network(data)
+                student_out = self.network(student_data)
             student_features = self.student_recorder.pop()
             seg = self.loss(student_out, target)
             kd, terms = self.distiller(student_features, teacher_features, _as_list(student_out),
                                        [] if self._teacher_encoder_only else teacher_outputs, targets, progress)
             loss = seg + kd
-        del student_features, teacher_features, teacher_outputs
+        del student_features, teacher_features, teacher_outputs, student_data
         if self.settings.log_term_gradients and self._first_step_of_epoch:
             norms = self._term_gradient_norms(seg, terms, progress)
             if norms:
@@ -352,6 +394,9 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         host = torch.stack([torch.as_tensor(v).detach().float().reshape(()).to(seg.device)
                             for v in values.values()]).cpu().numpy()
         return dict(zip(values, host))
+
+    def validation_step(self, batch: dict) -> dict:
+        return super().validation_step({**batch, "data": self.student_input(batch["data"], training=False)})
 
     def _term_gradient_norms(self, seg: torch.Tensor, terms: dict[str, torch.Tensor],
                              progress: float) -> dict[str, torch.Tensor]:
@@ -505,8 +550,26 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
                             f"projectors) differ from the checkpoint's because {cause}\nRestore those settings to "
                             f"continue, or start a new training without --c.")
 
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.student_channels is not None and self.local_rank == 0:
+            # nnU-Net has just copied the dataset's plans.json and dataset.json into the model folder; the student's
+            # describe only its channels, so nnUNetv2_predict asks for those files alone
+            with open(os.path.join(self.output_folder_base, "plans.json"), "w") as f:
+                json.dump(student_plans(self.plans_manager.plans, self.student_channels), f, indent=4)
+            with open(os.path.join(self.output_folder_base, "dataset.json"), "w") as f:
+                json.dump(student_dataset_json(self.dataset_json, self.student_channels), f, indent=4)
+
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
-        super().perform_actual_validation(save_probabilities)
+        if self.student_channels is None:
+            super().perform_actual_validation(save_probabilities)
+        else:  # nnU-Net loads every channel of each validation case: hand the student its own
+            dataset_class = self.dataset_class
+            self.dataset_class = _with_channels(dataset_class, self.student_channels)
+            try:
+                super().perform_actual_validation(save_probabilities)
+            finally:
+                self.dataset_class = dataset_class
         if self._leakage:
             self.print_to_log_file(f"NOTE: this validation is OPTIMISTIC: the teacher was trained on "
                                    f"{self._leakage['cases']} of its {self._leakage['of']} cases "
@@ -518,7 +581,7 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
             return
         current = self.settings.as_dict()
         changed = {k: (saved[k], current[k]) for k in current if k in saved and saved[k] != current[k]}
-        arch = {k: v for k, v in changed.items() if k in ("student_width", "student_min_channels")}
+        arch = {k: v for k, v in changed.items() if k in ("student_width", "student_min_channels", "student_channels")}
         if arch:
             self.print_to_log_file(f"the checkpoint's student was built with {({k: v[0] for k, v in arch.items()})}; "
                                    f"using that instead of the current settings {({k: v[1] for k, v in arch.items()})}")
@@ -526,8 +589,8 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
                 self.settings = self.settings.replace(**{k: v[0] for k, v in arch.items()})
             except SettingsError as e:
                 raise SettingsError(f"the checkpoint's settings are invalid now: {e}") from e
-            record_student_spec(self.plans_manager.plans, self.configuration_manager, self.configuration_name,
-                                self.settings.student_width, self.settings.student_min_channels)
+            self.student_channels = resolve_student_channels(self.settings.student_channels, self.dataset_json)
+            self._record_student_spec()
         others = {k: v for k, v in changed.items() if k not in arch}
         if others:
             self.print_to_log_file("settings changed since the checkpoint was written (now in effect): " +
@@ -538,6 +601,17 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
 MODULE_SETTINGS = ("student_width", "student_min_channels", "reco_weight", "reco_stages", "sard_fg_weight",
                    "sard_bg_weight", "sard_att_weight", "ca_weight", "ca_ratio", "graph_weight", "graph_stages",
                    "teacher", "teacher_folds")  # the last two: how many teachers, so how many sets of modules
+
+
+def _with_channels(dataset_class: type, channels: list[int]) -> type:
+    """nnU-Net's dataset class, loading only `channels` of each case's data (the student's validation)."""
+
+    class StudentChannelsDataset(dataset_class):
+        def load_case(self, identifier):
+            data, seg, seg_prev, properties = super().load_case(identifier)
+            return np.asarray(data[:])[channels], seg, seg_prev, properties
+
+    return StudentChannelsDataset
 
 
 def _same_file(a, b) -> bool:
