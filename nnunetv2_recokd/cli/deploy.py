@@ -1,7 +1,8 @@
 """`nnunetv2_recokd export` and `nnunetv2_recokd predict`: the student where it runs.
 
-export   a trained student model folder -> a stock nnU-Net model folder (plus its install zip, ONNX files)
-predict  nnUNetv2_predict's options and pipeline, the network run by a CPU inference runtime
+export          a trained student model folder -> a stock nnU-Net model folder (plus its install zip, ONNX files)
+predict         nnUNetv2_predict's options and pipeline, the network run by a CPU inference runtime
+student-inputs  a folder in the dataset's layout -> the input folder of a student that reads fewer channels
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,6 +71,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--timings", help="write the per-case timings (and the set-up time) as JSON here")
     p.add_argument("--verbose", action="store_true")
 
+    p = sub.add_parser("student-inputs", help="link the channel files a student reads (student_channels) from a "
+                                              "folder in the dataset's layout into an input folder for "
+                                              "nnUNetv2_predict, numbered as the student's model folder expects")
+    p.add_argument("-i", required=True, help="folder with the dataset's channel files (e.g. imagesTs)")
+    p.add_argument("-o", required=True, help="the student's input folder to write (symbolic links)")
+    add_model_arguments(p)
+
 
 def resolve_model(args: argparse.Namespace) -> ModelFolder:
     if args.model:
@@ -107,11 +116,62 @@ def export_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def predict_main(args: argparse.Namespace) -> int:
-    from nnunetv2_recokd.deploy.predictor import build_predictor, check_input_folder, predict_cases
+def dataset_layout(folder: str, model: ModelFolder) -> bool:
+    """True when `folder` holds more channel files per case than a student that reads fewer channels needs (the
+    dataset's layout: its channel files are then picked by inputs.channels.student_input_files)."""
+    from nnunetv2_recokd.inputs.channels import DATASET_KEY
+
+    mapping = model.dataset_json.get(DATASET_KEY)
+    if not mapping or not os.path.isdir(folder):
+        return False
+    ending = model.dataset_json["file_ending"]
+    files = [f for f in os.listdir(folder) if f.endswith(ending)]
+    cases = {f[:-len(ending) - 5] for f in files}
+    return bool(cases) and len(files) > len(cases) * len(mapping)
+
+
+def _dataset_json_of_inputs(model: ModelFolder) -> dict:
+    """The dataset.json of a student's dataset as far as the file layout goes (file ending, channel count)."""
+    from nnunetv2_recokd.inputs.channels import DATASET_KEY
+
+    n = max(entry["dataset_channel"] for entry in model.dataset_json[DATASET_KEY].values()) + 1
+    return {"file_ending": model.dataset_json["file_ending"], "channel_names": {str(i): str(i) for i in range(n)}}
+
+
+def student_inputs_main(args: argparse.Namespace) -> int:
+    from nnunetv2_recokd.inputs.channels import DATASET_KEY, ChannelError, student_input_files
 
     try:
         model = resolve_model(args)
+        if DATASET_KEY not in model.dataset_json:
+            raise DeployError(f"{model.folder} reads every channel of its dataset: give nnUNetv2_predict the "
+                              f"dataset's input folder as it is")
+        cases = student_input_files(args.i, args.o, _dataset_json_of_inputs(model), model.dataset_json)
+    except (DeployError, ChannelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    channels = ", ".join(f"{e['name']} (dataset _{e['dataset_channel']:04d} -> _{int(k):04d})"
+                         for k, e in sorted(model.dataset_json[DATASET_KEY].items(), key=lambda kv: int(kv[0])))
+    print(f"{len(cases)} case(s) linked into {args.o}: {channels}")
+    return 0
+
+
+def predict_main(args: argparse.Namespace) -> int:
+    from nnunetv2_recokd.deploy.predictor import build_predictor, check_input_folder, predict_cases
+    from nnunetv2_recokd.inputs.channels import ChannelError, student_input_files
+
+    staging = None
+    try:
+        model = resolve_model(args)
+        if dataset_layout(args.i, model):  # the dataset's files: hand the student its channels, renumbered
+            staging = tempfile.TemporaryDirectory(prefix="recokd_student_inputs_")
+            try:
+                student_input_files(args.i, staging.name, _dataset_json_of_inputs(model), model.dataset_json)
+            except ChannelError as e:
+                raise DeployError(str(e)) from None
+            print(f"{args.i} holds the dataset's channels; the student reads "
+                  f"{list(model.dataset_json['channel_names'].values())} of them")
+            args.i = staging.name
         cases = check_input_folder(args.i, model.dataset_json)
         start = time.perf_counter()
         predictor = build_predictor(model, args.runtime, not args.disable_tta, args.step_size, args.threads,
@@ -137,4 +197,7 @@ def predict_main(args: argparse.Namespace) -> int:
     except DeployError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if staging is not None:
+            staging.cleanup()
     return 0

@@ -9,6 +9,10 @@ from nnunetv2_recokd.trainers.baselines import (
     nnUNetTrainerTeacher,
 )
 from nnunetv2_recokd.trainers.ensemble import nnUNetTrainerLogitKD_ensemble, nnUNetTrainerReCoKD_ensemble
+from nnunetv2_recokd.trainers.inputs import (
+    nnUNetTrainerReCoKD_modalityDropout,
+    nnUNetTrainerStudent_modalityDropout,
+)
 from nnunetv2_recokd.trainers.graph import nnUNetTrainerGraphKD, nnUNetTrainerReCoKDGraph
 from nnunetv2_recokd.trainers.recokd import (
     nnUNetTrainerReCoKD,
@@ -37,5 +41,7 @@ __all__ = [
     "nnUNetTrainerGraphKD",
     "nnUNetTrainerLogitKD_ensemble",
     "nnUNetTrainerReCoKD_ensemble",
+    "nnUNetTrainerStudent_modalityDropout",
+    "nnUNetTrainerReCoKD_modalityDropout",
 ]
 PUBLIC_TRAINERS = __all__[1:]
