@@ -121,6 +121,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return deploy.export_main(args)
     if args.command == "predict":
         return deploy.predict_main(args)
+    if args.command == "student-inputs":
+        return deploy.student_inputs_main(args)
     if args.command == "benchmark-predict":
         return predict_benchmark.main(args)
     raise AssertionError(args.command)
