@@ -95,6 +95,11 @@ class DistillSettings:
     graph_gw_weight: float
     graph_gw_solver: str
     graph_gw_epsilon: float
+    # shared attention alignment (REACT-KD's CBAM3D, one block shared by the adapted student and the teacher
+    # feature, then a relative squared error) on the named stages (enc<k>/dec<k>); 0: off
+    attention_weight: float
+    attention_warmup: float
+    attention_stages: list[str]
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # JSON accepts NaN and Infinity; they would surface as NaN losses
@@ -112,7 +117,7 @@ class DistillSettings:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise SettingsError(f"setting '{name}' must be >= 0, got {getattr(self, name)!r}")
-        for name in ("reco_warmup", "graph_warmup"):
+        for name in ("reco_warmup", "graph_warmup", "attention_warmup"):
             if not 0 <= getattr(self, name) <= 1:
                 raise SettingsError(f"setting '{name}' is a fraction of training and must be in [0, 1]")
         if self.student_width > 1:

@@ -8,6 +8,7 @@ nnUNetv2_predict rebuilds. Data flows one way: trainer -> distiller -> losses.
 Total objective (see docs/METHODS.md):
     L = L_seg + lambda_reco(e) * sum_k w_k (SARD_k + ca_weight * CA_k)
               + lambda_graph(e) * sum_s RGD_s + logit_weight * sum_k ds_k L_logit,k
+              + lambda_attention(e) * mean_s ATT_s       (shared CBAM3D alignment, losses/attention.py)
 
 Several teachers (teacher_weights v_i, normalised): each teacher has its own feature space, so each has its own
 adapters, context blocks and projectors, and every feature term is sum_i v_i term_i; the logit term distils the
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from nnunetv2_recokd.config import DistillSettings
+from nnunetv2_recokd.losses.attention import AttentionAlignLoss
 from nnunetv2_recokd.losses.graph import RegionGraphLoss, extract_regions
 from nnunetv2_recokd.losses.logits import LogitKDLoss
 from nnunetv2_recokd.losses.masks import region_masks
@@ -160,10 +162,19 @@ class Distiller(nn.Module):
             module_key(name, i): region_graph_loss(settings, student_channels[name], channels[name])
             for i, channels in enumerate(per_teacher) for name in self.graph_stages})
 
+        # shared attention alignment: per stage (and teacher) one adapter and ONE CBAM3D applied to both features
+        self.attention_stages: list[str] = list(settings.attention_stages) if settings.attention_weight > 0 else []
+        unknown = [name for name in self.attention_stages if name not in student_channels]
+        if unknown:
+            raise ValueError(f"attention stage(s) {unknown} do not exist; valid names: {', '.join(student_channels)}")
+        self.attention = nn.ModuleDict({
+            module_key(name, i): AttentionAlignLoss(student_channels[name], channels[name], conv_dim)
+            for i, channels in enumerate(per_teacher) for name in self.attention_stages})
+
     @property
     def hooked_stages(self) -> list[str]:
         """Stage names whose features the trainer must record (same names in student and teacher)."""
-        return list(dict.fromkeys(self.reco_stages + self.graph_stages))
+        return list(dict.fromkeys(self.reco_stages + self.graph_stages + self.attention_stages))
 
     @property
     def uses_logits(self) -> bool:
@@ -174,13 +185,14 @@ class Distiller(nn.Module):
         s = self.settings
         return {"reco": s.reco_weight * linear_warmup(progress, s.reco_warmup),
                 "graph": s.graph_weight * linear_warmup(progress, s.graph_warmup),
+                "attention": s.attention_weight * linear_warmup(progress, s.attention_warmup),
                 "logit": s.logit_weight}
 
     def term_factors(self, progress: float) -> dict[str, float]:
         """The factor of each raw term of ``forward`` in the weighted total: total == sum_k factor_k * terms[k]
         over the terms forward returns (the raw terms are already stage-weighted)."""
         s, mult = self.settings, self.schedule(progress)
-        return {"logit": mult["logit"], "ca": mult["reco"] * s.ca_weight,
+        return {"logit": mult["logit"], "ca": mult["reco"] * s.ca_weight, "attention": mult["attention"],
                 **{f"sard_{k}": mult["reco"] * getattr(s, f"sard_{k}_weight") for k in ("fg", "bg", "att")},
                 **{f"graph_{k}": mult["graph"] * getattr(s, f"graph_{k}_weight") for k in ("node", "edge", "gw")}}
 
@@ -253,6 +265,13 @@ class Distiller(nn.Module):
                             graph[f"graph_{key}"] = graph.get(f"graph_{key}", 0) + v * value
                     add(values["total"], mult["graph"] * v)
             terms.update(graph)
+
+        if self.attention_stages:  # the mean over stages, teacher-weighted
+            attention = sum(v * self.attention[module_key(name, i)](student_features[name], features[name])
+                            for name in self.attention_stages
+                            for i, (features, v) in enumerate(zip(teacher_features, self.teacher_weights)))
+            terms["attention"] = attention / len(self.attention_stages)
+            add(terms["attention"], mult["attention"])
 
         if total is None:
             raise RuntimeError("the distiller has no active term; use nnUNetTrainerStudent for plain training")

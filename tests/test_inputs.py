@@ -233,3 +233,22 @@ def test_student_plans_keep_the_dataset_plans_intact(tmp_path, monkeypatch):
     assert out["configurations"]["3d_fullres"]["recokd_student"]["input_channels"] == [1]
     assert trainer.plans_manager.plans["configurations"]["3d_fullres"]["normalization_schemes"] == \
         original["configurations"]["3d_fullres"]["normalization_schemes"]
+
+
+def test_shared_attention_trainer_trains_one_cbam_per_stage_in_the_distiller(tmp_path, monkeypatch):
+    from nnunetv2_recokd.trainers import nnUNetTrainerReCoKD_CBAM
+    from tests.tiny_nnunet import setup_env, tiny_batch
+
+    plans, dataset = setup_env(tmp_path, monkeypatch)
+    trainer = make_trainer(nnUNetTrainerReCoKD_CBAM, plans, dataset)
+    trainer.initialize()
+    d = trainer.distiller
+    assert d.attention_stages == ["enc1", "enc2"] and set(d.hooked_stages) >= {"enc1", "enc2"}
+    cbam = {k: v.clone() for k, v in d.attention.state_dict().items() if ".cbam." in k}
+    assert cbam and not any("cbam" in k for k in trainer.network.state_dict())  # never in the deployed student
+    trainer.current_epoch, trainer.num_epochs = 5, 10
+    out = trainer.train_step(tiny_batch())
+    assert out["kd_attention"] > 0 and np.isfinite(out["loss"])
+    after = d.attention.state_dict()
+    assert all(not torch.equal(cbam[k], after[k]) for k in cbam)  # the shared blocks are trained
+    assert d.term_factors(0.5)["attention"] == pytest.approx(0.1)  # past the 0.2 warm-up

@@ -1,5 +1,6 @@
 """The public trainers: each class name is what a user types after ``nnUNetv2_train ... -tr``."""
 
+from nnunetv2_recokd.trainers.attention import nnUNetTrainerReCoKD_CBAM
 from nnunetv2_recokd.trainers.base import nnUNetTrainerDistillBase
 from nnunetv2_recokd.trainers.baselines import (
     nnUNetTrainerLogitKD,
@@ -43,5 +44,6 @@ __all__ = [
     "nnUNetTrainerReCoKD_ensemble",
     "nnUNetTrainerStudent_modalityDropout",
     "nnUNetTrainerReCoKD_modalityDropout",
+    "nnUNetTrainerReCoKD_CBAM",
 ]
 PUBLIC_TRAINERS = __all__[1:]

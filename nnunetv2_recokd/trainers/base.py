@@ -600,6 +600,7 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
 # settings that decide which distillation modules exist (and their shapes): a --c must not change them
 MODULE_SETTINGS = ("student_width", "student_min_channels", "reco_weight", "reco_stages", "sard_fg_weight",
                    "sard_bg_weight", "sard_att_weight", "ca_weight", "ca_ratio", "graph_weight", "graph_stages",
+                   "attention_weight", "attention_stages",
                    "teacher", "teacher_folds")  # the last two: how many teachers, so how many sets of modules
 
 
