@@ -216,12 +216,45 @@ class Distiller(nn.Module):
         """
         teacher_features = ([teacher_features] if isinstance(teacher_features, Mapping)
                             else list(teacher_features))
-        teacher_outputs = ([list(teacher_outputs)] if teacher_outputs and torch.is_tensor(teacher_outputs[0])
-                           else [list(o) for o in teacher_outputs])
         if self.hooked_stages and len(teacher_features) != self.n_teachers:
             raise ValueError(f"features of {len(teacher_features)} teacher(s) for a distiller of {self.n_teachers}")
-        if self.logit is not None and len(teacher_outputs) != self.n_teachers:
+        if not self.hooked_stages:
+            teacher_features = []
+        total, terms = self.logit_terms(student_outputs, teacher_outputs, targets, progress)
+        masks: dict[str, tuple] = {}
+        for i, features in enumerate(teacher_features):
+            part, part_terms = self.teacher_terms(i, student_features, features, targets, progress, masks)
+            total = part if total is None else total + part
+            for key, value in part_terms.items():
+                terms[key] = terms.get(key, 0) + value
+        if total is None:
+            raise RuntimeError("the distiller has no active term; use nnUNetTrainerStudent for plain training")
+        return total, terms
+
+    def logit_terms(self, student_outputs: Sequence[torch.Tensor], teacher_outputs: Sequence[Sequence[torch.Tensor]],
+                    targets: Sequence[torch.Tensor], progress: float
+                    ) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
+        """The logit term against the ensemble of every teacher (weighted total or None, raw terms)."""
+        if self.logit is None:
+            return None, {}
+        teacher_outputs = ([list(teacher_outputs)] if teacher_outputs and torch.is_tensor(teacher_outputs[0])
+                           else [list(o) for o in teacher_outputs])
+        if len(teacher_outputs) != self.n_teachers:
             raise ValueError(f"logits of {len(teacher_outputs)} teacher(s) for a distiller of {self.n_teachers}")
+        # several teachers: against the mean of their softened probabilities
+        logit = sum(w * self.logit(s, [o[k] for o in teacher_outputs], self._valid(y), self.teacher_weights)
+                    for k, (w, s, y) in enumerate(zip(self.ds_weights, student_outputs, targets)) if w > 0)
+        return logit * self.schedule(progress)["logit"], {"logit": logit}
+
+    def teacher_terms(self, teacher: int, student_features: dict[str, torch.Tensor],
+                      teacher_features: dict[str, torch.Tensor], targets: Sequence[torch.Tensor], progress: float,
+                      masks: Optional[dict[str, tuple]] = None
+                      ) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
+        """The feature terms of ONE teacher, already multiplied by its weight v_i: (weighted total or None, raw
+        terms). The trainer calls it right after that teacher's forward, so each teacher's features can be freed
+        before the next teacher runs; `masks` caches the region masks of each stage across teachers."""
+        masks = {} if masks is None else masks
+        v = self.teacher_weights[teacher]
         mult = self.schedule(progress)
         terms: dict[str, torch.Tensor] = {}
         total = None
@@ -230,51 +263,37 @@ class Distiller(nn.Module):
             nonlocal total
             total = value * factor if total is None else total + value * factor
 
-        if self.logit is not None:  # several teachers: against the mean of their softened probabilities
-            logit = sum(w * self.logit(s, [o[k] for o in teacher_outputs], self._valid(y), self.teacher_weights)
-                        for k, (w, s, y) in enumerate(zip(self.ds_weights, student_outputs, targets)) if w > 0)
-            terms["logit"] = logit
-            add(logit, mult["logit"])
+        for name, w in zip(self.reco_stages, self.reco_weights):
+            if name not in masks:  # one set of masks for every teacher
+                masks[name] = (region_masks(targets[_level(name)], self.ignore_label, self.has_regions,
+                                            self.num_classes) if self.uses_masks else (None, None))
+            values = self.reco[module_key(name, teacher)](student_features[name], teacher_features[name],
+                                                          *masks[name])
+            if "sard" in values:  # the weighted MS-SARD total; its raw parts fg, bg, att are logged
+                add(values.pop("sard"), mult["reco"] * w * v)
+            if "ca" in values:
+                add(values["ca"], mult["reco"] * w * v * self.settings.ca_weight)
+            for key, value in values.items():
+                log_key = key if key == "ca" else f"sard_{key}"
+                terms[log_key] = terms.get(log_key, 0) + w * v * value
 
-        if self.reco_stages:
-            reco: dict[str, torch.Tensor] = {}
-            for name, w in zip(self.reco_stages, self.reco_weights):
-                masks = (region_masks(targets[_level(name)], self.ignore_label, self.has_regions, self.num_classes)
-                         if self.uses_masks else (None, None))  # one set of masks for every teacher
-                for i, (features, v) in enumerate(zip(teacher_features, self.teacher_weights)):
-                    values = self.reco[module_key(name, i)](student_features[name], features[name], *masks)
-                    if "sard" in values:  # the weighted MS-SARD total; its raw parts fg, bg, att are logged
-                        add(values.pop("sard"), mult["reco"] * w * v)
-                    if "ca" in values:
-                        add(values["ca"], mult["reco"] * w * v * self.settings.ca_weight)
-                    for key, value in values.items():
-                        log_key = key if key == "ca" else f"sard_{key}"
-                        reco[log_key] = reco.get(log_key, 0) + w * v * value
-            terms.update(reco)
+        for name in self.graph_stages:
+            key = f"graph:{name}"
+            if key not in masks:
+                masks[key] = extract_regions(targets[_level(name)], self.settings.graph_lesion_labels,
+                                             self.settings.graph_min_component_voxels,
+                                             self.settings.graph_background_node, self.ignore_label)
+            values = self.graph[module_key(name, teacher)](student_features[name], teacher_features[name], masks[key])
+            for part, value in values.items():
+                if part != "total":
+                    terms[f"graph_{part}"] = terms.get(f"graph_{part}", 0) + v * value
+            add(values["total"], mult["graph"] * v)
 
-        if self.graph_stages:
-            graph = {}
-            for name in self.graph_stages:
-                regions = extract_regions(targets[_level(name)], self.settings.graph_lesion_labels,
-                                          self.settings.graph_min_component_voxels,
-                                          self.settings.graph_background_node, self.ignore_label)
-                for i, (features, v) in enumerate(zip(teacher_features, self.teacher_weights)):
-                    values = self.graph[module_key(name, i)](student_features[name], features[name], regions)
-                    for key, value in values.items():
-                        if key != "total":
-                            graph[f"graph_{key}"] = graph.get(f"graph_{key}", 0) + v * value
-                    add(values["total"], mult["graph"] * v)
-            terms.update(graph)
-
-        if self.attention_stages:  # the mean over stages, teacher-weighted
-            attention = sum(v * self.attention[module_key(name, i)](student_features[name], features[name])
-                            for name in self.attention_stages
-                            for i, (features, v) in enumerate(zip(teacher_features, self.teacher_weights)))
-            terms["attention"] = attention / len(self.attention_stages)
-            add(terms["attention"], mult["attention"])
-
-        if total is None:
-            raise RuntimeError("the distiller has no active term; use nnUNetTrainerStudent for plain training")
+        if self.attention_stages:  # the mean over stages
+            attention = sum(self.attention[module_key(name, teacher)](student_features[name], teacher_features[name])
+                            for name in self.attention_stages) * (v / len(self.attention_stages))
+            terms["attention"] = attention
+            add(attention, mult["attention"])
         return total, terms
 
     def _valid(self, target: torch.Tensor) -> Optional[torch.Tensor]:

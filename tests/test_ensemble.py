@@ -337,3 +337,30 @@ def test_one_teacher_checkpoint_layout_is_unchanged(tmp_path, monkeypatch):
         saved = torch.load(path, weights_only=False)["recokd"]
         assert isinstance(saved["teacher"], str)
         assert not any("_teacher" in k for k in saved["distiller"])
+
+
+def test_teachers_run_one_at_a_time_and_their_shares_are_logged(tmp_path, monkeypatch):
+    import weakref
+
+    plans, dataset = setup_env(tmp_path, monkeypatch)
+    first = Path(os.environ["RECOKD_TEACHER"])
+    second = sandbox.write_random_teacher(tmp_path / "second" / "nnUNetTrainer__nnUNetPlans__3d_fullres", plans,
+                                          dataset, seed=1)
+    _config(tmp_path, monkeypatch, teacher=[str(first), str(second)], reco_warmup=0.0, teacher_weights=[1, 3])
+    monkeypatch.delenv("RECOKD_TEACHER")
+    trainer = make_trainer(nnUNetTrainerReCoKD, plans, dataset)
+    trainer.initialize()
+    one, two = (t.network.network for t in trainer.teachers)
+    recorded, alive_when_second_ran = [], []
+    one.encoder.stages[0].register_forward_hook(lambda m, i, o: recorded.append(weakref.ref(o)))
+    two.encoder.register_forward_pre_hook(lambda m, a: alive_when_second_ran.append(recorded[-1]() is not None))
+    out = trainer.train_step(tiny_batch())
+    # teacher 1's full-resolution feature was used and released before teacher 2 ran
+    assert alive_when_second_ran == [False]
+    for term in ("sard_fg", "sard_bg", "sard_att", "ca"):
+        assert out[f"teacher0_{term}"] + out[f"teacher1_{term}"] == pytest.approx(out[f"kd_{term}"], rel=1e-5)
+        assert out[f"teacher0_{term}"] > 0 and out[f"teacher1_{term}"] > 0
+    trainer.on_train_epoch_end([out, out])
+    log = Path(trainer.log_file).read_text()
+    assert "feature terms per teacher" in log and "teacher 2: ca" in log
+    assert trainer.logger.local_logger.my_fantastic_logging["train_teacher1_ca"][-1] == pytest.approx(out["teacher1_ca"])

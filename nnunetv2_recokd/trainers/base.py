@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from typing import Optional, Union
 
 import numpy as np
@@ -68,6 +69,7 @@ from nnunetv2_recokd.trainers.progress import KD_PREFIX, SEG_KEY, DistillLocalLo
 CHECKPOINT_KEY = "recokd"
 DISTILLER_SEED_OFFSET = 7919  # the distiller's own seed is the run's seed plus this
 GRAD_PREFIX = "train_grad_"  # logger keys of the gradient norms (not drawn in progress.png)
+TEACHER_PREFIX = "teacher"  # step outputs teacher<i>_<term>: one teacher's share of a term (several teachers)
 
 
 class nnUNetTrainerDistillBase(nnUNetTrainer):
@@ -346,23 +348,38 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         self.optimizer.zero_grad(set_to_none=True)
         progress = self.current_epoch / max(1, self.num_epochs)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            # every teacher in eval mode under no_grad (FrozenTeacher), its encoder only where no term needs more
-            teacher_features, teacher_outputs = [], []
-            for teacher, recorder in zip(self.teachers, self.teacher_recorders):
-                with recorder:
-                    out = teacher.network.encode(data) if self._teacher_encoder_only else teacher.network(data)
-                teacher_features.append(recorder.pop())
-                teacher_outputs.append([] if self._teacher_encoder_only else _as_list(out))
-                del out
             student_data = self.student_input(data, training=True)  # a new tensor: the teacher's stays as it was
             with self.student_recorder:
                 student_out = self.network(student_data)
             student_features = self.student_recorder.pop()
             seg = self.loss(student_out, target)
-            kd, terms = self.distiller(student_features, teacher_features, _as_list(student_out),
-                                       [] if self._teacher_encoder_only else teacher_outputs, targets, progress)
+            # one teacher at a time (eval mode, no_grad: FrozenTeacher; its encoder only where no term needs more):
+            # its feature terms are computed right after its forward, so its recorded features are freed before
+            # the next teacher runs; only the logits (few channels) of every teacher wait for the ensemble term
+            kd, terms, per_teacher, teacher_outputs, masks = None, {}, [], [], {}
+            for i, (teacher, recorder) in enumerate(zip(self.teachers, self.teacher_recorders)):
+                with recorder:
+                    out = teacher.network.encode(data) if self._teacher_encoder_only else teacher.network(data)
+                if not self._teacher_encoder_only and self.distiller.uses_logits:
+                    teacher_outputs.append(_as_list(out))
+                del out
+                features = recorder.pop()
+                if features:
+                    part, part_terms = self.distiller.teacher_terms(i, student_features, features, targets, progress,
+                                                                    masks)
+                    del features
+                    kd = part if kd is None else kd + part
+                    for key, value in part_terms.items():
+                        terms[key] = terms.get(key, 0) + value
+                    per_teacher.append(part_terms)
+            logit, logit_terms = self.distiller.logit_terms(_as_list(student_out), teacher_outputs, targets, progress)
+            if logit is not None:
+                kd = logit if kd is None else kd + logit
+                terms.update(logit_terms)
+            if kd is None:
+                raise RuntimeError("the distiller has no active term; use nnUNetTrainerStudent for plain training")
             loss = seg + kd
-        del student_features, teacher_features, teacher_outputs, student_data
+        del student_features, teacher_outputs, student_data, masks
         if self.settings.log_term_gradients and self._first_step_of_epoch:
             norms = self._term_gradient_norms(seg, terms, progress)
             if norms:
@@ -391,6 +408,9 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         # kd_total_weighted: what distillation added to the loss; one device-to-host copy for all values
         values = {"loss": loss, "seg_loss": seg, **{f"kd_{k}": v for k, v in terms.items()}, "kd_total_weighted": kd,
                   "grad_norm_student": student_norm, "grad_norm_distiller": distill_norm}
+        if len(per_teacher) > 1:  # each teacher's raw feature terms (already times its weight), logged per epoch
+            values.update({f"{TEACHER_PREFIX}{i}_{k}": v
+                           for i, part in enumerate(per_teacher) for k, v in part.items()})
         host = torch.stack([torch.as_tensor(v).detach().float().reshape(()).to(seg.device)
                             for v in values.values()]).cpu().numpy()
         return dict(zip(values, host))
@@ -432,6 +452,16 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         mult = self.distiller.schedule(self.current_epoch / max(1, self.num_epochs))
         self.print_to_log_file("train terms (raw): " + ", ".join(summary) + " | multipliers: " +
                                ", ".join(f"{k} {v:.3g}" for k, v in mult.items()))
+        shares: dict[int, list[str]] = {}
+        for key in sorted(k for k in outputs if re.match(rf"{TEACHER_PREFIX}\d+_", k)):
+            value = self._mean_over_ranks(outputs[key])
+            ensure_key(self.logger.local_logger, "train_" + key, self.current_epoch)  # not drawn in progress.png
+            self.logger.log("train_" + key, value, self.current_epoch)
+            index, term = key[len(TEACHER_PREFIX):].split("_", 1)
+            shares.setdefault(int(index), []).append(f"{term} {value:.4g}")
+        if shares:
+            self.print_to_log_file("feature terms per teacher (raw x teacher weight; they add up to the above): " +
+                                   "; ".join(f"teacher {i + 1}: {', '.join(v)}" for i, v in sorted(shares.items())))
         clip = self.settings.grad_clip
         gradients = {"norm_student": self._mean_over_ranks(outputs["grad_norm_student"]),
                      "norm_distiller": self._mean_over_ranks(outputs["grad_norm_distiller"]),
