@@ -363,4 +363,5 @@ def test_teachers_run_one_at_a_time_and_their_shares_are_logged(tmp_path, monkey
     trainer.on_train_epoch_end([out, out])
     log = Path(trainer.log_file).read_text()
     assert "feature terms per teacher" in log and "teacher 2: ca" in log
-    assert trainer.logger.local_logger.my_fantastic_logging["train_teacher1_ca"][-1] == pytest.approx(out["teacher1_ca"])
+    logged = trainer.logger.local_logger.my_fantastic_logging
+    assert logged["train_teacher1_ca"][-1] == pytest.approx(out["teacher1_ca"])
