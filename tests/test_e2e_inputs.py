@@ -93,6 +93,11 @@ def test_one_channel_student_of_a_two_channel_teacher(workspace):
     stock, ours = _labels(root / "pred_stock"), _labels(root / "pred_ours")
     assert list(stock) == ["case_008.nii.gz", "case_009.nii.gz"] and list(ours) == list(stock)
     assert all(np.array_equal(stock[k], ours[k]) for k in stock)
+    # the stock export keeps the student's one channel
+    _run(["nnunetv2_recokd", "export", "-m", str(model), "-f", "0", "-o", str(root / "exported")], env,
+         root / "export.log")
+    (exported,) = (root / "exported" / DATASET).iterdir()
+    assert json.loads((exported / "dataset.json").read_text())["channel_names"] == {"0": "main"}
     _run([nnunet_command("nnUNetv2_evaluate_simple"), str(root / "raw" / DATASET / "labelsTs"),
           str(root / "pred_stock"), "-l", "1", "2"], env, root / "evaluate.log")
     assert (root / "pred_stock" / "summary.json").is_file()
