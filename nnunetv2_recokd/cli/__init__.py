@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="mirroring at test-set prediction (nnU-Net's default; slower)")
     deploy.add_parsers(sub)
     predict_benchmark.add_parser(sub)
+    from nnunetv2_recokd.cli import dose
+
+    dose.add_parser(sub)
     return parser
 
 
@@ -125,6 +128,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return deploy.student_inputs_main(args)
     if args.command == "benchmark-predict":
         return predict_benchmark.main(args)
+    if args.command == "evaluate-dose":
+        from nnunetv2_recokd.cli import dose
+
+        return dose.main(args)
     raise AssertionError(args.command)
 
 
