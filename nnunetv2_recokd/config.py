@@ -69,6 +69,16 @@ class DistillSettings:
     # modality dropout (REACT-KD): per sample and per student channel, the probability of blanking that channel of
     # the student's input during training (each channel at exactly this rate, never all of a sample; 0: off)
     modality_dropout: float
+    # simulated low-dose CT for the student (REACT-KD; Zeng et al. 2015 transmission model, inputs/lowdose.py):
+    # the fraction of samples degraded (0: off), the dose fraction or range [lo, hi] (log-uniform), full-dose
+    # photons per 1 mm x 1 mm reading, electronic noise (counts), water (mm) standing in for the body around a patch,
+    # and the channels (null: the student's CT-normalised channels)
+    lowdose_probability: float
+    lowdose_dose: list[float]
+    lowdose_i0: float
+    lowdose_electronic_noise: float
+    lowdose_extra_water_mm: float
+    lowdose_channels: Optional[list[Union[int, str]]]
     # Hinton logit distillation on the deep-supervision outputs
     logit_weight: float
     logit_temperature: float
@@ -134,6 +144,14 @@ class DistillSettings:
                                                  or not sum(self.teacher_weights) > 0):
             raise SettingsError(f"setting 'teacher_weights' must be >= 0 with a positive sum, got "
                                 f"{self.teacher_weights!r}")
+        if not 0 <= self.lowdose_probability <= 1:
+            raise SettingsError(f"setting 'lowdose_probability' must be in [0, 1], got {self.lowdose_probability!r}")
+        if not (1 <= len(self.lowdose_dose) <= 2 and 0 < self.lowdose_dose[0] <= self.lowdose_dose[-1] <= 1):
+            raise SettingsError(f"setting 'lowdose_dose' must be [dose] or [lo, hi] with 0 < lo <= hi <= 1 (fractions "
+                                f"of the scan's dose), got {self.lowdose_dose!r}")
+        if not self.lowdose_i0 > 0 or self.lowdose_electronic_noise < 0 or self.lowdose_extra_water_mm < 0:
+            raise SettingsError("settings 'lowdose_i0' must be > 0, 'lowdose_electronic_noise' and "
+                                "'lowdose_extra_water_mm' >= 0")
         if not 0 <= self.modality_dropout < 1:
             raise SettingsError(f"setting 'modality_dropout' is a probability in [0, 1), got {self.modality_dropout!r}")
         if self.graph_gw_solver not in ("exact", "entropic"):

@@ -252,3 +252,37 @@ def test_shared_attention_trainer_trains_one_cbam_per_stage_in_the_distiller(tmp
     after = d.attention.state_dict()
     assert all(not torch.equal(cbam[k], after[k]) for k in cbam)  # the shared blocks are trained
     assert d.term_factors(0.5)["attention"] == pytest.approx(0.1)  # past the 0.2 warm-up
+
+
+def test_low_dose_degrades_the_students_ct_channel_only(tmp_path, monkeypatch):
+    from nnunetv2_recokd.trainers import nnUNetTrainerReCoKD_lowDose
+
+    plans, dataset = _two_channel_setup(tmp_path, monkeypatch, {"lowdose_probability": 1.0, "lowdose_dose": [0.05]})
+    trainer = make_trainer(nnUNetTrainerReCoKD_lowDose, plans, dataset)
+    trainer.initialize()
+    degrade = trainer.student_input.degrade
+    assert degrade.channels == [1] and degrade.props[1]["std"] == 80.0 and degrade.spacing_mm == [1.0, 1.0, 1.0]
+    seen = {}
+    trainer.network.register_forward_pre_hook(lambda m, args: seen.__setitem__("student", args[0].clone()))
+    trainer.teacher.network.network.encoder.register_forward_pre_hook(
+        lambda m, args: seen.__setitem__("teacher", args[0].clone()))
+    batch = _two_channel_batch()
+    data = batch["data"].clone()
+    trainer.train_step(batch)
+    assert torch.equal(seen["teacher"], data) and torch.equal(batch["data"], data)
+    assert torch.equal(seen["student"][:, 0], data[:, 0])  # the z-score channel is no CT: untouched
+    noise = (seen["student"][:, 1] - data[:, 1]) * 80  # in HU (std 80 of the CT normalisation)
+    assert noise.std() > 5  # dose 0.05 of the scan's: visible noise
+    assert abs(noise.mean()) < noise.std() / 4  # noise, not a shift
+    trainer.validation_step(_two_channel_batch(1))  # validation sees clean inputs (checked in StudentInput)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"lowdose_probability": 0.5, "student_channels": ["main"]}, "needs a CT channel"),
+    ({"lowdose_probability": 0.5, "lowdose_channels": ["main"]}, "main is ZScoreNormalization"),
+    ({"lowdose_probability": 0.5, "student_channels": ["main"], "lowdose_channels": ["ct"]}, "ct is not read"),
+    ({"lowdose_dose": [0.5, 0.1]}, "lo <= hi")])
+def test_low_dose_settings_that_cannot_work_fail_before_training(tmp_path, monkeypatch, config, message):
+    plans, dataset = _two_channel_setup(tmp_path, monkeypatch, config)
+    with pytest.raises(SettingsError, match=message):
+        make_trainer(nnUNetTrainerReCoKD, plans, dataset).initialize()

@@ -11,8 +11,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from nnunetv2_recokd.inputs.channels import blank_values, dataset_channel_names
+from nnunetv2_recokd.inputs.channels import ChannelError, blank_values, dataset_channel_names, resolve_student_channels
 from nnunetv2_recokd.inputs.dropout import apply_modality_dropout, draw_dropout_mask, max_dropout_probability
+from nnunetv2_recokd.inputs.lowdose import CT_NORMALIZATION, degrade_ct_channels, draw_doses
 
 
 class InputSettingsError(ValueError):
@@ -63,6 +64,67 @@ class StudentInput:
         if self.degrade is not None:
             x = self.degrade(x)
         return x
+
+
+@dataclass
+class LowDose:
+    """Simulated low dose on the student's CT channels: per sample, with `probability`, a dose drawn from `dose`
+    (one fraction, or [lo, hi] log-uniformly), then inputs.lowdose.degrade_ct_channels.
+
+    Args:
+        channels: positions of the CT channels in the student's input.
+        props: position -> the plans' foreground intensity properties of that channel (nnU-Net's CT normalisation).
+        spacing_mm: spacing of every spatial axis of the patch (the configuration's spacing).
+    """
+
+    channels: list[int]
+    props: dict[int, dict]
+    spacing_mm: list[float]
+    dose: list[float]
+    probability: float
+    i0: float
+    electronic_noise: float
+    extra_water_mm: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        doses = draw_doses(x.shape[0], self.dose[0] if len(self.dose) == 1 else self.dose, self.probability)
+        return degrade_ct_channels(x, self.channels, self.props, doses, self.spacing_mm, self.i0,
+                                   self.electronic_noise, extra_water_mm=self.extra_water_mm)
+
+
+def build_low_dose(settings, student_channels: list[int], dataset_json: dict[str, Any],
+                   normalization_schemes: Sequence[str], intensity_properties: dict[str, Any],
+                   spacing_mm: Sequence[float]) -> Optional[LowDose]:
+    """LowDose from the lowdose_* settings (None when lowdose_probability is 0).
+
+    Raises:
+        InputSettingsError: no CT-normalised channel among the student's, or lowdose_channels naming a channel the
+            student does not read or one that is not CT-normalised (HU cannot be recovered from it).
+    """
+    if settings.lowdose_probability <= 0:
+        return None
+    names = dataset_channel_names(dataset_json)
+    if settings.lowdose_channels is None:
+        chosen = [c for c in student_channels if normalization_schemes[c] == CT_NORMALIZATION]
+        if not chosen:
+            raise InputSettingsError(
+                f"lowdose_probability {settings.lowdose_probability} needs a CT channel, but none of the student's "
+                f"channels {[names[c] for c in student_channels]} is CT-normalised (plans: "
+                f"{[normalization_schemes[c] for c in student_channels]}); set lowdose_probability to 0")
+    else:
+        try:
+            chosen = resolve_student_channels(settings.lowdose_channels, dataset_json) or list(range(len(names)))
+        except ChannelError as e:
+            raise InputSettingsError(str(e).replace("student_channels", "lowdose_channels")) from None
+        problems = [f"{names[c]} is not read by the student" for c in chosen if c not in student_channels]
+        problems += [f"{names[c]} is {normalization_schemes[c]}, not CTNormalization (HU cannot be recovered)"
+                     for c in chosen if normalization_schemes[c] != CT_NORMALIZATION]
+        if problems:
+            raise InputSettingsError("lowdose_channels: " + "; ".join(problems))
+    positions = [student_channels.index(c) for c in chosen]
+    return LowDose(positions, {p: dict(intensity_properties[str(c)]) for p, c in zip(positions, chosen)},
+                   [float(v) for v in spacing_mm], list(settings.lowdose_dose), settings.lowdose_probability,
+                   settings.lowdose_i0, settings.lowdose_electronic_noise, settings.lowdose_extra_water_mm)
 
 
 def build_student_input(channels: Optional[list[int]], dataset_json: dict[str, Any],

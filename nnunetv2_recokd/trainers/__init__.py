@@ -11,7 +11,9 @@ from nnunetv2_recokd.trainers.baselines import (
 )
 from nnunetv2_recokd.trainers.ensemble import nnUNetTrainerLogitKD_ensemble, nnUNetTrainerReCoKD_ensemble
 from nnunetv2_recokd.trainers.inputs import (
+    nnUNetTrainerReCoKD_lowDose,
     nnUNetTrainerReCoKD_modalityDropout,
+    nnUNetTrainerStudent_lowDose,
     nnUNetTrainerStudent_modalityDropout,
 )
 from nnunetv2_recokd.trainers.graph import nnUNetTrainerGraphKD, nnUNetTrainerReCoKDGraph
@@ -44,6 +46,8 @@ __all__ = [
     "nnUNetTrainerReCoKD_ensemble",
     "nnUNetTrainerStudent_modalityDropout",
     "nnUNetTrainerReCoKD_modalityDropout",
+    "nnUNetTrainerStudent_lowDose",
+    "nnUNetTrainerReCoKD_lowDose",
     "nnUNetTrainerReCoKD_CBAM",
 ]
 PUBLIC_TRAINERS = __all__[1:]

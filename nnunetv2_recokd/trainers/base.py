@@ -46,7 +46,7 @@ from nnunetv2_recokd.inputs.channels import (
     student_dataset_json,
     student_plans,
 )
-from nnunetv2_recokd.inputs.view import StudentInput, build_student_input
+from nnunetv2_recokd.inputs.view import StudentInput, build_low_dose, build_student_input
 from nnunetv2_recokd.student import (
     PLANS_KEY,
     build_student_network,
@@ -176,6 +176,9 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
             message += f", reads channels {[names[str(c)] for c in self.student_channels]} of {list(names.values())}"
         if s.modality_dropout > 0:
             message += f", modality dropout {s.modality_dropout:g} per channel"
+        if self.student_input.degrade is not None:
+            message += (f", simulated low dose on {len(self.student_input.degrade.channels)} CT channel(s) for "
+                        f"{100 * s.lowdose_probability:g}% of samples (dose {s.lowdose_dose})")
         if self.teacher is not None:
             ratio = count_parameters(self.teacher.network) / count_parameters(student)
             message += f", {ratio:.1f}x fewer parameters than the teacher"
@@ -196,13 +199,16 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
                                    f"parameters (adapters, context blocks, projectors)")
 
     def _build_student_input(self) -> StudentInput:
-        """The student's view of a batch from the settings (channels, modality dropout); checked before training."""
+        """The student's view of a batch from the settings (channels, modality dropout, simulated low dose);
+        checked before training."""
         s = self.settings
+        cm, properties = self.configuration_manager, self.plans_manager.foreground_intensity_properties_per_channel
         try:
-            return build_student_input(self.student_channels, self.dataset_json,
-                                       self.configuration_manager.normalization_schemes,
-                                       self.plans_manager.foreground_intensity_properties_per_channel,
-                                       s.modality_dropout)
+            channels = (self.student_channels if self.student_channels is not None
+                        else list(range(len(self.dataset_json["channel_names"]))))
+            low_dose = build_low_dose(s, channels, self.dataset_json, cm.normalization_schemes, properties, cm.spacing)
+            return build_student_input(self.student_channels, self.dataset_json, cm.normalization_schemes, properties,
+                                       s.modality_dropout, low_dose)
         except ValueError as e:
             raise SettingsError(str(e)) from None
 

@@ -1,4 +1,5 @@
-"""Missing and degraded inputs (REACT-KD): students trained to segment without some scans or from noisier ones.
+"""Missing and degraded inputs (REACT-KD): students trained to segment without some scans or from noisier ones
+(modality dropout; simulated low-dose CT, on the student's CT-normalised channels).
 
 The teacher always reads the full, clean input; only the student's view changes (inputs/). Which channels the
 student reads is dataset-specific, so it is the `student_channels` setting (RECOKD_CONFIG) of any trainer;
@@ -15,3 +16,11 @@ class nnUNetTrainerReCoKD_modalityDropout(nnUNetTrainerReCoKD):
 
 class nnUNetTrainerStudent_modalityDropout(nnUNetTrainerStudent):
     """The control: the student alone under the same modality dropout."""
+
+
+class nnUNetTrainerReCoKD_lowDose(nnUNetTrainerReCoKD):
+    """ReCo-KD with simulated low-dose CT for the student: half the samples at a dose of 0.1-0.5 of the scan's."""
+
+
+class nnUNetTrainerStudent_lowDose(nnUNetTrainerStudent):
+    """The control: the student alone on the same simulated low-dose inputs."""
