@@ -6,7 +6,9 @@ lesions). Lesion radius is a fraction of the volume edge; at >= 0.14 a width/4 n
 in about 80 iterations on a CPU, smaller lesions need hundreds.
 
 With channels=2 a second, weaker channel is added (the missing-input experiments of REACT-KD): channel 0 carries
-most of the signal, channel 1 shows the same anatomy at a third of the contrast under more noise.
+most of the signal, channel 1 shows the same anatomy at a third of the contrast under more noise. With ct=True
+that channel is named "CT" (nnU-Net then plans CT normalisation for it) and written in HU-like units: 40 + 100 x
+the weak channel (organ ~73, lesions ~113, noise 50 HU), so simulated low dose adds noise of a realistic size.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _write(array: np.ndarray, path: Path) -> None:
 
 def write_dataset(raw_root: Union[str, Path], dataset_id: int = 990, name: str = "SyntheticLesions",
                   num_train: int = 10, num_test: int = 0, size: int = 48, lesion_radius: float = 0.15,
-                  seed: int = 0, channels: int = 1) -> Path:
+                  seed: int = 0, channels: int = 1, ct: bool = False) -> Path:
     """Write Dataset<ID>_<name> in nnU-Net's raw layout (imagesTr, labelsTr, dataset.json; imagesTs,
     labelsTs when num_test > 0) and return its folder. channels=2 adds the weak channel (_0001); one channel
     gives the same cases as before that option existed."""
@@ -68,9 +70,10 @@ def write_dataset(raw_root: Union[str, Path], dataset_id: int = 990, name: str =
         split = "Tr" if i < num_train else "Ts"
         _write(image, folder / f"images{split}" / f"case_{i:03d}_0000.nii.gz")
         if channels == 2:
-            _write(weak_channel(rng, label), folder / f"images{split}" / f"case_{i:03d}_0001.nii.gz")
+            weak = weak_channel(rng, label)
+            _write(40 + 100 * weak if ct else weak, folder / f"images{split}" / f"case_{i:03d}_0001.nii.gz")
         _write(label, folder / f"labels{split}" / f"case_{i:03d}.nii.gz")
-    names = {"0": "synthetic"} if channels == 1 else {"0": "main", "1": "weak"}
+    names = {"0": "synthetic"} if channels == 1 else {"0": "main", "1": "CT" if ct else "weak"}
     dataset_json = {"channel_names": names, "labels": LABELS, "numTraining": num_train,
                     "file_ending": ".nii.gz", "name": name,
                     "description": "synthetic organ with small lesions (nnunetv2-recokd)"}

@@ -1,5 +1,6 @@
-"""Missing inputs through nnU-Net's own commands: a two-channel teacher, a one-channel student of it, a student
-under modality dropout; plan, train, validate, predict (stock nnUNetv2_predict and ours), evaluate.
+"""Missing and degraded inputs through nnU-Net's own commands: a two-channel teacher (channels "main" and a CT-like
+"CT"), a one-channel student of it, a student under modality dropout, one on simulated low-dose CT, one with shared
+attention; plan, train, validate, predict (stock nnUNetv2_predict and ours), evaluate, evaluate-dose.
 
 Short schedules (the checks are about what runs and what the model folders say, not about Dice); about two
 minutes on 2 CPU cores.
@@ -41,7 +42,8 @@ def workspace(tmp_path_factory):
     env.pop("RECOKD_TEACHER", None)
     env.pop("RECOKD_CONFIG", None)
     _run(["nnunetv2_recokd", "install"], env, root / "install.log")
-    write_dataset(root / "raw", DATASET_ID, "TwoChannels", num_train=8, num_test=2, size=32, seed=3, channels=2)
+    write_dataset(root / "raw", DATASET_ID, "TwoChannels", num_train=8, num_test=2, size=32, seed=3, channels=2,
+                  ct=True)
     _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1"], env,
          root / "plan.log")
     env["nnUNet_n_proc_DA"] = "0"
@@ -65,7 +67,7 @@ def _labels(folder: Path) -> dict[str, np.ndarray]:
 def test_one_channel_student_of_a_two_channel_teacher(workspace):
     root, env, settings = workspace
     log = _train(root, env, "nnUNetTrainerReCoKD", {**settings, "student_channels": ["main"]}, "one_channel")
-    assert "reads channels ['main'] of ['main', 'weak']" in log
+    assert "reads channels ['main'] of ['main', 'CT']" in log
     model = _model(root, "nnUNetTrainerReCoKD")
     # the model folder describes the student's one channel; nnU-Net validated it on that channel
     dataset = json.loads((model / "dataset.json").read_text())
@@ -108,7 +110,7 @@ def test_modality_dropout_student_segments_with_a_blank_channel(workspace):
     log = _train(root, env, "nnUNetTrainerReCoKD_modalityDropout", settings, "dropout")
     assert "modality dropout 0.25 per channel" in log
     model = _model(root, "nnUNetTrainerReCoKD_modalityDropout")
-    assert json.loads((model / "dataset.json").read_text())["channel_names"] == {"0": "main", "1": "weak"}
+    assert json.loads((model / "dataset.json").read_text())["channel_names"] == {"0": "main", "1": "CT"}
     # the weak scan missing: a blank image in its place, as the README tells users to do
     images, blank_in = root / "raw" / DATASET / "imagesTs", root / "blank_in"
     blank_in.mkdir()
@@ -122,3 +124,24 @@ def test_modality_dropout_student_segments_with_a_blank_channel(workspace):
           str(DATASET_ID), "-tr", "nnUNetTrainerReCoKD_modalityDropout", "-c", "3d_fullres", "-f", "0", "-device",
           "cpu", "--disable_tta", "-npp", "0", "-nps", "0"], env, root / "predict_blank.log")
     assert sorted(_labels(root / "pred_blank")) == ["case_008.nii.gz", "case_009.nii.gz"]
+
+
+def test_low_dose_student_and_its_dose_table(workspace):
+    root, env, settings = workspace
+    log = _train(root, env, "nnUNetTrainerReCoKD_lowDose", settings, "lowdose")
+    assert "simulated low dose on 1 CT channel(s) for 50% of samples" in log
+    model = _model(root, "nnUNetTrainerReCoKD_lowDose")
+    _run(["nnunetv2_recokd", "evaluate-dose", "-m", str(model), "-f", "0", "-i",
+          str(root / "raw" / DATASET / "imagesTs"), "-l", str(root / "raw" / DATASET / "labelsTs"), "-o",
+          str(root / "dose"), "--doses", "1.0", "0.25", "--disable_tta", "-device", "cpu"], env, root / "dose.log")
+    table = json.loads((root / "dose" / "dose_table.json").read_text())
+    assert sorted(float(row["dose"]) for row in table["rows"]) == [0.25, 1.0]
+
+
+def test_shared_attention_trainer_trains_through_nnunet(workspace):
+    root, env, settings = workspace
+    _train(root, env, "nnUNetTrainerReCoKD_CBAM", {**settings, "attention_warmup": 0.0}, "cbam")
+    checkpoint = torch.load(_model(root, "nnUNetTrainerReCoKD_CBAM") / "fold_0" / "checkpoint_final.pth",
+                            map_location="cpu", weights_only=False)
+    assert any(".cbam." in k for k in checkpoint["recokd"]["distiller"])
+    assert not any("cbam" in k for k in checkpoint["network_weights"])  # the deployed student is plain nnU-Net
