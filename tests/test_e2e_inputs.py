@@ -95,6 +95,11 @@ def test_one_channel_student_of_a_two_channel_teacher(workspace):
     stock, ours = _labels(root / "pred_stock"), _labels(root / "pred_ours")
     assert list(stock) == ["case_008.nii.gz", "case_009.nii.gz"] and list(ours) == list(stock)
     assert all(np.array_equal(stock[k], ours[k]) for k in stock)
+    # report: the held-out cases reach the student as its one channel
+    _run(["nnunetv2_recokd", "report", str(DATASET_ID), "--no-latency", "--out", str(root / "report")], env,
+         root / "report.log")
+    rows = {row["trainer"]: row for row in json.loads((root / "report" / "report.json").read_text())["rows"]}
+    assert rows["nnUNetTrainerReCoKD"]["test"]["n_cases"] == 2
     # the stock export keeps the student's one channel
     _run(["nnunetv2_recokd", "export", "-m", str(model), "-f", "0", "-o", str(root / "exported")], env,
          root / "export.log")

@@ -130,7 +130,7 @@ def test_student_input_files_link_the_students_channels_under_its_numbers(tmp_pa
         for c in range(3):
             (source / f"{case}_{c:04d}.nii.gz").write_text(f"{case}{c}")
     student = student_dataset_json(DATASET, [2, 1])
-    cases = student_input_files(source, tmp_path / "student", DATASET, student)
+    cases = student_input_files(source, tmp_path / "student", student)
     assert cases == ["a", "b"]
     assert sorted(p.name for p in (tmp_path / "student").iterdir()) == [
         "a_0000.nii.gz", "a_0001.nii.gz", "b_0000.nii.gz", "b_0001.nii.gz"]
@@ -138,7 +138,7 @@ def test_student_input_files_link_the_students_channels_under_its_numbers(tmp_pa
     assert (tmp_path / "student" / "b_0001.nii.gz").read_text() == "b1"
     (source / "b_0002.nii.gz").unlink()
     with pytest.raises(ChannelError, match="b_0002.nii.gz"):
-        student_input_files(source, tmp_path / "again", DATASET, student)
+        student_input_files(source, tmp_path / "again", student)
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -168,16 +168,22 @@ def _two_channel_batch(seed: int = 0) -> dict:
     return batch
 
 
+def _inputs_seen(trainer) -> dict[str, torch.Tensor]:
+    """What the student network and the teacher's encoder are given at each forward ("student", "teacher")."""
+    seen: dict[str, torch.Tensor] = {}
+    trainer.network.register_forward_pre_hook(lambda m, args: seen.__setitem__("student", args[0].clone()))
+    trainer.teacher.network.network.encoder.register_forward_pre_hook(
+        lambda m, args: seen.__setitem__("teacher", args[0].clone()))
+    return seen
+
+
 def test_one_channel_student_of_a_two_channel_teacher(tmp_path, monkeypatch):
     plans, dataset = _two_channel_setup(tmp_path, monkeypatch, {"student_channels": ["ct"]})
     trainer = make_trainer(nnUNetTrainerReCoKD, plans, dataset)
     trainer.initialize()
     assert trainer.network.encoder.stages[0][0].convs[0].conv.weight.shape[1] == 1
     assert trainer.teacher.network.network.encoder.stages[0][0].convs[0].conv.weight.shape[1] == 2
-    seen = {}
-    trainer.network.register_forward_pre_hook(lambda m, args: seen.__setitem__("student", args[0].clone()))
-    trainer.teacher.network.network.encoder.register_forward_pre_hook(lambda m, args: seen.__setitem__("teacher",
-                                                                                                 args[0].clone()))
+    seen = _inputs_seen(trainer)
     batch = _two_channel_batch()
     data = batch["data"].clone()
     trainer.current_epoch, trainer.num_epochs = 5, 10
@@ -194,10 +200,7 @@ def test_modality_dropout_blanks_the_students_channels_only(tmp_path, monkeypatc
     trainer = make_trainer(nnUNetTrainerReCoKD, plans, dataset)
     trainer.initialize()
     assert trainer.student_input.blank == [0.0, -0.5]
-    seen = {}
-    trainer.network.register_forward_pre_hook(lambda m, args: seen.__setitem__("student", args[0].clone()))
-    trainer.teacher.network.network.encoder.register_forward_pre_hook(lambda m, args: seen.__setitem__("teacher",
-                                                                                                 args[0].clone()))
+    seen = _inputs_seen(trainer)
     batch = _two_channel_batch()
     data = batch["data"].clone()
     trainer.train_step(batch)
@@ -262,10 +265,7 @@ def test_low_dose_degrades_the_students_ct_channel_only(tmp_path, monkeypatch):
     trainer.initialize()
     degrade = trainer.student_input.degrade
     assert degrade.channels == [1] and degrade.props[1]["std"] == 80.0 and degrade.spacing_mm == [1.0, 1.0, 1.0]
-    seen = {}
-    trainer.network.register_forward_pre_hook(lambda m, args: seen.__setitem__("student", args[0].clone()))
-    trainer.teacher.network.network.encoder.register_forward_pre_hook(
-        lambda m, args: seen.__setitem__("teacher", args[0].clone()))
+    seen = _inputs_seen(trainer)
     batch = _two_channel_batch()
     data = batch["data"].clone()
     trainer.train_step(batch)

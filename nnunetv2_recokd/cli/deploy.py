@@ -130,14 +130,6 @@ def dataset_layout(folder: str, model: ModelFolder) -> bool:
     return bool(cases) and len(files) > len(cases) * len(mapping)
 
 
-def _dataset_json_of_inputs(model: ModelFolder) -> dict:
-    """The dataset.json of a student's dataset as far as the file layout goes (file ending, channel count)."""
-    from nnunetv2_recokd.inputs.channels import DATASET_KEY
-
-    n = max(entry["dataset_channel"] for entry in model.dataset_json[DATASET_KEY].values()) + 1
-    return {"file_ending": model.dataset_json["file_ending"], "channel_names": {str(i): str(i) for i in range(n)}}
-
-
 def student_inputs_main(args: argparse.Namespace) -> int:
     from nnunetv2_recokd.inputs.channels import DATASET_KEY, ChannelError, student_input_files
 
@@ -146,7 +138,7 @@ def student_inputs_main(args: argparse.Namespace) -> int:
         if DATASET_KEY not in model.dataset_json:
             raise DeployError(f"{model.folder} reads every channel of its dataset: give nnUNetv2_predict the "
                               f"dataset's input folder as it is")
-        cases = student_input_files(args.i, args.o, _dataset_json_of_inputs(model), model.dataset_json)
+        cases = student_input_files(args.i, args.o, model.dataset_json)
     except (DeployError, ChannelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -166,7 +158,7 @@ def predict_main(args: argparse.Namespace) -> int:
         if dataset_layout(args.i, model):  # the dataset's files: hand the student its channels, renumbered
             staging = tempfile.TemporaryDirectory(prefix="recokd_student_inputs_")
             try:
-                student_input_files(args.i, staging.name, _dataset_json_of_inputs(model), model.dataset_json)
+                student_input_files(args.i, staging.name, model.dataset_json)
             except ChannelError as e:
                 raise DeployError(str(e)) from None
             print(f"{args.i} holds the dataset's channels; the student reads "

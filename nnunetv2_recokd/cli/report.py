@@ -230,8 +230,15 @@ def evaluate_test_set(model_folder: Path, fold: str, checkpoint: Path, images: P
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    from nnunetv2_recokd.inputs.channels import DATASET_KEY, student_input_files
+
     dev = torch.device(device)
     out.mkdir(parents=True, exist_ok=True)
+    student_dataset = _read_json(model_folder / "dataset.json")
+    if DATASET_KEY in student_dataset:  # a student that reads fewer channels: its files, under its numbers
+        student_images = out.parent / f"{out.name}_inputs"
+        student_input_files(images, student_images, student_dataset)
+        images = student_images
     with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints per case
         predictor = nnUNetPredictor(use_mirroring=tta, device=dev, perform_everything_on_device=dev.type == "cuda",
                                     verbose=False, allow_tqdm=False)

@@ -111,7 +111,7 @@ def blank_values(normalization_schemes: Sequence[str], intensity_properties: dic
 
 
 def student_input_files(input_folder: Union[str, Path], output_folder: Union[str, Path],
-                        dataset_json: dict[str, Any], student_dataset: dict[str, Any]) -> list[str]:
+                        student_dataset: dict[str, Any]) -> list[str]:
     """Link the student's channel files of every case in `input_folder` (the dataset's layout) into `output_folder`
     under the student's numbering; returns the case identifiers.
 
@@ -122,7 +122,7 @@ def student_input_files(input_folder: Union[str, Path], output_folder: Union[str
     if not mapping:
         raise ChannelError(f"this dataset.json has no {DATASET_KEY} entry: the model reads every channel of the "
                            f"dataset, its input folder needs no conversion")
-    ending = dataset_json["file_ending"]
+    ending = student_dataset["file_ending"]
     pattern = re.compile(rf"^(.*)_(\d{{4}}){re.escape(ending)}$")
     cases = sorted({m.group(1) for f in os.listdir(input_folder) if (m := pattern.match(f))})
     os.makedirs(output_folder, exist_ok=True)
