@@ -131,22 +131,18 @@ def test_modality_dropout_student_segments_with_a_blank_channel(workspace):
     assert sorted(_labels(root / "pred_blank")) == ["case_008.nii.gz", "case_009.nii.gz"]
 
 
-def test_low_dose_student_and_its_dose_table(workspace):
+def test_low_dose_and_shared_attention_student_and_its_dose_table(workspace):
+    # one training covers both (the suite's time): the shared-attention trainer on simulated low-dose inputs
     root, env, settings = workspace
-    log = _train(root, env, "nnUNetTrainerReCoKD_lowDose", settings, "lowdose")
+    log = _train(root, env, "nnUNetTrainerReCoKD_CBAM", {**settings, "attention_warmup": 0.0,
+                                                         "lowdose_probability": 0.5}, "lowdose_cbam")
     assert "simulated low dose on 1 CT channel(s) for 50% of samples" in log
-    model = _model(root, "nnUNetTrainerReCoKD_lowDose")
+    model = _model(root, "nnUNetTrainerReCoKD_CBAM")
+    checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert any(".cbam." in k for k in checkpoint["recokd"]["distiller"])
+    assert not any("cbam" in k for k in checkpoint["network_weights"])  # the deployed student is plain nnU-Net
     _run(["nnunetv2_recokd", "evaluate-dose", "-m", str(model), "-f", "0", "-i",
           str(root / "raw" / DATASET / "imagesTs"), "-l", str(root / "raw" / DATASET / "labelsTs"), "-o",
           str(root / "dose"), "--doses", "1.0", "0.25", "--disable_tta", "-device", "cpu"], env, root / "dose.log")
     table = json.loads((root / "dose" / "dose_table.json").read_text())
     assert sorted(float(row["dose"]) for row in table["rows"]) == [0.25, 1.0]
-
-
-def test_shared_attention_trainer_trains_through_nnunet(workspace):
-    root, env, settings = workspace
-    _train(root, env, "nnUNetTrainerReCoKD_CBAM", {**settings, "attention_warmup": 0.0}, "cbam")
-    checkpoint = torch.load(_model(root, "nnUNetTrainerReCoKD_CBAM") / "fold_0" / "checkpoint_final.pth",
-                            map_location="cpu", weights_only=False)
-    assert any(".cbam." in k for k in checkpoint["recokd"]["distiller"])
-    assert not any("cbam" in k for k in checkpoint["network_weights"])  # the deployed student is plain nnU-Net
