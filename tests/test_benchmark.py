@@ -19,10 +19,13 @@ def test_benchmark_tiny_setting_reports_ratios_and_latency():
     plans = sandbox.unet_plans((32, 64, 128), (16, 16, 16), batch_size=2)  # student [8, 16, 32]
     import torch
 
-    result = benchmark.run_setting("tiny", plans, ["nnUNetTrainerLogitKD", "nnUNetTrainerReCoKDGraph"],
-                                   torch.device("cpu"), steps=1, warmup=0)
+    trainers = ["nnUNetTrainerLogitKD", "nnUNetTrainerReCoKDGraph", "nnUNetTrainerReCoKD_lowDose"]
+    result = benchmark.run_setting("tiny", plans, trainers, torch.device("cpu"), steps=1, warmup=0)
     assert ours(os.environ) == env_before  # the sandbox's nnUNet_* variables do not leak
-    assert [r["trainer"] for r in result["trainers"]] == ["nnUNetTrainerLogitKD", "nnUNetTrainerReCoKDGraph"]
+    # the low-dose trainer needs a CT channel: the benchmark's plans get one (a copy; the input plans unchanged)
+    assert [r["trainer"] for r in result["trainers"]] == trainers
+    assert plans["configurations"]["3d_fullres"]["normalization_schemes"] == ["ZScoreNormalization"]
+    assert benchmark.as_ct_plans(plans)["configurations"]["3d_fullres"]["normalization_schemes"] == ["CTNormalization"]
     for row in result["trainers"]:
         assert row["ms_per_step"] > 0 and row["ratio_to_floor"] == row["ms_per_step"] / result["floor_ms"]
         assert row["peak_gib"] is None  # CPU: no peak memory figure rather than a made-up one
@@ -132,3 +135,4 @@ def test_benchmark_with_several_teachers_has_a_floor_per_teacher_count():
     assert "| 3 | nnUNetTrainerReCoKD |" in text and "3 teacher(s)" in text
     with pytest.raises(SystemExit, match="--teachers"):
         benchmark.run_setting("tiny", plans, ["nnUNetTrainerReCoKD"], torch.device("cpu"), 1, 0, teachers=[0])
+

@@ -20,6 +20,7 @@ configuration of a dataset's nnUNetPlans.json given with --plans.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -33,6 +34,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from nnunetv2_recokd import sandbox
+from nnunetv2_recokd.config import default_settings
 
 DEFAULT_TRAINERS = ("nnUNetTrainerLogitKD", "nnUNetTrainerReCoKD", "nnUNetTrainerReCoKDGraph", "nnUNetTrainerGraphKD")
 DEFAULT_SETTINGS = ("hippocampus",)
@@ -134,6 +136,8 @@ def run_setting(name: str, plans: dict, trainers: Sequence[str], device: torch.d
     import nnunetv2_recokd.trainers as public
 
     check_trainers(trainers)
+    if any(default_settings(getattr(public, t)).lowdose_probability > 0 for t in trainers):
+        plans = as_ct_plans(plans)  # the simulated low dose needs a CT-normalised channel to degrade
     dataset = sandbox.dataset_json()
     cfg = plans["configurations"]["3d_fullres"]
     patch, batch_size = cfg["patch_size"], cfg["batch_size"]
@@ -190,6 +194,19 @@ def run_setting(name: str, plans: dict, trainers: Sequence[str], device: torch.d
             os.environ.update(saved_env)
     first = {k: v for k, v in floors[0].items() if k != "teachers"}
     return {**header, **first, "floors": floors, "trainers": rows, **latency, **terms}
+
+
+def as_ct_plans(plans: dict) -> dict:
+    """A copy of the plans whose input channels are CT-normalised (HU statistics of soft tissue in air), so the
+    low-dose trainers find a CT channel; the synthetic batches then read as HU = 300 x value + 40."""
+    plans = copy.deepcopy(plans)
+    cfg = plans["configurations"]["3d_fullres"]
+    cfg["normalization_schemes"] = ["CTNormalization"] * len(cfg["normalization_schemes"])
+    plans["foreground_intensity_properties_per_channel"] = {
+        str(c): {"mean": 40.0, "std": 300.0, "median": 40.0, "min": -1024.0, "max": 3000.0,
+                 "percentile_00_5": -1000.0, "percentile_99_5": 1000.0}
+        for c in range(len(cfg["normalization_schemes"]))}
+    return plans
 
 
 def _measure_floor(control, teacher_nets: Sequence[torch.nn.Module], batch: dict, device: torch.device, steps: int,
