@@ -69,15 +69,15 @@ class RuntimePredictor(nnUNetPredictor):
                                              checkpoint_name: str = "checkpoint_final.pth") -> None:
         """nnU-Net's initialisation (network rebuilt from the trainer class and plans), then one compiled network
         per fold."""
+        if use_folds is None:  # detected once, here, so the compiled networks pair with nnU-Net's fold parameters
+            use_folds = self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
         with _direct_trainer_lookup():
             super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
         network = getattr(self.network, "_orig_mod", self.network)  # nnUNet_compile=t wraps it
         input_shape = (1, self.num_input_channels(), *self.configuration_manager.patch_size)
         start = time.perf_counter()
         self.fold_networks = []
-        folds = use_folds if use_folds is not None else \
-            self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
-        folds = [folds] if isinstance(folds, str) else list(folds)
+        folds = [use_folds] if isinstance(use_folds, str) else list(use_folds)
         for fold, params in zip(folds, self.list_of_parameters):
             if self.runtime == "torch":
                 self.fold_networks.append(None)  # nnU-Net's own loop loads each fold's weights
