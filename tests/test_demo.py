@@ -6,16 +6,28 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
+from nnunetv2_recokd import cli
 from nnunetv2_recokd.cli import demo
 
 
-def test_demo_smallest_setting_writes_table_and_figure(tmp_path):
-    out = tmp_path / "demo"
+# the smallest setting of the README's command, run once and shared: the ensemble test continues from its models
+SMALLEST = ["--device", "cpu", "--teacher-epochs", "1", "--student-epochs", "1", "--iterations", "4", "--num-train",
+            "6", "--num-test", "2", "--warmup", "0"]
+
+
+@pytest.fixture(scope="module")
+def smallest_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
     # --warmup 0: the ReCo-KD terms act from the first step (a warm-up over 1 epoch keeps lambda at 0)
-    cmd = [sys.executable, "-m", "nnunetv2_recokd.cli", "demo", "--out", str(out), "--device", "cpu",
-           "--teacher-epochs", "1", "--student-epochs", "1", "--iterations", "4", "--num-train", "6",
-           "--num-test", "2", "--warmup", "0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "-m", "nnunetv2_recokd.cli", "demo", "--out", str(out), *SMALLEST]
+    return out, subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+def test_demo_smallest_setting_writes_table_and_figure(smallest_demo):
+    out, proc = smallest_demo
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[1/8 " in proc.stdout and "[8/8 " in proc.stdout  # progress from the first to the last step
     assert str(out / "nnunet" / "results") in proc.stdout  # where it trains, said up front
@@ -40,6 +52,63 @@ def test_demo_smallest_setting_writes_table_and_figure(tmp_path):
     assert "s / case, nnUNetv2_predict | s / case, openvino |" in table
     assert f"| {distilled['stock_s_per_case']:.2f} | {distilled['runtime_s_per_case']:.2f} |" in table
     assert (out / "figure.png").read_bytes()[:4] == b"\x89PNG"
+    assert "ensemble" not in json.loads((out / "table.json").read_text()) and "--ensemble" not in table  # flag off
+
+
+def test_demo_ensemble_flag_reaches_main_and_is_checked(monkeypatch, tmp_path):
+    with pytest.raises(SystemExit, match="--ensemble takes 0"):  # before anything is written or trained
+        demo.main(str(tmp_path / "x"), "cpu", None, 1, 1, 1, 6, 2, ensemble=1)
+    assert not (tmp_path / "x").exists()
+    seen = {}
+    monkeypatch.setattr(demo, "main", lambda *args, **kwargs: seen.update(kwargs) or 0)
+    assert cli.main(["demo", "--device", "cpu", "--ensemble", "2"]) == 0 and seen["ensemble"] == 2
+    assert cli.main(["demo", "--device", "cpu"]) == 0 and seen["ensemble"] == 0  # off by default
+
+
+def test_demo_ensemble_story_on_the_smallest_demo(smallest_demo):
+    """--ensemble 2 after the smallest demo's steps (the same calls main makes, continuing from its folders):
+    teacher fold 1, one student distilled from folds 0 and 1, the extra table."""
+    out, proc = smallest_demo
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    progress = demo.Progress(2 + demo.ensemble_steps(2))
+    setup = demo.prepare(str(out), "cpu", None, 6, 2, None, progress)  # same data; planning is skipped
+    story = demo.ensemble_story(setup, progress, 2, seed=0, student_epochs=1, iterations=4, warmup=0.0)
+    main = json.loads((out / "table.json").read_text())
+    demo.write_outputs(main["rows"], out, main["minutes"] * 60, story)
+
+    written = json.loads((out / "table.json").read_text())
+    assert written["rows"] == main["rows"] and written["ensemble"]["folds"] == [0, 1]
+    rows = written["ensemble"]["rows"]
+    assert [(r["trainer"], r["folds"], r["tta"]) for r in rows] == [
+        ("nnUNetTrainerTeacher", [0, 1], True), ("nnUNetTrainerTeacher", [0], True),
+        ("nnUNetTrainerLogitKD_ensemble", [0], False), ("nnUNetTrainerLogitKD_ensemble", [0], True)]
+    assert [r["forwards_per_patch"] for r in rows] == [16, 8, 1, 8]  # folds x 2^3 mirrorings
+    for r in rows:
+        assert r["cases"] == 2 and r["evaluated_on"] == "held-out test cases" and r["stock_s_per_case"] > 0
+        assert set(r["dice"]) == {"organ", "lesion"} and all(0 <= d <= 1 for d in r["dice"].values())
+    assert rows[2]["runtime_s_per_case"] > 0 and all("runtime_s_per_case" not in r for r in rows[:2] + rows[3:])
+    assert rows[0]["params"] == 2 * rows[1]["params"] and rows[1]["params"] > 12 * rows[2]["params"]
+    assert rows[0]["gflops_per_patch"] == 2 * rows[1]["gflops_per_patch"]
+
+    student = out / "nnunet" / "results" / "students_seed0" / "Dataset990_SyntheticLesions" / \
+        "nnUNetTrainerLogitKD_ensemble__nnUNetPlans__3d_fullres"
+    recorded = torch.load(student / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    teachers = recorded["recokd"]["teacher"]  # one student, both fold teachers of the demo's teacher
+    assert [t.split("/")[-2:] for t in teachers] == [["fold_0", "checkpoint_final.pth"],
+                                                     ["fold_1", "checkpoint_final.pth"]]
+    assert all("nnUNetTrainerTeacher__nnUNetPlans__3d_fullres" in t for t in teachers)
+    assert recorded["recokd"]["teacher_saw_validation_cases"]["cases"] > 0  # fold 1 trained on fold 0's validation
+    config = json.loads((out / "config_nnUNetTrainerLogitKD_ensemble_seed0.json").read_text())
+    assert config["teacher_folds"] == [0, 1] and config["seed"] == 0
+
+    table = (out / "table.md").read_text()
+    assert table.startswith("| model | trainer | seeds |")  # the usual table first, unchanged
+    assert "### Teacher fold ensemble vs one distilled student (--ensemble 2)" in table
+    assert ("| inference | trainer | folds | TTA | forwards / patch | Dice organ | Dice lesion | mean Dice "
+            "| params (M) | GFLOPs / patch, all forwards | s / case, nnUNetv2_predict | s / case, openvino |") in table
+    assert "| teacher, 2-fold ensemble + TTA (nnU-Net's default) | `nnUNetTrainerTeacher` | 0, 1 | on | 16 |" in table
+    assert f"| {rows[2]['stock_s_per_case']:.2f} | {rows[2]['runtime_s_per_case']:.2f} |" in table
+    assert "optimistic" in table and "honest" in table
 
 
 def _row(trainer: str, organ: list[float], lesion: list[float]) -> dict:

@@ -9,10 +9,15 @@
    --dataset: imagesTs/labelsTs when the dataset has them, else nnU-Net's fold validation)
 5. a table (Markdown and JSON) of per-class Dice (mean and spread over the seeds), parameters, GFLOPs per
    patch and inference latency, and a figure (Dice per class and latency side by side)
+6. with --ensemble N (off by default): the teacher's folds 1..N-1 (same schedule), ONE student distilled from the
+   fold ensemble (nnUNetTrainerLogitKD_ensemble) and an extra table on the held-out cases: the fold ensemble with
+   TTA (nnU-Net's default inference), one teacher fold with TTA, and the student (TTA off and on; also through
+   `nnunetv2_recokd predict --runtime openvino` when the deploy extra is installed): Dice per class, seconds per case
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,7 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 from nnunetv2_recokd.synthetic import write_dataset
 
@@ -30,6 +35,10 @@ TEACHER = "nnUNetTrainerTeacher"
 MODELS = (("teacher", TEACHER), ("student", "nnUNetTrainerStudent"), ("ReCo-KD student", "nnUNetTrainerReCoKD"))
 # the demo's distillation settings on top of the trainers' defaults (the control ignores them); see README
 DEMO_RUNTIME = "openvino"  # the CPU runtime of `nnunetv2_recokd predict` timed beside stock nnUNetv2_predict
+# --ensemble: logit KD against the mean of the fold teachers' softened probabilities, i.e. the student is trained
+# towards what the fold ensemble predicts (the inference it replaces), from the first step (no warm-up)
+ENSEMBLE_STUDENT = "nnUNetTrainerLogitKD_ensemble"
+MAX_FOLDS = 5  # nnU-Net's 5-fold split
 
 
 def runtime_available(runtime: str) -> bool:
@@ -90,58 +99,21 @@ def student_settings(epochs: int, iterations: int, seed: int, teacher_folder: Pa
 
 def main(out: str, device: str, dataset: Optional[str], teacher_epochs: int, student_epochs: int,
          iterations: int, num_train: int, num_test: int, seed: int = 0, seeds: int = 1,
-         results: Optional[str] = None, warmup: Optional[float] = None) -> int:
+         results: Optional[str] = None, warmup: Optional[float] = None, ensemble: int = 0) -> int:
     if seeds < 1:
         raise SystemExit("--seeds must be >= 1")
-    out_dir = Path(out).resolve()
-    work = out_dir / "nnunet"
-    env = dict(os.environ)
-    if dataset is None:
-        env.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"))
-    for key in ("nnUNet_raw", "nnUNet_preprocessed"):
-        if not env.get(key):
-            raise SystemExit(f"--dataset needs {key} set (the folders of your nnU-Net installation)")
-    # never train into the user's own nnUNet_results unless told to: the demo's models are short-schedule ones
-    results_root = Path(results).resolve() if results else work / "results"
-    env["nnUNet_results"] = str(results_root)
-    env.update(nnUNet_compile=env.get("nnUNet_compile", "f" if device == "cpu" else "t"), PYTHONUNBUFFERED="1")
-    if device == "cpu":
-        env.update(nnUNet_def_n_proc=env.get("nnUNet_def_n_proc", "1"), nnUNet_npp="0", nnUNet_nps="0")
-    env.pop("RECOKD_TEACHER", None)
-    env.pop("RECOKD_CONFIG", None)
-    logs = out_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    if ensemble and not 2 <= ensemble <= MAX_FOLDS:
+        raise SystemExit(f"--ensemble takes 0 (off) or a number of fold teachers from 2 to {MAX_FOLDS} (nnU-Net's "
+                         f"{MAX_FOLDS}-fold split), got {ensemble}")
     students = [m for m in MODELS if m[1] != TEACHER]
     # data, planning, teacher training and evaluation, then per seed one training and one evaluation per student
-    progress = Progress(4 + 2 * len(students) * seeds)
-    print(f"models are trained into {results_root}" + (" (your nnUNet_results is not touched)"
-                                                       if dataset is not None and not results else ""), flush=True)
-
-    if dataset is None:
-        dataset_id = str(SYNTHETIC_ID)
-        folder = write_dataset(work / "raw", SYNTHETIC_ID, num_train=num_train, num_test=num_test, size=48,
-                               lesion_radius=0.15, seed=0)
-        progress.step(f"synthetic dataset written: {folder} ({num_train} training, {num_test} held-out cases)")
-    else:
-        dataset_id = dataset
-        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-        try:
-            folder = Path(env["nnUNet_raw"]) / maybe_convert_to_dataset_name(dataset)
-        except RuntimeError as e:
-            raise SystemExit(f"dataset {dataset} not found: {e}") from None
-        progress.step(f"using dataset {folder}")
-    name = folder.name
-    pre = Path(env["nnUNet_preprocessed"]) / name
-    if not (pre / "nnUNetPlans.json").is_file():
-        run_logged(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "3d_fullres", "-np", "1"], env,
-                   logs / "plan.log")
-    progress.step(f"planned and preprocessed ({pre})")
-
-    train_env = {**env, "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", "0" if device == "cpu" else "")}
-    if not train_env["nnUNet_n_proc_DA"]:
-        train_env.pop("nnUNet_n_proc_DA")
-    evaluation = Evaluation(folder, pre, dataset_id, device, env, logs, out_dir)
+    progress = Progress(4 + 2 * len(students) * seeds + ensemble_steps(ensemble))
+    setup = prepare(out, device, dataset, num_train, num_test, results, progress)
+    if ensemble and not setup.evaluation.held_out:
+        raise SystemExit(f"--ensemble needs held-out cases: {setup.folder} has no imagesTs and labelsTs (the fold "
+                         f"validation of a student distilled from every fold is optimistic)")
+    out_dir, env, train_env, logs = setup.out_dir, setup.env, setup.train_env, setup.logs
+    results_root, dataset_id, name, evaluation = setup.results_root, setup.dataset_id, setup.name, setup.evaluation
 
     teacher_cfg = out_dir / "config_teacher.json"
     teacher_cfg.write_text(json.dumps({"num_epochs": teacher_epochs, "num_iterations_per_epoch": iterations,
@@ -149,7 +121,7 @@ def main(out: str, device: str, dataset: Optional[str], teacher_epochs: int, stu
                                        "seed": seed}))
     run_logged(["nnUNetv2_train", dataset_id, "3d_fullres", "0", "-tr", TEACHER, "-device", device],
                {**train_env, "RECOKD_CONFIG": str(teacher_cfg)}, logs / f"train_{TEACHER}.log")
-    teacher_folder = results_root / name / f"{TEACHER}__nnUNetPlans__3d_fullres"
+    teacher_folder = setup.teacher_folder
     progress.step(f"trained the teacher ({TEACHER}, {teacher_epochs} x {iterations} iterations, seed {seed})")
     runs = {TEACHER: [evaluation.run(TEACHER, teacher_folder, env, seed)]}
     progress.step(f"evaluated the teacher on {runs[TEACHER][0]['evaluated_on']}")
@@ -171,8 +143,166 @@ def main(out: str, device: str, dataset: Optional[str], teacher_epochs: int, stu
             progress.step(f"evaluated {label} (seed {student_seed})")
 
     rows = [model_row(label, trainer, runs[trainer], device) for label, trainer in MODELS]
-    write_outputs(rows, out_dir, time.time() - progress.start)
+    story = (ensemble_story(setup, progress, ensemble, seed, student_epochs, iterations, warmup)
+             if ensemble else None)
+    write_outputs(rows, out_dir, time.time() - progress.start, story)
     return 0
+
+
+@dataclasses.dataclass
+class Setup:
+    """What the steps after planning share: folders, nnU-Net's environments, the dataset, the evaluation."""
+
+    out_dir: Path
+    device: str
+    env: dict  # nnUNetv2_predict / evaluate
+    train_env: dict  # nnUNetv2_train (in-process augmentation on the CPU: seeded runs repeat)
+    results_root: Path
+    logs: Path
+    dataset_id: str
+    folder: Path  # the raw dataset
+    pre: Path  # its preprocessed folder
+    evaluation: "Evaluation"
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def teacher_folder(self) -> Path:
+        return self.results_root / self.name / f"{TEACHER}__nnUNetPlans__3d_fullres"
+
+
+def prepare(out: str, device: str, dataset: Optional[str], num_train: int, num_test: int, results: Optional[str],
+            progress: Progress) -> Setup:
+    """Environment, data (synthetic, or --dataset) and nnU-Net's planning and preprocessing (skipped when the
+    plans exist): the first two steps of the demo."""
+    out_dir = Path(out).resolve()
+    work = out_dir / "nnunet"
+    env = dict(os.environ)
+    if dataset is None:
+        env.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"))
+    for key in ("nnUNet_raw", "nnUNet_preprocessed"):
+        if not env.get(key):
+            raise SystemExit(f"--dataset needs {key} set (the folders of your nnU-Net installation)")
+    # never train into the user's own nnUNet_results unless told to: the demo's models are short-schedule ones
+    results_root = Path(results).resolve() if results else work / "results"
+    env["nnUNet_results"] = str(results_root)
+    env.update(nnUNet_compile=env.get("nnUNet_compile", "f" if device == "cpu" else "t"), PYTHONUNBUFFERED="1")
+    if device == "cpu":
+        env.update(nnUNet_def_n_proc=env.get("nnUNet_def_n_proc", "1"), nnUNet_npp="0", nnUNet_nps="0")
+    env.pop("RECOKD_TEACHER", None)
+    env.pop("RECOKD_CONFIG", None)
+    logs = out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    print(f"models are trained into {results_root}" + (" (your nnUNet_results is not touched)"
+                                                       if dataset is not None and not results else ""), flush=True)
+
+    if dataset is None:
+        dataset_id = str(SYNTHETIC_ID)
+        folder = write_dataset(work / "raw", SYNTHETIC_ID, num_train=num_train, num_test=num_test, size=48,
+                               lesion_radius=0.15, seed=0)
+        progress.step(f"synthetic dataset written: {folder} ({num_train} training, {num_test} held-out cases)")
+    else:
+        dataset_id = dataset
+        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+        try:
+            folder = Path(env["nnUNet_raw"]) / maybe_convert_to_dataset_name(dataset)
+        except RuntimeError as e:
+            raise SystemExit(f"dataset {dataset} not found: {e}") from None
+        progress.step(f"using dataset {folder}")
+    pre = Path(env["nnUNet_preprocessed"]) / folder.name
+    if not (pre / "nnUNetPlans.json").is_file():
+        run_logged(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "3d_fullres", "-np", "1"], env,
+                   logs / "plan.log")
+    progress.step(f"planned and preprocessed ({pre})")
+
+    train_env = {**env, "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", "0" if device == "cpu" else "")}
+    if not train_env["nnUNet_n_proc_DA"]:
+        train_env.pop("nnUNet_n_proc_DA")
+    evaluation = Evaluation(folder, pre, dataset_id, device, env, logs, out_dir)
+    return Setup(out_dir, device, env, train_env, results_root, logs, dataset_id, folder, pre, evaluation)
+
+
+def ensemble_steps(n_folds: int) -> int:
+    """Progress steps of --ensemble N: N-1 teacher folds, the student, four evaluations (0 when off)."""
+    return n_folds + 4 if n_folds else 0
+
+
+def ensemble_story(setup: Setup, progress: Progress, n_folds: int, seed: int, student_epochs: int, iterations: int,
+                   warmup: Optional[float] = None) -> dict:
+    """--ensemble N, after the usual steps (the teacher's fold 0 exists): train the teacher's folds 1..N-1 with the
+    teacher's schedule and seed (config_teacher.json), distil all N folds into one student (fold 0, the students'
+    schedule and first seed), then predict and score the held-out cases four ways: the fold ensemble with TTA
+    (nnU-Net's default inference), teacher fold 0 with TTA, the student without and with TTA."""
+    from nnunetv2_recokd.profiling import conv_gflops, count_parameters
+
+    s = setup
+    folds = list(range(n_folds))
+    teacher_cfg = s.out_dir / "config_teacher.json"
+    for k in folds[1:]:
+        run_logged(["nnUNetv2_train", s.dataset_id, "3d_fullres", str(k), "-tr", TEACHER, "-device", s.device],
+                   {**s.train_env, "RECOKD_CONFIG": str(teacher_cfg)}, s.logs / f"train_{TEACHER}_fold{k}.log")
+        progress.step(f"trained teacher fold {k} of {n_folds} ({TEACHER}, same schedule and seed as fold 0)")
+    student_env = {**s.env, "nnUNet_results": str(s.results_root / f"students_seed{seed}")}
+    cfg = s.out_dir / f"config_{ENSEMBLE_STUDENT}_seed{seed}.json"
+    # the demo's teacher model folder, one teacher per fold (the trainer's own default is every fold found)
+    cfg.write_text(json.dumps({**student_settings(student_epochs, iterations, seed, s.teacher_folder, warmup),
+                               "teacher_folds": folds}))
+    run_logged(["nnUNetv2_train", s.dataset_id, "3d_fullres", "0", "-tr", ENSEMBLE_STUDENT, "-device", s.device],
+               {**s.train_env, **student_env, "RECOKD_CONFIG": str(cfg)},
+               s.logs / f"train_{ENSEMBLE_STUDENT}_seed{seed}.log")
+    student_folder = Path(student_env["nnUNet_results"]) / s.name / f"{ENSEMBLE_STUDENT}__nnUNetPlans__3d_fullres"
+    progress.step(f"trained the ensemble student ({ENSEMBLE_STUDENT} from teacher folds "
+                  f"{', '.join(map(str, folds))}, {student_epochs} x {iterations} iterations, seed {seed})")
+
+    ways = [(f"teacher, {n_folds}-fold ensemble + TTA (nnU-Net's default)", TEACHER, s.teacher_folder, folds, True,
+             s.env, False),
+            ("teacher, fold 0 + TTA", TEACHER, s.teacher_folder, [0], True, s.env, False),
+            ("ensemble student", ENSEMBLE_STUDENT, student_folder, [0], False, student_env, True),
+            ("ensemble student + TTA", ENSEMBLE_STUDENT, student_folder, [0], True, student_env, False)]
+    rows = []
+    for label, trainer, folder, use, tta, env, runtime in ways:
+        tag = f"ensemble_{trainer}_folds{''.join(map(str, use))}_{'tta' if tta else 'notta'}"
+        result = s.evaluation.held_out_scores(tag, trainer, folder, env, use, tta, runtime)
+        net, patch = build_network(folder, s.device)
+        forwards = len(use) * (mirror_passes(folder / "fold_0" / "checkpoint_final.pth") if tta else 1)
+        rows.append({"model": label, "trainer": trainer, "folds": use, "tta": tta, "forwards_per_patch": forwards,
+                     **result, "model_folder": str(folder), "params": len(use) * count_parameters(net),
+                     "gflops_per_patch": forwards * conv_gflops(net, patch), "patch_size": list(patch),
+                     "device": s.device})
+        progress.step(f"evaluated {label} on the held-out cases")
+    checkpoint = _load(student_folder / "fold_0" / "checkpoint_final.pth").get("recokd") or {}
+    summary = student_folder / "fold_0" / "validation" / "summary.json"
+    validation = json.loads(summary.read_text())["foreground_mean"]["Dice"] if summary.is_file() else None
+    return {"folds": folds, "student_trainer": ENSEMBLE_STUDENT, "student_folder": str(student_folder),
+            "teachers": checkpoint.get("teacher"), "student_fold0_validation_mean_dice": validation,
+            "teacher_saw_validation_cases": checkpoint.get("teacher_saw_validation_cases"), "rows": rows}
+
+
+def _load(checkpoint: Path) -> dict:
+    import torch
+
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)
+
+
+def mirror_passes(checkpoint: Path) -> int:
+    """Network forwards per patch with nnU-Net's mirroring (TTA): every combination of the allowed axes."""
+    axes = _load(checkpoint).get("inference_allowed_mirroring_axes")
+    return 2 ** len(axes) if axes else 1
+
+
+def build_network(model_folder: Union[str, Path], device: str):
+    """The network nnUNetv2_predict builds for fold 0 of a model folder, and its patch size."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(device=torch.device(device), perform_everything_on_device=device == "cuda",
+                                verbose=False, verbose_preprocessing=False)
+    predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(0,),
+                                                   checkpoint_name="checkpoint_final.pth")
+    return predictor.network, predictor.configuration_manager.patch_size
 
 
 class Evaluation:
@@ -186,31 +316,38 @@ class Evaluation:
 
     def run(self, trainer: str, model_folder: Path, env: dict, seed: Optional[int] = None) -> dict:
         tag = trainer if seed is None else f"{trainer}_seed{seed}"
-        timing = {}
         if self.held_out:
-            pred = self.out / "predictions" / tag
-            cases = max(1, len(list(self.images.glob("*_0000.*"))))
-            start = time.perf_counter()
-            run_logged(["nnUNetv2_predict", "-i", str(self.images), "-o", str(pred), "-d", self.dataset_id, "-c",
-                        "3d_fullres", "-tr", trainer, "-f", "0", "-device", self.device, "--disable_tta",
-                        "-npp", "1", "-nps", "1"], env, self.logs / f"predict_{tag}.log")
-            timing["stock_s_per_case"] = (time.perf_counter() - start) / cases
-            if runtime_available(DEMO_RUNTIME):  # the same cases through our predict on the CPU runtime
-                start = time.perf_counter()
-                run_logged([nnunet_command("nnunetv2_recokd"), "predict", "-i", str(self.images), "-o",
-                            str(self.out / "predictions_runtime" / tag), "-m", str(model_folder), "-f", "0",
-                            "--disable_tta", "--runtime", DEMO_RUNTIME], env, self.logs / f"predict_runtime_{tag}.log")
-                timing["runtime_s_per_case"] = (time.perf_counter() - start) / cases
-            run_logged(["nnUNetv2_evaluate_folder", str(self.labels), str(pred), "-djfile",
-                        str(self.pre / "dataset.json"), "-pfile", str(self.pre / "nnUNetPlans.json")], env,
-                       self.logs / f"evaluate_{tag}.log")
-            summary, source = pred / "summary.json", "held-out test cases"
+            result = self.held_out_scores(tag, trainer, model_folder, env)
         else:
-            summary, source = model_folder / "fold_0" / "validation" / "summary.json", "fold 0 validation"
-        result = read_dice(summary, model_folder)
+            summary = model_folder / "fold_0" / "validation" / "summary.json"
+            result = {**read_dice(summary, model_folder), "evaluated_on": "fold 0 validation"}
         checkpoint = model_folder / "fold_0" / "checkpoint_final.pth"
-        return {**result, "evaluated_on": source, "seed": seed, "model_folder": str(model_folder),
-                **training_record(checkpoint), **timing}
+        return {**result, "seed": seed, "model_folder": str(model_folder), **training_record(checkpoint)}
+
+    def held_out_scores(self, tag: str, trainer: str, model_folder: Path, env: dict, folds: Sequence[int] = (0,),
+                        tta: bool = False, runtime: bool = True) -> dict:
+        """Predict the held-out cases with nnUNetv2_predict (these folds, TTA on or off), time the whole command
+        per case, also time `nnunetv2_recokd predict --runtime openvino` when `runtime` and the deploy extra is
+        installed, and score the stock predictions with nnUNetv2_evaluate_folder."""
+        pred = self.out / "predictions" / tag
+        use = [str(f) for f in folds]
+        no_tta = [] if tta else ["--disable_tta"]
+        cases = max(1, len(list(self.images.glob("*_0000.*"))))
+        start = time.perf_counter()
+        run_logged(["nnUNetv2_predict", "-i", str(self.images), "-o", str(pred), "-d", self.dataset_id, "-c",
+                    "3d_fullres", "-tr", trainer, "-f", *use, "-device", self.device, *no_tta,
+                    "-npp", "1", "-nps", "1"], env, self.logs / f"predict_{tag}.log")
+        timing = {"stock_s_per_case": (time.perf_counter() - start) / cases}
+        if runtime and runtime_available(DEMO_RUNTIME):  # the same cases through our predict on the CPU runtime
+            start = time.perf_counter()
+            run_logged([nnunet_command("nnunetv2_recokd"), "predict", "-i", str(self.images), "-o",
+                        str(self.out / "predictions_runtime" / tag), "-m", str(model_folder), "-f", *use,
+                        *no_tta, "--runtime", DEMO_RUNTIME], env, self.logs / f"predict_runtime_{tag}.log")
+            timing["runtime_s_per_case"] = (time.perf_counter() - start) / cases
+        run_logged(["nnUNetv2_evaluate_folder", str(self.labels), str(pred), "-djfile",
+                    str(self.pre / "dataset.json"), "-pfile", str(self.pre / "nnUNetPlans.json")], env,
+                   self.logs / f"evaluate_{tag}.log")
+        return {**read_dice(pred / "summary.json", model_folder), "evaluated_on": "held-out test cases", **timing}
 
 
 def read_dice(summary_file: Path, model_folder: Path) -> dict:
@@ -238,19 +375,13 @@ def model_row(label: str, trainer: str, runs: list[dict], device: str) -> dict:
     """One table row: Dice per class as mean and sample standard deviation over the seeds (nnU-Net's
     summary.json of each), size and speed of the network that nnUNetv2_predict builds for the model folder."""
     import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from nnunetv2_recokd.profiling import conv_gflops, count_parameters, inference_latency_ms
 
     classes = list(runs[0]["dice"])
     per_seed = {c: [r["dice"][c] for r in runs] for c in classes}
     means = [r["mean_dice"] for r in runs]
-    predictor = nnUNetPredictor(device=torch.device(device), perform_everything_on_device=device == "cuda",
-                                verbose=False, verbose_preprocessing=False)
-    predictor.initialize_from_trained_model_folder(runs[0]["model_folder"], use_folds=(0,),
-                                                   checkpoint_name="checkpoint_final.pth")
-    patch = predictor.configuration_manager.patch_size
-    net = predictor.network
+    net, patch = build_network(runs[0]["model_folder"], device)
     return {"model": label, "trainer": trainer, "seeds": [r["seed"] for r in runs],
             "dice": {c: statistics.mean(v) for c, v in per_seed.items()},
             "dice_sd": {c: _spread(v) for c, v in per_seed.items()}, "dice_per_seed": per_seed,
@@ -267,7 +398,7 @@ def _cell(row: dict, mean: float, sd: float) -> str:
     return f"{mean:.3f}" if len(row["seeds"]) < 2 else f"{mean:.3f} ± {sd:.3f}"
 
 
-def write_outputs(rows: list[dict], out_dir: Path, seconds: float) -> None:
+def write_outputs(rows: list[dict], out_dir: Path, seconds: float, ensemble: Optional[dict] = None) -> None:
     classes = list(rows[0]["dice"])
     timed = [key for key in ("stock_s_per_case", "runtime_s_per_case") if all(key in r for r in rows)]
     columns = {"stock_s_per_case": "s / case, nnUNetv2_predict", "runtime_s_per_case": f"s / case, {DEMO_RUNTIME}"}
@@ -290,11 +421,47 @@ def write_outputs(rows: list[dict], out_dir: Path, seconds: float) -> None:
                if timed else "") +
             f"Whole run: {seconds / 60:.1f} min.\n")
     table = "\n".join(lines) + "\n" + note
+    if ensemble is not None:
+        table += "\n" + ensemble_table(ensemble)
     (out_dir / "table.md").write_text(table)
-    (out_dir / "table.json").write_text(json.dumps({"rows": rows, "minutes": seconds / 60}, indent=1))
+    (out_dir / "table.json").write_text(json.dumps({"rows": rows, "minutes": seconds / 60,
+                                                    **({"ensemble": ensemble} if ensemble is not None else {})},
+                                                   indent=1))
     plot(rows, classes, out_dir / "figure.png")
     print(table)
     print(f"written: {out_dir / 'table.md'}, {out_dir / 'table.json'}, {out_dir / 'figure.png'}")
+
+
+def ensemble_table(story: dict) -> str:
+    """Markdown of --ensemble: one row per way of predicting the held-out cases."""
+    rows = story["rows"]
+    classes = list(rows[0]["dice"])
+    header = ["inference", "trainer", "folds", "TTA", "forwards / patch", *[f"Dice {c}" for c in classes],
+              "mean Dice", "params (M)", "GFLOPs / patch, all forwards", "s / case, nnUNetv2_predict",
+              f"s / case, {DEMO_RUNTIME}"]
+    lines = [f"### Teacher fold ensemble vs one distilled student (--ensemble {len(story['folds'])})", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        runtime = f"{r['runtime_s_per_case']:.2f}" if "runtime_s_per_case" in r else "–"
+        cells = [r["model"], f"`{r['trainer']}`", ", ".join(map(str, r["folds"])), "on" if r["tta"] else "off",
+                 str(r["forwards_per_patch"]), *[f"{r['dice'][c]:.3f}" for c in classes], f"{r['mean_dice']:.3f}",
+                 f"{r['params'] / 1e6:.3f}", f"{r['gflops_per_patch']:.2f}", f"{r['stock_s_per_case']:.2f}", runtime]
+        lines.append("| " + " | ".join(cells) + " |")
+    folds = ", ".join(map(str, story["folds"]))
+    leak = story.get("teacher_saw_validation_cases") or {}
+    validation = story.get("student_fold0_validation_mean_dice")
+    seen = (f"teacher folds other than 0 were trained on {leak['cases']} of its {leak['of']} validation cases"
+            if leak else "the other fold teachers were trained on its validation cases")
+    note = (f"\nDice from nnU-Net's evaluation on the {rows[0]['cases']} held-out test cases, which no model saw in "
+            f"training. The student ({story['student_trainer']}, fold 0) was distilled from teacher folds {folds}; "
+            f"its own fold-0 validation"
+            + (f" (mean Dice {validation:.3f})" if validation is not None else "")
+            + f" is optimistic ({seen}), so the held-out cases are the honest measure. "
+            f"Forwards / patch: folds x mirrorings (TTA); params: the weights the inference loads; GFLOPs: one "
+            f"{rows[0]['patch_size']} patch position, all forwards. Seconds per case: the whole command's wall time "
+            f"over the held-out cases, `nnUNetv2_predict -device {rows[0]['device']}` and, TTA off, `nnunetv2_recokd "
+            f"predict --runtime {DEMO_RUNTIME}` (CPU; – : not run).\n")
+    return "\n".join(lines) + "\n" + note
 
 
 def plot(rows: list[dict], classes: list[str], path: Path) -> None:
