@@ -87,13 +87,13 @@ PY
 
 evaluate() {  # label root trainer input-folder
   local label=$1 root=$2 trainer=$3 input=$4
-  local out=$WORK/pred_$label
+  local out=$WORK/pred_$(echo "$label" | tr -c 'A-Za-z0-9\n-' '_')
   if [ ! -f "$out/summary.json" ]; then
     nnUNet_results=$root nnUNetv2_predict -i "$input" -o "$out" -d $ID -tr "$trainer" -c 3d_fullres -f 0 \
       -device "$DEVICE" --disable_tta -npp 0 -nps 0 > "$WORK/predict_$label.log" 2>&1
     nnUNetv2_evaluate_simple "$nnUNet_raw/$DATASET/labelsTs" "$out" -l 1 2 > "$WORK/evaluate_$label.log" 2>&1
   fi
-  echo "$label $out/summary.json" >> "$WORK/evaluated.txt"
+  printf '%s\t%s\n' "$label" "$out/summary.json" >> "$WORK/evaluated.txt"
 }
 rm -f "$WORK/evaluated.txt"
 ts=$nnUNet_raw/$DATASET/imagesTs
@@ -118,7 +118,7 @@ done
 
 python - <<PY
 import json
-rows = [line.rstrip("\n").rsplit(" ", 1) for line in open("$WORK/evaluated.txt")]
+rows = [line.rstrip("\n").split("\t") for line in open("$WORK/evaluated.txt")]
 lines = ["| model | input | Dice organ | Dice lesion |", "|---|---|---|---|"]
 table = []
 for label, path in rows:
