@@ -67,6 +67,17 @@ def _level(stage_name: str) -> int:
     return int(stage_name[3:])
 
 
+def merge_terms(total: Optional[torch.Tensor], terms: dict[str, torch.Tensor], part: Optional[torch.Tensor],
+                part_terms: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+    """Add one part (a teacher's feature terms, or the logit term) to a running total and its raw terms (in
+    place); returns the new total (None while no part had an active term)."""
+    for key, value in part_terms.items():
+        terms[key] = terms.get(key, 0) + value
+    if part is None:
+        return total
+    return part if total is None else total + part
+
+
 def module_key(stage_name: str, teacher: int) -> str:
     """Name of one teacher's module for one stage: the stage name for teacher 0 (the one-teacher layout),
     <stage>_teacher<i> for the others."""
@@ -223,10 +234,8 @@ class Distiller(nn.Module):
         total, terms = self.logit_terms(student_outputs, teacher_outputs, targets, progress)
         masks: dict[str, tuple] = {}
         for i, features in enumerate(teacher_features):
-            part, part_terms = self.teacher_terms(i, student_features, features, targets, progress, masks)
-            total = part if total is None else total + part
-            for key, value in part_terms.items():
-                terms[key] = terms.get(key, 0) + value
+            total = merge_terms(total, terms,
+                                *self.teacher_terms(i, student_features, features, targets, progress, masks))
         if total is None:
             raise RuntimeError("the distiller has no active term; use nnUNetTrainerStudent for plain training")
         return total, terms

@@ -119,6 +119,8 @@ def export_main(args: argparse.Namespace) -> int:
 def dataset_layout(folder: str, model: ModelFolder) -> bool:
     """True when `folder` holds more channel files per case than a student that reads fewer channels needs (the
     dataset's layout: its channel files are then picked by inputs.channels.student_input_files)."""
+    from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
+
     from nnunetv2_recokd.inputs.channels import DATASET_KEY
 
     mapping = model.dataset_json.get(DATASET_KEY)
@@ -126,8 +128,8 @@ def dataset_layout(folder: str, model: ModelFolder) -> bool:
         return False
     ending = model.dataset_json["file_ending"]
     files = [f for f in os.listdir(folder) if f.endswith(ending)]
-    cases = {f[:-len(ending) - 5] for f in files}
-    return bool(cases) and len(files) > len(cases) * len(mapping)
+    cases = get_identifiers_from_splitted_dataset_folder(folder, ending)  # nnU-Net's reading of <case>_XXXX<ending>
+    return len(cases) > 0 and len(files) > len(cases) * len(mapping)
 
 
 def student_inputs_main(args: argparse.Namespace) -> int:

@@ -127,16 +127,19 @@ def build_low_dose(settings, student_channels: list[int], dataset_json: dict[str
                    settings.lowdose_i0, settings.lowdose_electronic_noise, settings.lowdose_extra_water_mm)
 
 
-def build_student_input(channels: Optional[list[int]], dataset_json: dict[str, Any],
+def build_student_input(settings, channels: Optional[list[int]], dataset_json: dict[str, Any],
                         normalization_schemes: Sequence[str], intensity_properties: dict[str, Any],
-                        dropout: float, degrade=None) -> StudentInput:
-    """StudentInput for a dataset; checks the dropout probability against the student's channel count.
+                        spacing_mm: Sequence[float]) -> StudentInput:
+    """StudentInput from the settings (modality_dropout, lowdose_*) for a dataset: `channels` the student reads
+    (None: all), the configuration's normalisation schemes and spacing, the plans' intensity properties.
 
     Raises:
-        InputSettingsError: modality dropout with one student channel, or p above (C - 1) / C.
+        InputSettingsError: modality dropout with one student channel or p above (C - 1) / C; low-dose settings
+            that cannot work (see build_low_dose).
     """
     names = dataset_channel_names(dataset_json)
     student = list(range(len(names))) if channels is None else list(channels)
+    dropout = settings.modality_dropout
     if dropout > 0:
         if len(student) < 2:
             raise InputSettingsError(
@@ -146,5 +149,6 @@ def build_student_input(channels: Optional[list[int]], dataset_json: dict[str, A
             raise InputSettingsError(
                 f"modality_dropout {dropout} is above {max_dropout_probability(len(student)):.3g}, the most that "
                 f"keeps one of the student's {len(student)} channels in every sample at the same rate per channel")
+    low_dose = build_low_dose(settings, student, dataset_json, normalization_schemes, intensity_properties, spacing_mm)
     return StudentInput(channels, len(names), blank_values(normalization_schemes, intensity_properties, student),
-                        dropout, degrade)
+                        dropout, low_dose)

@@ -26,6 +26,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 import torch.distributed as dist
+from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
@@ -39,14 +40,14 @@ from nnunetv2_recokd.config import (
     default_settings,
     resolve_settings,
 )
-from nnunetv2_recokd.distiller import Distiller
+from nnunetv2_recokd.distiller import Distiller, merge_terms
 from nnunetv2_recokd.hooks import FeatureRecorder, stage_channels, unwrap_network
 from nnunetv2_recokd.inputs.channels import (
     resolve_student_channels,
     student_dataset_json,
     student_plans,
 )
-from nnunetv2_recokd.inputs.view import StudentInput, build_low_dose, build_student_input
+from nnunetv2_recokd.inputs.view import StudentInput, build_student_input
 from nnunetv2_recokd.student import (
     PLANS_KEY,
     build_student_network,
@@ -201,14 +202,11 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
     def _build_student_input(self) -> StudentInput:
         """The student's view of a batch from the settings (channels, modality dropout, simulated low dose);
         checked before training."""
-        s = self.settings
-        cm, properties = self.configuration_manager, self.plans_manager.foreground_intensity_properties_per_channel
+        cm = self.configuration_manager
         try:
-            channels = (self.student_channels if self.student_channels is not None
-                        else list(range(len(self.dataset_json["channel_names"]))))
-            low_dose = build_low_dose(s, channels, self.dataset_json, cm.normalization_schemes, properties, cm.spacing)
-            return build_student_input(self.student_channels, self.dataset_json, cm.normalization_schemes, properties,
-                                       s.modality_dropout, low_dose)
+            return build_student_input(self.settings, self.student_channels, self.dataset_json,
+                                       cm.normalization_schemes,
+                                       self.plans_manager.foreground_intensity_properties_per_channel, cm.spacing)
         except ValueError as e:
             raise SettingsError(str(e)) from None
 
@@ -374,14 +372,10 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
                     part, part_terms = self.distiller.teacher_terms(i, student_features, features, targets, progress,
                                                                     masks)
                     del features
-                    kd = part if kd is None else kd + part
-                    for key, value in part_terms.items():
-                        terms[key] = terms.get(key, 0) + value
+                    kd = merge_terms(kd, terms, part, part_terms)
                     per_teacher.append(part_terms)
-            logit, logit_terms = self.distiller.logit_terms(_as_list(student_out), teacher_outputs, targets, progress)
-            if logit is not None:
-                kd = logit if kd is None else kd + logit
-                terms.update(logit_terms)
+            kd = merge_terms(kd, terms, *self.distiller.logit_terms(_as_list(student_out), teacher_outputs, targets,
+                                                                    progress))
             if kd is None:
                 raise RuntimeError("the distiller has no active term; use nnUNetTrainerStudent for plain training")
             loss = seg + kd
@@ -591,10 +585,10 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         if self.student_channels is not None and self.local_rank == 0:
             # nnU-Net has just copied the dataset's plans.json and dataset.json into the model folder; the student's
             # describe only its channels, so nnUNetv2_predict asks for those files alone
-            with open(os.path.join(self.output_folder_base, "plans.json"), "w") as f:
-                json.dump(student_plans(self.plans_manager.plans, self.student_channels), f, indent=4)
-            with open(os.path.join(self.output_folder_base, "dataset.json"), "w") as f:
-                json.dump(student_dataset_json(self.dataset_json, self.student_channels), f, indent=4)
+            save_json(student_plans(self.plans_manager.plans, self.student_channels),
+                      os.path.join(self.output_folder_base, "plans.json"), sort_keys=False)
+            save_json(student_dataset_json(self.dataset_json, self.student_channels),
+                      os.path.join(self.output_folder_base, "dataset.json"), sort_keys=False)
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         if self.student_channels is None:
