@@ -176,6 +176,15 @@ def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def _two_teacher_recokd(tmp_path, monkeypatch, plans, dataset, first: Path, second: Path, weights: list[float]):
+    """An initialised ReCo-KD trainer taught by the two teacher folders (the 'teacher' setting, no warm-up)."""
+    _config(tmp_path, monkeypatch, teacher=[str(first), str(second)], reco_warmup=0.0, teacher_weights=weights)
+    monkeypatch.delenv("RECOKD_TEACHER")
+    trainer = make_trainer(nnUNetTrainerReCoKD, plans, dataset)
+    trainer.initialize()
+    return trainer
+
+
 def test_teachers_of_other_plans_train_per_teacher_adapters_checkpoint_and_resume(tmp_path, monkeypatch):
     plans, dataset = setup_env(tmp_path, monkeypatch)
     first = Path(os.environ["RECOKD_TEACHER"])
@@ -184,10 +193,7 @@ def test_teachers_of_other_plans_train_per_teacher_adapters_checkpoint_and_resum
     wide["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] = [24, 48, 96]
     second = sandbox.write_random_teacher(tmp_path / "wide" / "nnUNetTrainer__nnUNetPlansWide__3d_fullres", wide,
                                           dataset, seed=1)
-    _config(tmp_path, monkeypatch, teacher=[str(first), str(second)], reco_warmup=0.0, teacher_weights=[1, 2])
-    monkeypatch.delenv("RECOKD_TEACHER")
-    trainer = make_trainer(nnUNetTrainerReCoKD, plans, dataset)
-    trainer.initialize()
+    trainer = _two_teacher_recokd(tmp_path, monkeypatch, plans, dataset, first, second, [1, 2])
     assert [t.location.model_folder for t in trainer.teachers] == [first, second]
     d = trainer.distiller
     assert d.teacher_weights == pytest.approx([1 / 3, 2 / 3])
@@ -346,10 +352,7 @@ def test_teachers_run_one_at_a_time_and_their_shares_are_logged(tmp_path, monkey
     first = Path(os.environ["RECOKD_TEACHER"])
     second = sandbox.write_random_teacher(tmp_path / "second" / "nnUNetTrainer__nnUNetPlans__3d_fullres", plans,
                                           dataset, seed=1)
-    _config(tmp_path, monkeypatch, teacher=[str(first), str(second)], reco_warmup=0.0, teacher_weights=[1, 3])
-    monkeypatch.delenv("RECOKD_TEACHER")
-    trainer = make_trainer(nnUNetTrainerReCoKD, plans, dataset)
-    trainer.initialize()
+    trainer = _two_teacher_recokd(tmp_path, monkeypatch, plans, dataset, first, second, [1, 3])
     one, two = (t.network.network for t in trainer.teachers)
     recorded, alive_when_second_ran = [], []
     one.encoder.stages[0].register_forward_hook(lambda m, i, o: recorded.append(weakref.ref(o)))
