@@ -4,7 +4,8 @@ On a CPU, PyTorch eager is overhead-bound on the narrow 3D convolutions of a dis
 buy about 1.6x. Inference runtimes that fuse the graph and pick CPU kernels ahead of time do much better. The
 path is the same for every runtime: the network (deep supervision off, one output) is exported to ONNX at the
 configuration's patch size with batch 1 -- the only input shape nnU-Net's sliding window ever feeds it, since
-smaller images are padded to the patch -- and the runtime compiles that file.
+smaller images are padded to the patch --, its skip concatenations are folded into the convolutions that read
+them (deploy/graph.py), and the runtime compiles that file.
 
 Runtimes (measured on this project's 2-core CPU, Hippocampus student patch 40x56x40, see README):
     openvino     OpenVINO, f32 precision forced (its CPU plugin would otherwise choose bf16 where the CPU has it,
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nnunetv2_recokd.deploy.graph import GRAPH_VERSION, split_concat_convs
 from nnunetv2_recokd.deploy.modelfolder import DeployError
 
 RUNTIMES = ("openvino", "onnxruntime", "torch")
@@ -103,7 +105,7 @@ class CompiledNetwork(nn.Module):
 
 def compile_network(network: nn.Module, input_shape: Sequence[int], runtime: str = DEFAULT_RUNTIME,
                     threads: Optional[int] = None, onnx_cache: Optional[Path] = None,
-                    precision: str = "f32") -> nn.Module:
+                    precision: str = "f32", optimize_graph: bool = True) -> nn.Module:
     """The network as the runtime runs it (``torch``: the network itself, in eval mode).
 
     Args:
@@ -115,6 +117,8 @@ def compile_network(network: nn.Module, input_shape: Sequence[int], runtime: str
             time of a prediction command (see onnx_cache_file).
         precision: "f32", or "bf16" (OpenVINO only, opt-in: faster on CPUs with bf16 units, logits no longer equal
             to PyTorch's to float32 rounding; see the README for its measured parity).
+        optimize_graph: apply deploy/graph.py's rewrites to the exported graph (equal to float32 summation order;
+            False compiles the plain export, for comparisons).
     """
     require_runtime(runtime)
     if precision not in PRECISIONS or (precision != "f32" and runtime != "openvino"):
@@ -127,6 +131,9 @@ def compile_network(network: nn.Module, input_shape: Sequence[int], runtime: str
             onnx_file = onnx_cache
         else:
             export_onnx(network, input_shape, onnx_file)
+            if optimize_graph:
+                import onnx
+                onnx.save(split_concat_convs(onnx.load(str(onnx_file)))[0], str(onnx_file))
             if onnx_cache is not None:
                 _store(onnx_file, onnx_cache)
         if runtime == "openvino":
@@ -141,13 +148,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "nnunetv2_recokd")
 
 
-def onnx_cache_file(checkpoint: Path, input_shape: Sequence[int], cache_dir: Optional[Path] = None) -> Path:
+def onnx_cache_file(checkpoint: Path, input_shape: Sequence[int], cache_dir: Optional[Path] = None,
+                    optimize_graph: bool = True) -> Path:
     """Where the ONNX export of this checkpoint at this input shape is cached. The key covers the checkpoint's path,
-    size and modification time, the shape, torch's version and the opset, so a retrained or replaced checkpoint
-    gets a new file."""
+    size and modification time, the shape, torch's version, the opset and the graph rewrites' version (or none),
+    so a retrained or replaced checkpoint gets a new file."""
     stat = checkpoint.stat()
     key = "|".join(map(str, (checkpoint.resolve(), stat.st_size, stat.st_mtime_ns, tuple(input_shape),
-                             torch.__version__, ONNX_OPSET)))
+                             torch.__version__, ONNX_OPSET, GRAPH_VERSION if optimize_graph else "plain")))
     return (cache_dir or default_cache_dir()) / "onnx" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".onnx")
 
 
