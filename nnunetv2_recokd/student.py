@@ -65,6 +65,26 @@ def build_student_network(configuration_manager, num_input_channels: int, num_ou
     )
 
 
+def student_network_from_plans(configuration_manager, num_input_channels: int, num_output_channels: int,
+                               enable_deep_supervision: bool, default_width: float,
+                               default_min_channels: int) -> nn.Module:
+    """The student a model folder's plans describe (what our trainers' build_network_architecture returns).
+
+    num_input_channels counts the dataset's channels in training, where the student reads the recorded
+    input_channels of them; in prediction the student's model folder lists only its channels, so both agree."""
+    spec = student_spec(configuration_manager.configuration, default_width, default_min_channels)
+    n_inputs = len(spec["input_channels"]) if spec["input_channels"] else num_input_channels
+    return build_student_network(configuration_manager, n_inputs, num_output_channels, enable_deep_supervision,
+                                 spec["width"], spec["min_channels"])
+
+
+def recorded_student_spec(configuration: dict[str, Any]) -> bool:
+    """Whether the plans configuration records the student's width and minimum channels (our trainers write
+    both into every model folder's plans.json), so the student can be built without its trainer class."""
+    spec = configuration.get(PLANS_KEY) or {}
+    return "width" in spec and "min_channels" in spec
+
+
 def count_parameters(network: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (shared modules such as decoder.encoder are counted once)."""
     return sum(p.numel() for p in network.parameters() if p.requires_grad or not trainable_only)

@@ -24,3 +24,13 @@ def test_wheel_contains_trainer_configs_and_shim(tmp_path):
     assert {"nnunetv2_recokd/deploy/export.py", "nnunetv2_recokd/deploy/predictor.py",
             "nnunetv2_recokd/deploy/runtime.py"} <= names
     assert not any(n.startswith(("tests/", "examples/")) for n in names)
+
+
+def test_public_trainer_names_are_the_trainers_exported():
+    """trainer_names.py lists the -tr names without importing the trainers (the predict command reads it); it
+    must name exactly the classes trainers/__init__.py exports, in the same order."""
+    from nnunetv2_recokd import trainers
+    from nnunetv2_recokd.trainer_names import PUBLIC_TRAINERS
+
+    assert trainers.__all__ == ["nnUNetTrainerDistillBase", *PUBLIC_TRAINERS]
+    assert all(isinstance(getattr(trainers, name), type) for name in trainers.__all__)

@@ -112,25 +112,55 @@ class RuntimePredictor(nnUNetPredictor):
 @contextlib.contextmanager
 def _direct_trainer_lookup():
     """nnU-Net finds the trainer class by importing every module of its trainer folder (about 0.5 s of a
-    prediction command's start). nnU-Net's stock trainer and ours are known without that walk; any other name
-    still goes through nnU-Net's own lookup."""
+    prediction command's start), and only calls its build_network_architecture. For nnU-Net's stock trainer and
+    ours the network follows from the plans alone (_PlansNetwork), which also spares importing nnU-Net's trainer
+    module (its logger imports the plotting stack: about 0.7 s more). Any other name goes through nnU-Net's own
+    lookup."""
     import nnunetv2.inference.predict_from_raw_data as nnunet_predict
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunetv2_recokd.trainer_names import PUBLIC_TRAINERS
 
     walk = nnunet_predict.recursive_find_trainer_class_by_name
 
-    def lookup(name: str):
-        if name == "nnUNetTrainer":
-            return nnUNetTrainer
-        from nnunetv2_recokd import trainers
-
-        return getattr(trainers, name, None) if name in trainers.__all__ else walk(name)
+    def lookup(name: str, *args, **kwargs):
+        if name == "nnUNetTrainer" or name in PUBLIC_TRAINERS:
+            return _PlansNetwork(name)
+        return walk(name, *args, **kwargs)
 
     nnunet_predict.recursive_find_trainer_class_by_name = lookup
     try:
         yield
     finally:
         nnunet_predict.recursive_find_trainer_class_by_name = walk
+
+
+class _PlansNetwork:
+    """Stands in for a trainer class in nnU-Net's initialize_from_trained_model_folder, which only calls its
+    build_network_architecture: nnU-Net's network from the plans (stock trainer), or the student a model folder's
+    plans record (our trainers; a folder whose plans lack the record falls back to the trainer class itself)."""
+
+    def __init__(self, trainer_name: str):
+        self.trainer_name = trainer_name
+
+    def build_network_architecture(self, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
+        from nnunetv2_recokd.student import recorded_student_spec, student_network_from_plans
+
+        if self.trainer_name == "nnUNetTrainer":  # as nnUNetTrainer.build_network_architecture
+            from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+            return get_network_from_plans(configuration_manager.network_arch_class_name,
+                                          configuration_manager.network_arch_init_kwargs,
+                                          configuration_manager.network_arch_init_kwargs_req_import,
+                                          num_input_channels, num_output_channels, allow_init=True,
+                                          deep_supervision=enable_deep_supervision)
+        if recorded_student_spec(configuration_manager.configuration):  # the defaults below are then unused
+            return student_network_from_plans(configuration_manager, num_input_channels, num_output_channels,
+                                              enable_deep_supervision, 1.0, 1)
+        from nnunetv2_recokd import trainers
+
+        return getattr(trainers, self.trainer_name).build_network_architecture(
+            plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision)
 
 
 def check_input_folder(folder: Union[str, Path], dataset_json: dict) -> list[list[str]]:

@@ -10,6 +10,7 @@ from nnunetv2_recokd.trainers.baselines import (
     nnUNetTrainerTeacher,
 )
 from nnunetv2_recokd.trainers.ensemble import nnUNetTrainerLogitKD_ensemble, nnUNetTrainerReCoKD_ensemble
+from nnunetv2_recokd.trainer_names import PUBLIC_TRAINERS as PUBLIC_TRAINERS  # re-exported
 from nnunetv2_recokd.trainers.inputs import (
     nnUNetTrainerReCoKD_lowDose,
     nnUNetTrainerReCoKD_modalityDropout,
@@ -50,4 +51,4 @@ __all__ = [
     "nnUNetTrainerReCoKD_lowDose",
     "nnUNetTrainerReCoKD_CBAM",
 ]
-PUBLIC_TRAINERS = __all__[1:]
+# the same names, in the same order, as trainer_names.py's PUBLIC_TRAINERS (tests/test_packaging.py checks)

@@ -50,11 +50,10 @@ from nnunetv2_recokd.inputs.channels import (
 from nnunetv2_recokd.inputs.view import StudentInput, build_student_input
 from nnunetv2_recokd.student import (
     PLANS_KEY,
-    build_student_network,
     count_parameters,
     record_student_spec,
     student_arch_kwargs,
-    student_spec,
+    student_network_from_plans,
 )
 from nnunetv2_recokd.teacher import (
     LoadedTeacher,
@@ -128,13 +127,9 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
         """The student. Called on the class by nnUNetv2_predict, so it reads its width from the plans."""
         defaults = default_settings(cls)
-        spec = student_spec(configuration_manager.configuration, defaults.student_width,
-                            defaults.student_min_channels)
-        # training: num_input_channels counts the dataset's channels, the student reads input_channels of them;
-        # prediction: the student's model folder lists only its channels, so both agree
-        n_inputs = len(spec["input_channels"]) if spec["input_channels"] else num_input_channels
-        return build_student_network(configuration_manager, n_inputs, num_output_channels,
-                                     enable_deep_supervision, spec["width"], spec["min_channels"])
+        return student_network_from_plans(configuration_manager, num_input_channels, num_output_channels,
+                                          enable_deep_supervision, defaults.student_width,
+                                          defaults.student_min_channels)
 
     def initialize(self) -> None:
         if self.was_initialized:
