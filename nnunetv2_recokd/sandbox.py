@@ -78,11 +78,12 @@ def prepare_folders(root: Path, plans: dict, environ: Optional[dict] = None) -> 
     (data.parent / "splits_final.json").write_text(json.dumps([{"train": ["case_000"], "val": ["case_001"]}]))
 
 
-def write_random_teacher(folder: Path, plans: dict, dataset: dict, seed: int = 0) -> Path:
-    """An nnU-Net model folder (plans.json, dataset.json, fold_0/checkpoint_final.pth) with random weights."""
+def write_random_teacher(folder: Path, plans: dict, dataset: dict, seed: int = 0, folds: Sequence = (0,)) -> Path:
+    """An nnU-Net model folder (plans.json, dataset.json, fold_<f>/checkpoint_final.pth for each of folds) with
+    random weights (fold f seeded with seed + f)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    return _write_random_model(folder, plans, dataset, nnUNetTrainer, "nnUNetTrainer", (0,), seed,
+    return _write_random_model(folder, plans, dataset, nnUNetTrainer, "nnUNetTrainer", folds, seed,
                                len(dataset["channel_names"]),
                                lambda fold: {"init_args": {"configuration": "3d_fullres"}})
 

@@ -492,14 +492,17 @@ def test_stock_nnunet_predicts_the_export_without_this_package(world, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- benchmark
 def test_benchmark_predict_times_every_command_and_checks_parity(world, tmp_path):
-    """Teacher and student, stock command and ours, TTA off: one row each, ratios to the teacher's stock command,
-    our command's time split, label and logit parity, per-patch latencies; the Markdown names the machine."""
+    """Teacher and student (2-fold ensembles), stock command and ours, TTA off: one row each, ratios to the
+    teacher's stock command, our command's time split, label and logit parity, per-patch latencies with and without
+    the graph rewrite; the Markdown names the machine."""
     from nnunetv2_recokd.cli.predict_benchmark import run, to_markdown
 
     _, results, student, images = world
     teacher = sandbox.write_random_teacher(tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres",
-                                           sandbox.unet_plans((16, 32, 64), PATCH), sandbox.dataset_json())
-    result = run(teacher, student, images, tmp_path / "bench", ["openvino"], ["off"], ["0"], None, 1, 1, "folders")
+                                           sandbox.unet_plans((16, 32, 64), PATCH), sandbox.dataset_json(),
+                                           folds=(0, 1))
+    result = run(teacher, student, images, tmp_path / "bench", ["openvino"], ["off"], ["0", "1"], None, 1, 1,
+                 "folders", patch_plain_graph=True)
     rows = {(r["model"], r["runtime"]): r for r in result["rows"]}
     assert sorted(rows) == [("student", "openvino"), ("student", "torch"), ("teacher", "openvino"),
                             ("teacher", "torch")]
@@ -512,9 +515,10 @@ def test_benchmark_predict_times_every_command_and_checks_parity(world, tmp_path
     assert {c["model"] for c in result["label_parity"]} == {"teacher", "student"}
     assert all(c["min_case_dice_vs_pytorch"] >= 0.999 for c in result["label_parity"])
     assert result["student_logit_parity"]["openvino"]["max_logit_difference_patch"] < 1e-3
-    assert set(result["per_patch_ms"]["student"]) == {"torch", "openvino"}
+    assert set(result["per_patch_ms"]["student"]) == {"torch", "openvino", "openvino plain"}
+    assert all(r["folds"] == [0, 1] for r in result["rows"])
     markdown = to_markdown(result)
-    assert "cores" in markdown and "| student | nnunetv2_recokd predict --runtime openvino | off | 0 |" in markdown
+    assert "cores" in markdown and "| student | nnunetv2_recokd predict --runtime openvino | off | 0,1 |" in markdown
 
 
 def test_report_times_held_out_cases_on_the_runtime(world, tmp_path, monkeypatch):

@@ -55,8 +55,9 @@ def _labels(folder: Path) -> dict[str, np.ndarray]:
     return {p.name: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in sorted(folder.glob("*.nii*"))}
 
 
-def make_large_workload(root: Path, num_cases: int = 1, seed: int = 0) -> tuple[Path, Path, Path]:
-    """(teacher folder, student folder, input folder) for the CT-sized synthetic workload."""
+def make_large_workload(root: Path, num_cases: int = 1, seed: int = 0, num_folds: int = 1) -> tuple[Path, Path, Path]:
+    """(teacher folder, student folder, input folder) for the CT-sized synthetic workload; each model folder holds
+    num_folds folds (several: the fold ensemble is timed)."""
     import SimpleITK as sitk
 
     from nnunetv2_recokd import sandbox
@@ -64,8 +65,12 @@ def make_large_workload(root: Path, num_cases: int = 1, seed: int = 0) -> tuple[
     plans = sandbox.unet_plans((32, 64, 128, 256, 320, 320), (128, 128, 128), dataset_name="Dataset992_LargeCT")
     dataset = sandbox.dataset_json()
     results = root / "results" / "Dataset992_LargeCT"
-    teacher = sandbox.write_random_teacher(results / "nnUNetTrainer__nnUNetPlans__3d_fullres", plans, dataset)
-    student = sandbox.write_random_student(results / "nnUNetTrainerReCoKD__nnUNetPlans__3d_fullres", plans, dataset)
+    shutil.rmtree(results, ignore_errors=True)  # no folds left from a run with more
+    folds = tuple(range(num_folds))
+    teacher = sandbox.write_random_teacher(results / "nnUNetTrainer__nnUNetPlans__3d_fullres", plans, dataset,
+                                           folds=folds)
+    student = sandbox.write_random_student(results / "nnUNetTrainerReCoKD__nnUNetPlans__3d_fullres", plans, dataset,
+                                           folds=folds)
     images = root / "images"
     images.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -80,8 +85,10 @@ def make_large_workload(root: Path, num_cases: int = 1, seed: int = 0) -> tuple[
     return teacher, student, images
 
 
-def per_patch(folder: Path, checkpoint: str, runtimes: Sequence[str], runs: int) -> dict[str, float]:
-    """ms per forward of one patch (batch 1) of the folder's first fold: PyTorch eager and each runtime."""
+def per_patch(folder: Path, checkpoint: str, runtimes: Sequence[str], runs: int,
+              plain_graph: bool = False) -> dict[str, float]:
+    """ms per forward of one patch (batch 1) of the folder's first fold: PyTorch eager and each runtime (with
+    plain_graph also each runtime on the export without deploy/graph.py's rewrites, key "<runtime> plain")."""
     import torch
 
     from nnunetv2_recokd.deploy.modelfolder import open_model_folder
@@ -97,17 +104,17 @@ def per_patch(folder: Path, checkpoint: str, runtimes: Sequence[str], runs: int)
     channels = predictor.num_input_channels()
     out = {"torch": inference_latency_ms(network, patch, channels, runs=runs)}
     x = torch.randn(1, channels, *patch)
-    for runtime in runtimes:
-        if runtime == "torch":
-            continue
-        compiled = compile_network(network, x.shape, runtime)
+    variants = [(runtime, True) for runtime in runtimes if runtime != "torch"]
+    variants += [(runtime, False) for runtime, _ in variants] if plain_graph else []
+    for runtime, optimize in variants:
+        compiled = compile_network(network, x.shape, runtime, optimize_graph=optimize)
         compiled(x)
         times = []
         for _ in range(runs):
             start = time.perf_counter()
             compiled(x)
             times.append((time.perf_counter() - start) * 1000)
-        out[runtime] = float(np.median(times))
+        out[runtime if optimize else f"{runtime} plain"] = float(np.median(times))
     return out
 
 
@@ -145,7 +152,7 @@ def parity(folder: Path, checkpoint: str, images: Path, runtime: str, num_cases:
 def run(teacher: Path, student: Path, images: Path, out: Path, runtimes: Sequence[str], tta: Sequence[str],
         folds: Optional[Sequence[str]], labels: Optional[Path], patch_runs: int, parity_cases: int,
         workload: str, checkpoints: tuple[str, str] = ("checkpoint_final.pth", "checkpoint_final.pth"),
-        patch_runtimes: Optional[Sequence[str]] = None) -> dict:
+        patch_runtimes: Optional[Sequence[str]] = None, patch_plain_graph: bool = False) -> dict:
     from nnunetv2_recokd.deploy.modelfolder import open_model_folder
     from nnunetv2_recokd.deploy.predictor import dice_per_class
 
@@ -224,7 +231,8 @@ def run(teacher: Path, student: Path, images: Path, out: Path, runtimes: Sequenc
         checks.append({"model": row["model"], "runtime": row["runtime"], "tta": row["tta"],
                        "min_case_dice_vs_pytorch": float(min(dices)), "cases": len(dices)})
     print("== per patch and logit parity", flush=True)
-    patches = {role: per_patch(model.path, model.checkpoint_name, patch_runtimes or runtimes, patch_runs)
+    patches = {role: per_patch(model.path, model.checkpoint_name, patch_runtimes or runtimes, patch_runs,
+                               patch_plain_graph)
                for role, model in models.items()}
     logit = {}
     if parity_cases > 0:
@@ -290,7 +298,8 @@ def to_markdown(result: dict) -> str:
 def main(args) -> int:
     out = Path(args.out)
     if args.workload == "large":
-        teacher, student, images = make_large_workload(out / "large_workload", args.large_cases)
+        teacher, student, images = make_large_workload(out / "large_workload", args.large_cases,
+                                                       num_folds=args.large_folds)
         tta = args.tta or ["off"]
     else:
         if not (args.teacher and args.student and args.i):
@@ -299,7 +308,7 @@ def main(args) -> int:
         tta = args.tta or list(TTA_CHOICES)
     result = run(teacher, student, images, out, args.runtimes, tta, args.f, Path(args.labels) if args.labels else None,
                  args.patch_runs, args.parity_cases, args.workload, (args.teacher_chk, args.student_chk),
-                 args.patch_runtimes)
+                 args.patch_runtimes, args.patch_plain_graph)
     markdown = to_markdown(result)
     print(markdown)
     (out / "benchmark_predict.json").write_text(json.dumps(result, indent=1))
@@ -322,9 +331,13 @@ def add_parser(sub) -> None:
     p.add_argument("--runtimes", nargs="+", default=["openvino"], help="runtimes of our predict (default openvino)")
     p.add_argument("--patch-runtimes", nargs="+",
                    help="runtimes timed per patch (default: --runtimes; e.g. openvino onnxruntime to compare them)")
+    p.add_argument("--patch-plain-graph", action="store_true",
+                   help="also time each patch runtime on the plain ONNX export (no skip-concatenation rewrite)")
     p.add_argument("--tta", nargs="+", choices=TTA_CHOICES,
                    help="TTA settings (default: on and off for folders, off for large)")
     p.add_argument("--large-cases", type=int, default=1, help="volumes of the large workload")
+    p.add_argument("--large-folds", type=int, default=1,
+                   help="random-weight folds per model of the large workload (with -f 0 1 ...: the fold ensemble)")
     p.add_argument("--patch-runs", type=int, default=5, help="timed forwards per patch latency (median)")
     p.add_argument("--parity-cases", type=int, default=2, help="whole cases for the student's logit parity")
     p.add_argument("--out", default="recokd_benchmark_predict", help="output folder (tables, JSON, predictions)")
