@@ -10,7 +10,7 @@ from nnunetv2_recokd.trainers.baselines import (
     nnUNetTrainerTeacher,
 )
 from nnunetv2_recokd.trainers.ensemble import nnUNetTrainerLogitKD_ensemble, nnUNetTrainerReCoKD_ensemble
-from nnunetv2_recokd.trainer_names import PUBLIC_TRAINERS as PUBLIC_TRAINERS  # re-exported
+from nnunetv2_recokd.trainer_names import PUBLIC_TRAINERS
 from nnunetv2_recokd.trainers.inputs import (
     nnUNetTrainerReCoKD_lowDose,
     nnUNetTrainerReCoKD_modalityDropout,
@@ -27,28 +27,4 @@ from nnunetv2_recokd.trainers.recokd import (
     nnUNetTrainerReCoKD_w8,
 )
 
-__all__ = [
-    "nnUNetTrainerDistillBase",
-    # the public -tr names, in the order the report lists them
-    "nnUNetTrainerStudent",
-    "nnUNetTrainerStudent_w2",
-    "nnUNetTrainerStudent_w8",
-    "nnUNetTrainerTeacher",
-    "nnUNetTrainerLogitKD",
-    "nnUNetTrainerReCoKD",
-    "nnUNetTrainerReCoKD_w2",
-    "nnUNetTrainerReCoKD_w8",
-    "nnUNetTrainerReCoKD_noSARD",
-    "nnUNetTrainerReCoKD_noCA",
-    "nnUNetTrainerReCoKD_singleScale",
-    "nnUNetTrainerReCoKDGraph",
-    "nnUNetTrainerGraphKD",
-    "nnUNetTrainerLogitKD_ensemble",
-    "nnUNetTrainerReCoKD_ensemble",
-    "nnUNetTrainerStudent_modalityDropout",
-    "nnUNetTrainerReCoKD_modalityDropout",
-    "nnUNetTrainerStudent_lowDose",
-    "nnUNetTrainerReCoKD_lowDose",
-    "nnUNetTrainerReCoKD_CBAM",
-]
-# the same names, in the same order, as trainer_names.py's PUBLIC_TRAINERS (tests/test_packaging.py checks)
+__all__ = ["nnUNetTrainerDistillBase", *PUBLIC_TRAINERS]  # the -tr names in trainer_names.py
