@@ -362,9 +362,14 @@ class Leakage:
 def teacher_held_out_cases(teacher: LoadedTeacher, splits: Optional[list[dict]]) -> tuple[Optional[list[str]], str]:
     """The cases the teacher was NOT trained on, and where that comes from; (None, why) when it cannot be told.
 
-    First the teacher's own validation summary (the cases nnU-Net validated it on: exactly its held-out set),
-    else the fold of the dataset's splits_final.json that the teacher's checkpoint names, else fold_all (none).
+    A fold_all teacher first: it was trained on every case, and nnU-Net's fold `all` validates on its own training
+    cases, so its validation summary names no held-out case. Then the teacher's own validation summary (the cases
+    nnU-Net validated it on: exactly its held-out set), else the fold of the dataset's splits_final.json that the
+    teacher's checkpoint names.
     """
+    fold = teacher.fold
+    if fold == "all":
+        return [], "fold_all (trained on every case)"
     summary = teacher.location.checkpoint.parent / "validation" / "summary.json"
     ending = teacher.dataset_json.get("file_ending", "")
     if summary.is_file():
@@ -374,9 +379,6 @@ def teacher_held_out_cases(teacher: LoadedTeacher, splits: Optional[list[dict]])
             return [n[:-len(ending)] if ending and n.endswith(ending) else n for n in names], str(summary)
         except (OSError, ValueError, KeyError, TypeError):
             pass  # an unreadable summary: fall back to the split
-    fold = teacher.fold
-    if fold == "all":
-        return [], "fold_all (trained on every case)"
     if isinstance(fold, int) and splits is not None and 0 <= fold < len(splits):
         return list(splits[fold]["val"]), f"splits_final.json, fold {fold}"
     if fold is None:

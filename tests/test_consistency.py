@@ -119,6 +119,12 @@ def test_fold_all_teacher_saw_everything(tmp_path):
     assert leak.cases == ["c", "d"] and "fold_all" in leak.source
 
 
+def test_fold_all_teacher_with_its_validation_summary_saw_everything(tmp_path):
+    # nnUNetv2_train D C all validates on its own training cases and writes their summary: no case was held out
+    leak = find_leakage(_loaded(tmp_path, "all", summary_cases=["a", "b", "c", "d"]), 2, ["c", "d"], SPLITS)
+    assert leak is not None and leak.cases == ["c", "d"] and "fold_all" in leak.source
+
+
 def test_the_teachers_own_validation_summary_wins_over_the_split(tmp_path):
     # trained elsewhere with another split: its summary says it held out a and b
     teacher = _loaded(tmp_path, 2, summary_cases=["a", "b"])

@@ -153,6 +153,27 @@ def test_missing_checkpoint_names_what_the_fold_has(world, tmp_path):
         open_model_folder(tmp_path / "nowhere")
 
 
+def test_fold_all_is_used_only_when_named_as_nnunet_does(world, tmp_path):
+    _, _, student, _ = world
+    copy = tmp_path / STUDENT
+    shutil.copytree(student, copy)
+    shutil.copytree(copy / "fold_1", copy / "fold_all")
+    assert open_model_folder(copy).folds == [0, 1]  # nnUNetPredictor.auto_detect_available_folds skips fold_all
+    assert open_model_folder(copy, ["all"]).folds == ["all"]
+    for fold in (0, 1):
+        shutil.rmtree(copy / f"fold_{fold}")
+    with pytest.raises(DeployError, match=r"fold_all, which is used only when named \(-f all\)"):
+        open_model_folder(copy)
+
+
+def test_student_inputs_of_a_model_reading_every_channel_says_so(world, tmp_path, capsys):
+    from nnunetv2_recokd.cli import main
+
+    _, _, student, images = world
+    assert main(["student-inputs", "-m", str(student), "-i", str(images), "-o", str(tmp_path / "out")]) == 1
+    assert "reads every channel of its dataset" in capsys.readouterr().err
+
+
 def test_failed_export_leaves_nothing_and_existing_target_is_kept(world, tmp_path):
     _, _, student, _ = world
     broken = tmp_path / "src" / STUDENT

@@ -138,7 +138,7 @@ def student_inputs_main(args: argparse.Namespace) -> int:
     try:
         model = resolve_model(args)
         if DATASET_KEY not in model.dataset_json:
-            raise DeployError(f"{model.folder} reads every channel of its dataset: give nnUNetv2_predict the "
+            raise DeployError(f"{model.path} reads every channel of its dataset: give nnUNetv2_predict the "
                               f"dataset's input folder as it is")
         cases = student_input_files(args.i, args.o, model.dataset_json)
     except (DeployError, ChannelError) as e:

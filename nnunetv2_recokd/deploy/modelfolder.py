@@ -79,7 +79,8 @@ def open_model_folder(path: Union[str, Path], folds: Optional[Sequence[Union[str
 
     Args:
         path: the ``<Trainer>__<plans>__<configuration>`` folder.
-        folds: folds to use; None: every fold_<f> that has the checkpoint (as nnUNetv2_predict's auto-detection).
+        folds: folds to use; None: every numbered fold_<f> that has the checkpoint, as nnUNetv2_predict's
+            auto-detection (fold_all is left out: it is used only when named, -f all).
         checkpoint_name: file name inside each fold folder.
 
     Raises:
@@ -94,11 +95,14 @@ def open_model_folder(path: Union[str, Path], folds: Optional[Sequence[Union[str
                           "give the <Trainer>__<plans>__<configuration> folder that nnUNetv2_train wrote")
     requested = parse_folds(folds)
     if requested is None:
-        requested = available_folds(path, checkpoint_name)
+        found = available_folds(path, checkpoint_name)
+        requested = [f for f in found if f != "all"]
         if not requested:
             others = sorted({p.name for p in path.glob("fold_*/*.pth")})
-            raise DeployError(f"no fold of {path} has {checkpoint_name}"
-                              + (f"; checkpoints found: {', '.join(others)} (choose one with -chk)" if others else
+            raise DeployError(f"no numbered fold of {path} has {checkpoint_name}"
+                              + ("; it has fold_all, which is used only when named (-f all), as nnUNetv2_predict does"
+                                 if "all" in found else
+                                 f"; checkpoints found: {', '.join(others)} (choose one with -chk)" if others else
                                  "; train it first (nnUNetv2_train), or name another folder"))
     problems = []
     for fold in requested:
