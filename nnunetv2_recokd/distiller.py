@@ -191,6 +191,11 @@ class Distiller(nn.Module):
     def uses_logits(self) -> bool:
         return self.logit is not None
 
+    @property
+    def has_terms(self) -> bool:
+        """True when at least one term is active (a weight of zero switches a term off entirely)."""
+        return self.uses_logits or bool(self.hooked_stages)
+
     def schedule(self, progress: float) -> dict[str, float]:
         """Multipliers of each term family at `progress` = epoch / num_epochs."""
         s = self.settings

@@ -77,6 +77,42 @@ def test_a_second_width_in_one_model_folder_is_refused(tiny, tmp_path, monkeypat
     make_trainer(nnUNetTrainerStudent, *tiny).initialize()
 
 
+def test_a_second_set_of_input_channels_in_one_model_folder_is_refused(tmp_path, monkeypatch):
+    from tests.test_inputs import _two_channel_setup
+
+    plans, dataset = _two_channel_setup(tmp_path, monkeypatch, {"student_channels": ["ct"]})
+    first = make_trainer(nnUNetTrainerStudent, plans, dataset)
+    first.initialize()
+    folder = Path(first.output_folder_base)
+    (folder / "plans.json").write_text(json.dumps(first.plans_manager.plans))
+    first.save_checkpoint(str(folder / "fold_0" / "checkpoint_final.pth"))
+    _config(tmp_path, monkeypatch, student_channels=None)  # same width, every channel
+    with pytest.raises(SettingsError) as e:
+        make_trainer(nnUNetTrainerStudent, plans, dataset).initialize()
+    assert "reading ['ct']" in str(e.value) and "reading every channel" in str(e.value)
+    _config(tmp_path, monkeypatch, student_channels=["ct"])  # the recorded channels train on
+    make_trainer(nnUNetTrainerStudent, plans, dataset).initialize()
+
+
+def test_checkpoint_names_the_teacher_by_its_absolute_path(tiny, tmp_path, monkeypatch):
+    import os
+
+    teacher = Path(os.environ["RECOKD_TEACHER"])
+    monkeypatch.chdir(teacher.parent)
+    monkeypatch.setenv("RECOKD_TEACHER", teacher.name)  # relative to the working directory of this run
+    trainer = make_trainer(nnUNetTrainerReCoKD, *tiny)
+    trainer.initialize()
+    path = Path(trainer.output_folder) / "checkpoint_latest.pth"
+    trainer.save_checkpoint(str(path))
+    saved = torch.load(path, weights_only=False)["recokd"]["teacher"]
+    assert Path(saved).is_absolute() and Path(saved) == (teacher / "fold_0" / "checkpoint_final.pth").resolve()
+    monkeypatch.chdir(tmp_path)  # --c from elsewhere, the teacher named by its absolute path
+    monkeypatch.setenv("RECOKD_TEACHER", str(teacher))
+    resumed = make_trainer(nnUNetTrainerReCoKD, *tiny, continue_training=True)
+    resumed.load_checkpoint(str(path))
+    assert resumed.current_epoch == 1
+
+
 def test_a_model_folder_without_checkpoints_takes_any_width(tiny, tmp_path, monkeypatch):
     first = make_trainer(nnUNetTrainerStudent, *tiny)
     folder = Path(first.output_folder_base)

@@ -286,3 +286,69 @@ def test_low_dose_settings_that_cannot_work_fail_before_training(tmp_path, monke
     plans, dataset = _two_channel_setup(tmp_path, monkeypatch, config)
     with pytest.raises(SettingsError, match=message):
         make_trainer(nnUNetTrainerReCoKD, plans, dataset).initialize()
+
+
+def test_modality_dropout_leaves_a_cascades_segmentation_channels_alone():
+    # a 3d_cascade_fullres batch: the dataset's 2 image channels, then the previous stage's one-hot segmentation
+    view = StudentInput(channels=None, n_dataset_channels=2, blank=[-7.0, -9.0], dropout=0.5)
+    assert view.n_channels == 2
+    data = torch.randn(64, 5, 2, 2, 2)
+    torch.manual_seed(0)
+    train = view(data, training=True)
+    assert train.shape == data.shape
+    assert torch.equal(train[:, 2:], data[:, 2:])  # never blanked
+    dropped = torch.stack([(train[:, c] != data[:, c]).flatten(1).all(1) for c in range(2)], 1)
+    assert dropped.sum(1).tolist() == [1] * 64  # p = 0.5 of two image channels: one per sample, never both
+    assert torch.all(train[:, 0][dropped[:, 0]] == -7) and torch.all(train[:, 1][dropped[:, 1]] == -9)
+
+
+def test_modality_dropout_student_trains_a_cascade_stage(tmp_path, monkeypatch):
+    from nnunetv2_recokd.trainers import nnUNetTrainerStudent_modalityDropout
+
+    plans, dataset = _two_channel_setup(tmp_path, monkeypatch, {"modality_dropout": 0.5})
+    cfg = plans["configurations"]
+    cfg["3d_lowres"] = {"inherits_from": "3d_fullres", "data_identifier": "nnUNetPlans_3d_lowres",
+                        "next_stage": "3d_cascade_fullres"}
+    cfg["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    trainer = nnUNetTrainerStudent_modalityDropout(plans={**deepcopy(plans), "continue_training": False},
+                                                   configuration="3d_cascade_fullres", fold=0,
+                                                   dataset_json=dataset, device=torch.device("cpu"))
+    trainer.initialize()
+    assert trainer.num_input_channels == 4  # 2 scans + one-hot of the 2 foreground labels (nnU-Net's count)
+    seen: dict = {}
+    trainer.network.register_forward_pre_hook(lambda m, args: seen.__setitem__("student", args[0].clone()))
+    batch = _two_channel_batch()
+    one_hot = torch.stack([(batch["target"][0][:, 0] == k).float() for k in (1, 2)], 1)
+    batch["data"] = torch.cat([batch["data"], one_hot], 1)
+    data = batch["data"].clone()
+    assert np.isfinite(trainer.train_step(batch)["loss"])
+    assert torch.equal(seen["student"][:, 2:], data[:, 2:])  # the previous stage's segmentation is kept
+    assert (seen["student"][:, :2] != data[:, :2]).flatten(2).all(2).sum(1).tolist() == [1, 1]
+
+
+def _under_cpu_bf16_autocast(trainer, monkeypatch) -> list[bool]:
+    """Run the trainer's step under CPU bf16 autocast (as CUDA fp16 autocast on a GPU); returns, per call of the
+    student's view, whether autocast was on."""
+    monkeypatch.setattr(trainer, "_autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    view, calls = trainer.student_input, []
+
+    def recording(data, training):
+        calls.append(torch.is_autocast_enabled("cpu"))
+        return view(data, training)
+
+    monkeypatch.setattr(trainer, "student_input", recording)
+    return calls
+
+
+@pytest.mark.parametrize("trainer_name", ["nnUNetTrainerReCoKD_lowDose", "nnUNetTrainerStudent_lowDose"])
+def test_low_dose_view_is_built_outside_autocast_by_both_trainers_of_the_pair(tmp_path, monkeypatch, trainer_name):
+    from nnunetv2_recokd import trainers
+
+    plans, dataset = _two_channel_setup(tmp_path, monkeypatch, {"lowdose_probability": 1.0, "lowdose_dose": [0.05],
+                                                               "reco_warmup": 0.0})
+    trainer = make_trainer(getattr(trainers, trainer_name), plans, dataset)
+    trainer.initialize()
+    calls = _under_cpu_bf16_autocast(trainer, monkeypatch)
+    out = trainer.train_step(_two_channel_batch())  # the sparse projector raised NotImplementedError under bf16
+    assert calls == [False]
+    assert np.isfinite(out["loss"])

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from nnunetv2_recokd.config import default_settings
+from nnunetv2_recokd.config import SettingsError, default_settings
 from nnunetv2_recokd.teacher import TeacherError
 from nnunetv2_recokd.trainers import (
     nnUNetTrainerGraphKD,
@@ -288,3 +288,52 @@ def test_gradient_norms_of_each_part_are_logged(tiny, tmp_path, monkeypatch):
     trainer._first_step_of_epoch = False
     before = trainer._part_gradient_norms
     assert trainer.train_step(batch) and trainer._part_gradient_norms is before  # only on the first step
+
+
+# ------------------------------------------------------------------------------------ one step path, checked at start
+def test_control_and_distilled_trainers_clip_at_the_grad_clip_setting(tiny, tmp_path, monkeypatch):
+    (tmp_path / "clip.json").write_text(json.dumps({"grad_clip": 5.0}))
+    monkeypatch.setenv("RECOKD_CONFIG", str(tmp_path / "clip.json"))
+    clip = torch.nn.utils.clip_grad_norm_
+    seen: list[float] = []
+
+    def recording(parameters, max_norm, *args, **kwargs):
+        seen.append(float(max_norm))
+        return clip(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    for cls in (nnUNetTrainerStudent, nnUNetTrainerReCoKD):
+        trainer = make_trainer(cls, *tiny)
+        trainer.initialize()
+        seen.clear()
+        trainer.train_step(tiny_batch())
+        assert seen and set(seen) == {5.0}, cls.__name__  # nnU-Net's own step clips at a hard-coded 12
+
+
+def test_a_distillation_trainer_without_an_active_term_is_refused_at_start(tiny, tmp_path, monkeypatch):
+    (tmp_path / "off.json").write_text(json.dumps({"reco_weight": 0.0}))
+    monkeypatch.setenv("RECOKD_CONFIG", str(tmp_path / "off.json"))
+    with pytest.raises(SettingsError, match="no distillation term is active.*nnUNetTrainerStudent"):
+        make_trainer(nnUNetTrainerReCoKD, *tiny).initialize()
+
+
+def test_term_gradients_are_refused_under_ddp_and_unscaled_under_a_grad_scaler(tiny, tmp_path, monkeypatch):
+    (tmp_path / "grad.json").write_text(json.dumps({"log_term_gradients": True, "reco_warmup": 0.0}))
+    monkeypatch.setenv("RECOKD_CONFIG", str(tmp_path / "grad.json"))
+    trainer = make_trainer(nnUNetTrainerReCoKD, *tiny)
+    trainer.is_ddp = True  # as nnU-Net sets it when torch.distributed is initialised
+    with pytest.raises(SettingsError, match="log_term_gradients cannot be used with several GPUs"):
+        trainer.initialize()
+    trainer = make_trainer(nnUNetTrainerReCoKD, *tiny)
+    trainer.initialize()
+    batch = tiny_batch()
+    with trainer.student_recorder:
+        out = trainer.network(batch["data"])
+    features = trainer.student_recorder.pop()
+    seg = trainer.loss(out, batch["target"])
+    terms: dict = {}
+    trainer._distillation_terms(batch["data"], batch["target"], out, features, 0.5, terms, [])
+    plain = {k: v.item() for k, v in trainer._term_gradient_norms(seg, terms, 0.5).items()}
+    trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaled = {k: v.item() for k, v in trainer._term_gradient_norms(seg, terms, 0.5).items()}
+    assert scaled.keys() == plain.keys() and all(scaled[k] == pytest.approx(plain[k], rel=1e-5) for k in plain)

@@ -41,6 +41,7 @@ class StudentInput:
 
     @property
     def n_channels(self) -> int:
+        """The student's image channels (a cascade stage's network reads the previous stage's segmentation too)."""
         return self.n_dataset_channels if self.channels is None else len(self.channels)
 
     @property
@@ -59,8 +60,12 @@ class StudentInput:
         if not training:
             return x
         if self.dropout > 0:
-            mask = draw_dropout_mask(x.shape[0], x.shape[1], self.dropout)
-            x = apply_modality_dropout(x, mask, self.blank)
+            # the image channels only: a cascade stage appends the previous stage's one-hot segmentation after them
+            # (nnU-Net's input of 3d_cascade_fullres), which is no scan and is never blanked
+            images = len(self.blank)
+            mask = draw_dropout_mask(x.shape[0], images, self.dropout)
+            dropped = apply_modality_dropout(x[:, :images], mask, self.blank)
+            x = dropped if x.shape[1] == images else torch.cat((dropped, x[:, images:]), 1)
         if self.degrade is not None:
             x = self.degrade(x)
         return x

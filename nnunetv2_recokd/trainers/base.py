@@ -139,6 +139,10 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
                                + "):\n" + json.dumps(self.settings.as_dict(), indent=1),
                                also_print_to_console=False, add_timestamp=False)
         self._check_model_folder_width()
+        if self.distill and self.is_ddp and self.settings.log_term_gradients:
+            raise SettingsError("log_term_gradients cannot be used with several GPUs (DDP): its per-part gradients "
+                                "need torch.autograd.grad, which DistributedDataParallel does not support. Set "
+                                "\"log_term_gradients\": false, or run the diagnosis on one GPU")
         self.student_input = self._build_student_input()
         if self.settings.seed is not None:  # before anything random: distiller, network, data loaders
             seed = self.settings.seed + self.local_rank
@@ -157,11 +161,18 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
                 self._load_teacher()  # every check runs before nnU-Net builds anything
                 self._check_teacher_split()
                 self.distiller = self._build_distiller().to(self.device)
+            if not self.distiller.has_terms:
+                raise SettingsError(
+                    f"{type(self).__name__} distils, but no distillation term is active: logit_weight, reco_weight, "
+                    f"graph_weight and attention_weight are all 0 (or every part of the active one is off) in the "
+                    f"settings {json.dumps({k: self.settings.as_dict()[k] for k in TERM_WEIGHTS})}. Set one of them "
+                    f"above 0, or train the student without a teacher: -tr nnUNetTrainerStudent")
             if self.is_ddp:  # DDP broadcasts only the student it wraps: the distiller must start identical too
                 for tensor in self.distiller.state_dict().values():
                     dist.broadcast(tensor, src=0)
         super().initialize()
-        self.num_input_channels = self.student_input.n_channels  # nnU-Net counted the dataset's channels
+        if self.student_channels is not None:  # nnU-Net counted the dataset's channels (never a cascade stage here)
+            self.num_input_channels = self.student_input.n_channels
         student = unwrap_network(self.network)
         s = self.settings
         features = student_arch_kwargs(self.configuration_manager.network_arch_init_kwargs, s.student_width,
@@ -214,21 +225,26 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         with open(path) as f:
             recorded = json.load(f).get("configurations", {}).get(self.configuration_name, {}).get(PLANS_KEY)
         s = self.settings
-        if not recorded or (recorded.get("width"), recorded.get("min_channels")) == (s.student_width,
-                                                                                       s.student_min_channels):
+        if not recorded or (recorded.get("width"), recorded.get("min_channels"), recorded.get("input_channels")) == (
+                s.student_width, s.student_min_channels, self.student_channels):
             return
         trained = sorted(d for d in os.listdir(self.output_folder_base) if d.startswith("fold_") and any(
             f.startswith("checkpoint") and f.endswith(".pth")
             for f in os.listdir(os.path.join(self.output_folder_base, d))))
         if not trained:
             return
+        def channels(c: Optional[list[int]]) -> str:
+            names = self.dataset_json.get("channel_names", {})
+            return "every channel" if c is None else str([names.get(str(i), i) for i in c])
+
         raise SettingsError(
             f"model folder {self.output_folder_base} holds {', '.join(trained)} trained with student width "
-            f"{recorded.get('width')} (min channels {recorded.get('min_channels')}); this run would train width "
-            f"{s.student_width} (min channels {s.student_min_channels}). All folds of a model folder share one "
-            f"plans.json, from which nnUNetv2_predict builds one network for every fold, so widths cannot be mixed. "
-            f"Train this width under its own trainer name (e.g. -tr nnUNetTrainerReCoKD_w8 or a subclass of yours), "
-            f"or remove that model folder first.")
+            f"{recorded.get('width')} (min channels {recorded.get('min_channels')}), reading "
+            f"{channels(recorded.get('input_channels'))}; this run would train width {s.student_width} (min channels "
+            f"{s.student_min_channels}), reading {channels(self.student_channels)}. All folds of a model folder share "
+            f"one plans.json, from which nnUNetv2_predict builds one network for every fold, so widths and input "
+            f"channels cannot be mixed. Train this student under its own trainer name (e.g. -tr "
+            f"nnUNetTrainerReCoKD_w8 or a subclass of yours), or remove that model folder first.")
 
     def _check_teacher_split(self) -> None:
         """Stop when the teacher was trained on the student's validation cases (unless allow_leaky_teacher)."""
@@ -336,61 +352,54 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         if self.distiller is not None:
             self.distiller.train()
 
+    def _autocast(self):
+        """nnU-Net's mixed precision: CUDA autocast, none on other devices."""
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+
     def train_step(self, batch: dict) -> dict:
-        if self.distiller is None:  # the control: nnU-Net's step on the student's view of the batch
-            return super().train_step({**batch, "data": self.student_input(batch["data"], training=True)})
+        """One step of the student, distilled or not: the control and the distilled trainers share this path, so a
+        pair differs by the distillation alone (the student's view of the batch, grad_clip, the optimizer step)."""
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
                   else target.to(self.device, non_blocking=True))
-        targets = target if isinstance(target, list) else [target]
+        # the student's view (a new tensor: the teacher's batch stays as it was) is built on the training device and
+        # outside autocast: the low-dose simulation's sparse products must not be cast to half precision
+        student_data = self.student_input(data, training=True)
         self.optimizer.zero_grad(set_to_none=True)
         progress = self.current_epoch / max(1, self.num_epochs)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            student_data = self.student_input(data, training=True)  # a new tensor: the teacher's stays as it was
-            with self.student_recorder:
+        kd, terms, per_teacher = None, {}, []
+        with self._autocast():
+            if self.distiller is None:
                 student_out = self.network(student_data)
-            student_features = self.student_recorder.pop()
-            seg = self.loss(student_out, target)
-            # one teacher at a time (eval mode, no_grad: FrozenTeacher; its encoder only where no term needs more):
-            # its feature terms are computed right after its forward, so its recorded features are freed before
-            # the next teacher runs; only the logits (few channels) of every teacher wait for the ensemble term
-            kd, terms, per_teacher, teacher_outputs, masks = None, {}, [], [], {}
-            for i, (teacher, recorder) in enumerate(zip(self.teachers, self.teacher_recorders)):
-                with recorder:
-                    out = teacher.network.encode(data) if self._teacher_encoder_only else teacher.network(data)
-                if not self._teacher_encoder_only and self.distiller.uses_logits:
-                    teacher_outputs.append(_as_list(out))
-                del out
-                features = recorder.pop()
-                if features:
-                    part, part_terms = self.distiller.teacher_terms(i, student_features, features, targets, progress,
-                                                                    masks)
-                    del features
-                    kd = merge_terms(kd, terms, part, part_terms)
-                    per_teacher.append(part_terms)
-            kd = merge_terms(kd, terms, *self.distiller.logit_terms(_as_list(student_out), teacher_outputs, targets,
-                                                                    progress))
-            if kd is None:
-                raise RuntimeError("the distiller has no active term; use nnUNetTrainerStudent for plain training")
-            loss = seg + kd
-        del student_features, teacher_outputs, student_data, masks
-        if self.settings.log_term_gradients and self._first_step_of_epoch:
+                seg = self.loss(student_out, target)
+            else:
+                with self.student_recorder:
+                    student_out = self.network(student_data)
+                student_features = self.student_recorder.pop()
+                seg = self.loss(student_out, target)
+                kd = self._distillation_terms(data, target, student_out, student_features, progress, terms,
+                                              per_teacher)
+                del student_features
+            loss = seg if kd is None else seg + kd
+        del student_data
+        if self.distiller is not None and self.settings.log_term_gradients and self._first_step_of_epoch:
             norms = self._term_gradient_norms(seg, terms, progress)
             if norms:
                 self._part_gradient_norms = dict(zip(norms, torch.stack(list(norms.values())).cpu().tolist()))
         self._first_step_of_epoch = False
 
         clip = self.settings.grad_clip
-        distill_params = [p for p in self.distiller.parameters() if p.requires_grad]
+        distill_params = ([p for p in self.distiller.parameters() if p.requires_grad] if self.distiller is not None
+                          else [])
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
-            if self.is_ddp:
+            if self.is_ddp and distill_params:
                 all_reduce_gradients(distill_params)
             self.grad_scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-            if self.is_ddp:
+            if self.is_ddp and distill_params:
                 all_reduce_gradients(distill_params)
         # the norms before clipping: a distillation gradient far above `clip` would shrink the seg gradient too
         student_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), clip)
@@ -400,6 +409,8 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
             self.grad_scaler.update()
         else:
             self.optimizer.step()
+        if self.distiller is None:  # nnU-Net's step output
+            return {"loss": loss.detach().cpu().numpy()}
         # kd_total_weighted: what distillation added to the loss; one device-to-host copy for all values
         values = {"loss": loss, "seg_loss": seg, **{f"kd_{k}": v for k, v in terms.items()}, "kd_total_weighted": kd,
                   "grad_norm_student": student_norm, "grad_norm_distiller": distill_norm}
@@ -410,6 +421,32 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
                             for v in values.values()]).cpu().numpy()
         return dict(zip(values, host))
 
+    def _distillation_terms(self, data: torch.Tensor, target, student_out, student_features: dict, progress: float,
+                            terms: dict, per_teacher: list) -> torch.Tensor:
+        """Every teacher's forward and the weighted distillation terms (their sum); raw terms into `terms`, each
+        teacher's feature terms appended to `per_teacher`.
+
+        One teacher at a time (eval mode, no_grad: FrozenTeacher; its encoder only where no term needs more): its
+        feature terms are computed right after its forward, so its recorded features are freed before the next
+        teacher runs; only the logits (few channels) of every teacher wait for the ensemble term."""
+        targets = target if isinstance(target, list) else [target]
+        kd, teacher_outputs, masks = None, [], {}
+        for i, (teacher, recorder) in enumerate(zip(self.teachers, self.teacher_recorders)):
+            with recorder:
+                out = teacher.network.encode(data) if self._teacher_encoder_only else teacher.network(data)
+            if not self._teacher_encoder_only and self.distiller.uses_logits:
+                teacher_outputs.append(_as_list(out))
+            del out
+            features = recorder.pop()
+            if features:
+                part, part_terms = self.distiller.teacher_terms(i, student_features, features, targets, progress,
+                                                                masks)
+                del features
+                kd = merge_terms(kd, terms, part, part_terms)
+                per_teacher.append(part_terms)
+        return merge_terms(kd, terms, *self.distiller.logit_terms(_as_list(student_out), teacher_outputs, targets,
+                                                                  progress))
+
     def validation_step(self, batch: dict) -> dict:
         return super().validation_step({**batch, "data": self.student_input(batch["data"], training=False)})
 
@@ -419,17 +456,20 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         backward per part; log_term_gradients, first step of each epoch), and of each part w.r.t. the distiller."""
         factors = self.distiller.term_factors(progress)
         parts = {"seg": seg, **{k: terms[k] * f for k, f in factors.items() if k in terms and f > 0}}
-        student = [p for p in self.network.parameters() if p.requires_grad]
+        student = [p for p in unwrap_network(self.network).parameters() if p.requires_grad]
         distiller = [p for p in self.distiller.parameters() if p.requires_grad]
+        # as the step's backward: each part scaled by the grad scaler (fp16 gradients would underflow otherwise),
+        # the norms unscaled
+        scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
         norms = {}
         for name, part in parts.items():
             if not part.requires_grad:
                 continue
-            grads = torch.autograd.grad(part, student + distiller, retain_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(part * scale, student + distiller, retain_graph=True, allow_unused=True)
             for group, gs in (("student", grads[:len(student)]), ("distiller", grads[len(student):])):
                 present = [g.float().norm() for g in gs if g is not None]
                 if present:
-                    norms[f"{name}_{group}"] = torch.stack(present).norm()
+                    norms[f"{name}_{group}"] = torch.stack(present).norm() / scale
         return norms
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
@@ -509,8 +549,9 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
                 "distiller": self.distiller.state_dict() if self.distiller is not None else None,
                 "settings": self.settings.as_dict(),
                 # one teacher: its path (the layout of checkpoints before ensembles); several: the list
-                "teacher": (None if not self.teachers else str(self.teacher.location.checkpoint)
-                            if len(self.teachers) == 1 else [str(t.location.checkpoint) for t in self.teachers]),
+                # resolved: --c from another working directory must compare the same files
+                "teacher": (None if not self.teachers else _resolved(self.teacher.location.checkpoint)
+                            if len(self.teachers) == 1 else [_resolved(t.location.checkpoint) for t in self.teachers]),
                 "teacher_saw_validation_cases": self._leakage,
             },
         }
@@ -622,6 +663,9 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
                                    ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in others.items()))
 
 
+# the weights that switch the distillation terms on
+TERM_WEIGHTS = ("logit_weight", "reco_weight", "graph_weight", "attention_weight")
+
 # settings that decide which distillation modules exist (and their shapes): a --c must not change them
 MODULE_SETTINGS = ("student_width", "student_min_channels", "reco_weight", "reco_stages", "sard_fg_weight",
                    "sard_bg_weight", "sard_att_weight", "ca_weight", "ca_ratio", "graph_weight", "graph_stages",
@@ -638,6 +682,10 @@ def _with_channels(dataset_class: type, channels: list[int]) -> type:
             return np.asarray(data[:])[channels], seg, seg_prev, properties
 
     return StudentChannelsDataset
+
+
+def _resolved(path) -> str:
+    return os.path.realpath(str(path))
 
 
 def _same_file(a, b) -> bool:
