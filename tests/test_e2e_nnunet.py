@@ -225,3 +225,28 @@ def test_fold_ensemble_student_trains_resumes_predicts_and_is_marked_optimistic(
     row = next(li for li in held_out.splitlines() if li.startswith(f"| {ENSEMBLE} "))
     assert row.split(" | ")[1] == f"{summary['mean']['1']['Dice']:.4f}", (row, summary["mean"])
     assert "| nnUNetTrainerTeacher |" in held_out
+
+
+def test_fold_all_teacher_is_refused_with_or_without_its_validation_summary(workspace):
+    """nnUNetv2_train D C all validates on its own training cases and writes their summary: a student distilled
+    from it has no held-out validation, so the run stops before training either way."""
+    root, env = workspace
+    (root / "teacher_all.json").write_text(json.dumps({"num_epochs": 1, "num_iterations_per_epoch": 2,
+                                                       "num_val_iterations_per_epoch": 1, "seed": 0}))
+    _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "all", "-tr", "nnUNetTrainerTeacher", "-device", "cpu"],
+         {**env, "RECOKD_CONFIG": str(root / "teacher_all.json")}, root / "teacher_all.log")
+    fold_all = root / "res" / DATASET / TEACHER_FOLDER / "fold_all"
+    summary = fold_all / "validation" / "summary.json"
+    assert summary.is_file()
+    student_env = {**env, "RECOKD_TEACHER": str(fold_all)}
+    for attempt in ("with summary", "without summary"):
+        log = root / f"student_of_fold_all_{attempt.replace(' ', '_')}.log"
+        with open(log, "w") as f:
+            proc = subprocess.run([nnunet_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr",
+                                   "nnUNetTrainerLogitKD", "-device", "cpu"], env=student_env, stdout=f,
+                                  stderr=subprocess.STDOUT, timeout=300)
+        text = log.read_text()
+        assert proc.returncode != 0, (attempt, text[-2000:])
+        assert "the teacher (fold all) was trained on 2 of the student's 2 validation cases" in text, attempt
+        assert "fold_all (trained on every case)" in text and "Epoch 0" not in text, attempt
+        summary.unlink(missing_ok=True)
