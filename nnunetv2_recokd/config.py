@@ -60,6 +60,10 @@ class DistillSettings:
     allow_leaky_teacher: bool
     # True: `--c` may continue with another teacher than the one the checkpoint was trained with
     allow_teacher_change: bool
+    # the seg loss's weight on samples whose label the teacher made (a dataset of nnunetv2_recokd add-unlabeled):
+    # 1 trains on them as on real labels (plain pseudo-labels), 0 lets the teacher reach the student through the
+    # distillation terms only; real labels always weigh 1
+    teacher_label_weight: float
     # student: nnU-Net's own plans with features_per_stage scaled (ReCo-KD: C' = max(C_min, C * width))
     student_width: float
     student_min_channels: int

@@ -8,8 +8,11 @@ Where the teacher comes from, first match wins:
 
 The teacher network is rebuilt from ITS OWN plans.json and checkpoint (so a ResEnc teacher can teach a
 plain student); what must match the student is the data it sees and predicts: dataset, labels, input
-channels, preprocessing (data identifier, spacing, normalisation) and the strides that put features
-and deep-supervision outputs at the same resolutions.
+channels, preprocessing (spacing, normalisation, resampling, transpose, preprocessor, CT statistics) and the
+strides that put features and deep-supervision outputs at the same resolutions. The preprocessed data identifier
+is not compared: it names a folder, and two plans presets write the same data under different names (nnU-Net's ResEnc
+planners name their 3d_lowres data after their own plans, e.g. nnUNetResEncUNetMPlans_3d_lowres next to
+nnUNetPlans_3d_lowres, and -overwrite_plans_name renames every configuration's).
 """
 
 from __future__ import annotations
@@ -119,11 +122,13 @@ def resolve_teacher(setting: Optional[str], dataset_name: str, configuration: st
 
 def resolve_teachers(setting: Union[str, list[str], None], folds: Union[str, list[int], None], dataset_name: str,
                      configuration: str, fold: Union[int, str], teacher_trainer: str, teacher_plans: str,
-                     checkpoint_name: str, environ: Optional[Mapping[str, str]] = None) -> list[TeacherLocation]:
+                     checkpoint_name: str, environ: Optional[Mapping[str, str]] = None,
+                     dataset_teacher: Optional[str] = None) -> list[TeacherLocation]:
     """Every teacher, in order: RECOKD_TEACHER (several paths separated by os.pathsep), else the `teacher` setting
-    (a path or a list), else nnU-Net's conventional folder. `folds` (the teacher_folds setting) turns each entry
-    that is a model folder into one teacher per fold: "all" takes every fold_<n> folder holding the checkpoint,
-    a list names them; None takes the student's fold, as for one teacher.
+    (a path or a list), else the teacher that labelled a derived dataset (`dataset_teacher`, from its dataset.json:
+    nnunetv2_recokd add-unlabeled), else nnU-Net's conventional folder. `folds` (the teacher_folds setting) turns
+    each entry that is a model folder into one teacher per fold: "all" takes every fold_<n> folder holding the
+    checkpoint, a list names them; None takes the student's fold, as for one teacher.
 
     Raises:
         TeacherError: listing every entry that could not be found (all at once), or the same checkpoint twice.
@@ -133,6 +138,8 @@ def resolve_teachers(setting: Union[str, list[str], None], folds: Union[str, lis
         entries = [(p, f"${TEACHER_ENV}") for p in environ[TEACHER_ENV].split(os.pathsep) if p]
     elif setting:
         entries = [(p, "the 'teacher' setting") for p in ([setting] if isinstance(setting, str) else setting)]
+    elif dataset_teacher:
+        entries = [(dataset_teacher, "the dataset's dataset.json (the teacher that labelled its unlabeled cases)")]
     else:
         results = environ.get("nnUNet_results")
         if not results:
@@ -196,7 +203,8 @@ def check_compatible(teacher_plans: dict, teacher_dataset: dict, teacher_cfg: st
         if a != b:
             problems.append(f"{what}: teacher {a!r} vs student {b!r}")
 
-    differ("dataset", t_pm.dataset_name, s_pm.dataset_name)
+    # the dataset's name is not compared: a teacher trained on another copy of the data (elsewhere, or the dataset a
+    # derived one of add-unlabeled came from) teaches as well when labels, channels and preprocessing agree
     differ("labels", teacher_dataset.get("labels"), student_dataset.get("labels"))
     differ("regions_class_order", teacher_dataset.get("regions_class_order"),
            student_dataset.get("regions_class_order"))
@@ -206,11 +214,14 @@ def check_compatible(teacher_plans: dict, teacher_dataset: dict, teacher_cfg: st
     differ("input channels as nnU-Net counts them (determine_num_input_channels; a cascade stage adds the "
            "previous stage's segmentation)", determine_num_input_channels(t_pm, t, teacher_dataset),
            determine_num_input_channels(s_pm, s, student_dataset))
-    differ("preprocessed data identifier", t.data_identifier, s.data_identifier)
+    # what nnU-Net's preprocessing of a case depends on (not the data identifier: module docstring)
     differ("spacing", [float(x) for x in t.spacing], [float(x) for x in s.spacing])
     differ("normalisation", t.normalization_schemes, s.normalization_schemes)
     differ("use_mask_for_norm", t.use_mask_for_norm, s.use_mask_for_norm)
     differ("transpose_forward", t_pm.transpose_forward, s_pm.transpose_forward)
+    differ("preprocessor", t.preprocessor_name, s.preprocessor_name)
+    for key in _RESAMPLING:
+        differ(key, _as_json(t.configuration.get(key)), _as_json(s.configuration.get(key)))
     differ("strides (pool_op_kernel_sizes)", [list(x) for x in t.pool_op_kernel_sizes],
            [list(x) for x in s.pool_op_kernel_sizes])
     problems += _ct_statistics_differences(teacher_plans, student_plans, s.normalization_schemes)
@@ -222,6 +233,13 @@ def check_compatible(teacher_plans: dict, teacher_dataset: dict, teacher_cfg: st
 
 
 _CT_STATISTICS = ("mean", "std", "percentile_00_5", "percentile_99_5")
+# resampling of images (what the network reads) and of segmentations (what the teacher was trained to predict)
+_RESAMPLING = ("resampling_fn_data", "resampling_fn_data_kwargs", "resampling_fn_seg", "resampling_fn_seg_kwargs")
+
+
+def _as_json(value: Any) -> Any:
+    """Tuples and lists compare equal (plans written by nnU-Net's planner hold tuples before saving, lists after)."""
+    return json.loads(json.dumps(value))
 
 
 def _ct_statistics_differences(teacher_plans: dict, student_plans: dict, schemes: list[str]) -> list[str]:
@@ -306,9 +324,13 @@ def load_teacher(location: TeacherLocation, student_plans: dict, student_dataset
     except RuntimeError as e:
         raise TeacherError(f"Teacher checkpoint {location.checkpoint} does not fit the network built from "
                            f"{location.model_folder / 'plans.json'}: {e}") from e
+    notes = [note] if note else []
+    if teacher_plans.get("dataset_name") != student_plans.get("dataset_name"):
+        notes.append(f"the teacher was trained on {teacher_plans.get('dataset_name')}, this student trains on "
+                     f"{student_plans.get('dataset_name')}: labels, channels and preprocessing agree")
     return LoadedTeacher(network=FrozenTeacher(network).to(device), location=location, plans=teacher_plans,
                          dataset_json=teacher_dataset, configuration=configuration, trainer_name=trainer_name,
-                         notes=[note] if note else [], fold=checkpoint_fold(checkpoint, location.checkpoint))
+                         notes=notes, fold=checkpoint_fold(checkpoint, location.checkpoint))
 
 
 def load_teachers(locations: list[TeacherLocation], student_plans: dict, student_dataset: dict, student_cfg: str,

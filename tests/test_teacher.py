@@ -228,8 +228,6 @@ def _edit_dataset(fn):
 
 
 DIFFERENCES = {
-    "dataset": (_edit_plans(lambda p, c: p.__setitem__("dataset_name", "Dataset123_Other")), None,
-                "Dataset123_Other"),
     "labels": (None, _edit_dataset(lambda d: d.__setitem__("labels", {"background": 0, "lesion": 1})), "labels"),
     "input channels": (None, _edit_dataset(lambda d: d.__setitem__("channel_names", {"0": "MRI", "1": "CT"})),
                        "CT"),
@@ -238,6 +236,10 @@ DIFFERENCES = {
     "spacing": (_edit_plans(lambda p, c: c.__setitem__("spacing", [3.0, 1.0, 1.0])), None, "3.0"),
     "strides": (_edit_plans(lambda p, c: c["architecture"]["arch_kwargs"].__setitem__(
         "strides", [[1, 1, 1], [1, 2, 2], [2, 2, 2]])), None, "[1, 2, 2]"),
+    "resampling_fn_data_kwargs": (_edit_plans(lambda p, c: c["resampling_fn_data_kwargs"].__setitem__(
+        "force_separate_z", True)), None, "'force_separate_z': True"),
+    "preprocessor": (_edit_plans(lambda p, c: c.__setitem__("preprocessor_name", "MyPreprocessor")), None,
+                     "MyPreprocessor"),
 }
 
 
@@ -269,6 +271,14 @@ def test_check_compatible_accepts_same_data_and_ignores_width():
                      CFG)
 
 
+def test_check_compatible_accepts_the_same_preprocessing_under_another_data_identifier():
+    """nnU-Net's ResEnc planners name their 3d_lowres data nnUNetResEncUNetMPlans_3d_lowres: the same preprocessing
+    as nnUNetPlans_3d_lowres under another folder name, so a ResEnc teacher can teach a plain student."""
+    teacher = _edit_plans(lambda p, c: (p.__setitem__("plans_name", "nnUNetResEncUNetMPlans"),
+                                        c.__setitem__("data_identifier", "nnUNetResEncUNetMPlans_3d_fullres")))
+    check_compatible(teacher, tiny_dataset(), CFG, tiny_plans(), tiny_dataset(), CFG)
+
+
 # --------------------------------------------------------------------------------------- shipped teacher
 @pytest.mark.skipif(not (HIPPOCAMPUS / "fold_0" / CKPT).is_file(), reason="shipped Hippocampus teacher missing")
 def test_shipped_hippocampus_teacher_loads():
@@ -283,3 +293,12 @@ def test_shipped_hippocampus_teacher_loads():
     assert not any(p.requires_grad for p in teacher.network.parameters())
     out = teacher.network(torch.zeros(1, 1, 40, 56, 40))
     assert out[0].shape == (1, 3, 40, 56, 40)
+
+
+def test_a_teacher_of_another_dataset_with_the_same_data_teaches(tmp_path):
+    """A teacher trained elsewhere (or on the dataset a derived one came from): only the data must agree."""
+    other = _edit_plans(lambda p, c: p.__setitem__("dataset_name", "Dataset123_Other"))
+    check_compatible(other, tiny_dataset(), CFG, tiny_plans(), tiny_dataset(), CFG)
+    folder = write_model_folder(tmp_path / "m", plans=other)
+    teacher = load_teacher(resolve(str(folder)), tiny_plans(), tiny_dataset(), CFG, torch.device("cpu"))
+    assert any("Dataset123_Other" in note for note in teacher.notes)

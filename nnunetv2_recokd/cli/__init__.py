@@ -1,5 +1,5 @@
-"""`nnunetv2_recokd` command line: install, ext-path, doctor, the demo/benchmark/report jobs, and export/predict
-for deployment."""
+"""`nnunetv2_recokd` command line: install, ext-path, doctor, the demo/benchmark/report jobs, export/predict for
+deployment, and gpu-check (the GPU checks in one run)."""
 
 from __future__ import annotations
 
@@ -89,9 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="mirroring at test-set prediction (nnU-Net's default; slower)")
     deploy.add_parsers(sub)
     predict_benchmark.add_parser(sub)
-    from nnunetv2_recokd.cli import dose
+    from nnunetv2_recokd.cli import dose, gpu_check, unlabeled
 
     dose.add_parser(sub)
+    gpu_check.add_parser(sub)
+    unlabeled.add_parser(sub)
     return parser
 
 
@@ -136,6 +138,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from nnunetv2_recokd.cli import dose
 
         return dose.main(args)
+    if args.command == "add-unlabeled":
+        from nnunetv2_recokd.cli import unlabeled
+
+        return unlabeled.main(args)
+    if args.command == "gpu-check":
+        from nnunetv2_recokd.cli import gpu_check
+
+        return gpu_check.main(args)
     raise AssertionError(args.command)
 
 

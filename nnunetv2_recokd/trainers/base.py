@@ -64,12 +64,14 @@ from nnunetv2_recokd.teacher import (
     resolve_teachers,
 )
 from nnunetv2_recokd.trainers.ddp import all_reduce_gradients
+from nnunetv2_recokd.unlabeled import count_training_cases, dataset_teacher, teacher_labelled_cases
 from nnunetv2_recokd.trainers.progress import KD_PREFIX, SEG_KEY, DistillLocalLogger, ensure_key
 
 CHECKPOINT_KEY = "recokd"
 DISTILLER_SEED_OFFSET = 7919  # the distiller's own seed is the run's seed plus this
 GRAD_PREFIX = "train_grad_"  # logger keys of the gradient norms (not drawn in progress.png)
 TEACHER_PREFIX = "teacher"  # step outputs teacher<i>_<term>: one teacher's share of a term (several teachers)
+TRAINING_CASES_FILE = "recokd_training_cases.json"  # fold folder: how many real and teacher-labelled cases trained it
 
 
 class nnUNetTrainerDistillBase(nnUNetTrainer):
@@ -112,6 +114,8 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         self._checkpoint_teacher: Optional[Union[str, list[str]]] = None
         self._first_step_of_epoch = True
         self._part_gradient_norms: dict[str, float] = {}
+        # cases labelled by a teacher (a derived dataset of nnunetv2_recokd add-unlabeled; empty otherwise)
+        self.teacher_labelled: set[str] = teacher_labelled_cases(dataset_json)
 
     # ----------------------------------------------------------------------------------- construction
     def _record_student_spec(self) -> None:
@@ -287,7 +291,8 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         s = self.settings
         locations = resolve_teachers(s.teacher, s.teacher_folds, self.plans_manager.dataset_name,
                                      self.configuration_name, self.fold, s.teacher_trainer,
-                                     s.teacher_plans or self.plans_manager.plans_name, s.teacher_checkpoint)
+                                     s.teacher_plans or self.plans_manager.plans_name, s.teacher_checkpoint,
+                                     dataset_teacher=dataset_teacher(self.dataset_json))
         if s.teacher_weights is not None and len(s.teacher_weights) != len(locations):
             raise SettingsError(f"teacher_weights has {len(s.teacher_weights)} value(s) for {len(locations)} "
                                 f"teacher(s) ({', '.join(str(loc.checkpoint) for loc in locations)}); give one weight "
@@ -372,12 +377,12 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         with self._autocast():
             if self.distiller is None:
                 student_out = self.network(student_data)
-                seg = self.loss(student_out, target)
+                seg = self._seg_loss(student_out, target, batch.get("keys"))
             else:
                 with self.student_recorder:
                     student_out = self.network(student_data)
                 student_features = self.student_recorder.pop()
-                seg = self.loss(student_out, target)
+                seg = self._seg_loss(student_out, target, batch.get("keys"))
                 kd = self._distillation_terms(data, target, student_out, student_features, progress, terms,
                                               per_teacher)
                 del student_features
@@ -420,6 +425,28 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         host = torch.stack([torch.as_tensor(v).detach().float().reshape(()).to(seg.device)
                             for v in values.values()]).cpu().numpy()
         return dict(zip(values, host))
+
+    def _seg_loss(self, output, target, keys) -> torch.Tensor:
+        """nnU-Net's loss, with the samples the teacher labelled weighted by teacher_label_weight.
+
+        With weight w, n_r real and n_t teacher-labelled samples of a batch of B:
+            L = (n_r * L(real samples) + w * n_t * L(teacher-labelled samples)) / B
+        (each group through nnU-Net's own loss). w = 1, or a batch of one kind, is nnU-Net's loss on the whole batch.
+        """
+        w = self.settings.teacher_label_weight
+        if w == 1 or not self.teacher_labelled or keys is None:
+            return self.loss(output, target)
+        pseudo = torch.tensor([str(k) in self.teacher_labelled for k in keys])
+        if not pseudo.any():
+            return self.loss(output, target)
+        total = None
+        for group, weight in ((~pseudo, 1.0), (pseudo, w)):
+            if not group.any():
+                continue
+            index = group.nonzero()[:, 0].to(self.device)
+            part = self.loss(_take(output, index), _take(target, index)) * (weight * len(index) / len(keys))
+            total = part if total is None else total + part
+        return total
 
     def _distillation_terms(self, data: torch.Tensor, target, student_out, student_features: dict, progress: float,
                             terms: dict, per_teacher: list) -> torch.Tensor:
@@ -618,6 +645,7 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
 
     def on_train_start(self) -> None:
         super().on_train_start()
+        self._record_training_cases()
         if self.student_channels is not None and self.local_rank == 0:
             # nnU-Net has just copied the dataset's plans.json and dataset.json into the model folder; the student's
             # describe only its channels, so nnUNetv2_predict asks for those files alone
@@ -625,6 +653,26 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
                       os.path.join(self.output_folder_base, "plans.json"), sort_keys=False)
             save_json(student_dataset_json(self.dataset_json, self.student_channels),
                       os.path.join(self.output_folder_base, "dataset.json"), sort_keys=False)
+
+    def _record_training_cases(self) -> None:
+        """Log, and write into the fold folder, how many real and teacher-labelled cases train this student."""
+        if not self.teacher_labelled:
+            return
+        train, validation = self.do_split()
+        counts = count_training_cases(list(train), self.dataset_json)
+        counts["validation_teacher_labelled"] = sum(c in self.teacher_labelled for c in validation)
+        counts["validation"] = len(validation)
+        counts["teacher_label_weight"] = self.settings.teacher_label_weight
+        counts["teacher"] = dataset_teacher(self.dataset_json)
+        self.print_to_log_file(
+            f"training cases: {counts['real']} with real labels, {counts['teacher_labelled']} labelled by the teacher "
+            f"(seg-loss weight {self.settings.teacher_label_weight:g} on those)")
+        if counts["validation_teacher_labelled"]:
+            self.print_to_log_file(
+                f"NOTE: {counts['validation_teacher_labelled']} of the {len(validation)} validation cases are labelled "
+                f"by the teacher: the validation Dice measures agreement with the teacher, not accuracy")
+        if self.local_rank == 0:
+            save_json(counts, os.path.join(self.output_folder, TRAINING_CASES_FILE), sort_keys=False)
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         if self.student_channels is None:
@@ -636,6 +684,10 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
                 super().perform_actual_validation(save_probabilities)
             finally:
                 self.dataset_class = dataset_class
+        validation_by_teacher = self.teacher_labelled & set(self.do_split()[1]) if self.teacher_labelled else set()
+        if validation_by_teacher:
+            self.print_to_log_file(f"NOTE: {len(validation_by_teacher)} validation case(s) are labelled by the "
+                                   f"teacher: this Dice is AGREEMENT WITH THE TEACHER, not accuracy")
         if self._leakage:
             self.print_to_log_file(f"NOTE: this validation is OPTIMISTIC: the teacher was trained on "
                                    f"{self._leakage['cases']} of its {self._leakage['of']} cases "
@@ -697,6 +749,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+def _take(x, index: torch.Tensor):
+    """The samples `index` of a batch tensor or of each tensor of a deep-supervision list."""
+    return [t[index] for t in x] if isinstance(x, (list, tuple)) else x[index]
 
 
 def _as_list(output) -> list[torch.Tensor]:

@@ -1,0 +1,366 @@
+"""Unlabeled scans as training data: the teacher labels them, a derived nnU-Net dataset holds them.
+
+nnU-Net trains on fully annotated cases only. A distillation trainer already runs the teacher on every batch, and the
+teacher is the natural source of labels for scans nobody annotated (the recipe of the FLARE22 winner: a large
+nnU-Net labels the unlabeled scans, a small one trains on them). ``add_unlabeled`` makes a new nnU-Net dataset
+
+    $nnUNet_raw/Dataset<NEW>_<Name>/          imagesTr: the labelled dataset's images and the unlabeled ones (links)
+                                             labelsTr: the real labels (links) and the teacher's labels (files)
+                                             dataset.json: the teacher's, plus "recokd_unlabeled" (see DATASET_KEY)
+    $nnUNet_preprocessed/Dataset<NEW>_<Name>/ preprocessed with the TEACHER's plans (same spacing, patch,
+                                             normalisation: no re-planning), splits_final.json whose validation
+                                             folds hold real labelled cases only
+
+so that ``nnUNetv2_train NEW 3d_fullres 0 -tr nnUNetTrainerReCoKD`` trains on both, with the teacher found from the
+dataset itself. Every loss part that needs a label (seg loss, MS-SARD masks, graph regions, nnU-Net's foreground
+oversampling) reads the teacher's label where no real one exists. With no labelled dataset at all, every case is
+teacher-labelled and the validation measures agreement with the teacher.
+
+Nothing half-written is left by a kill: the teacher's labels are written case by case (each file complete or
+absent; a rerun of the same command labels only what is missing), the dataset is assembled in hidden staging
+folders and moved into place at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+from nnunetv2_recokd.deploy.modelfolder import DeployError, ModelFolder, open_model_folder
+
+DATASET_KEY = "recokd_unlabeled"  # dataset.json: where the teacher-labelled cases and their teacher are recorded
+STAGING = ".recokd_partial"  # hidden staging root under nnUNet_raw / nnUNet_preprocessed (never a Dataset<id>_ name)
+REQUEST_FILE = "recokd_unlabeled_request.json"
+
+
+class UnlabeledError(ValueError):
+    """Inputs that cannot make a derived dataset; raised before anything is written."""
+
+
+# ----------------------------------------------------------------------------------------------- reading a dataset
+def teacher_labelled_cases(dataset_json: dict) -> set[str]:
+    """The case identifiers whose labels the teacher made (empty for an ordinary nnU-Net dataset)."""
+    return set((dataset_json.get(DATASET_KEY) or {}).get("teacher_labelled", []))
+
+
+def dataset_teacher(dataset_json: dict) -> Optional[str]:
+    """The teacher model folder that labelled a derived dataset (None for an ordinary dataset)."""
+    return (dataset_json.get(DATASET_KEY) or {}).get("teacher")
+
+
+def count_training_cases(train_cases: Sequence[str], dataset_json: dict) -> dict[str, int]:
+    """How many of a fold's training cases carry real labels and how many the teacher's."""
+    pseudo = teacher_labelled_cases(dataset_json)
+    n_teacher = sum(c in pseudo for c in train_cases)
+    return {"real": len(train_cases) - n_teacher, "teacher_labelled": n_teacher}
+
+
+def derived_splits(real: Sequence[str], teacher_labelled: Sequence[str],
+                   source_splits: Optional[list[dict]] = None, seed: int = 12345) -> list[dict]:
+    """Cross-validation folds of a derived dataset: teacher-labelled cases train in every fold, never validate.
+
+    Args:
+        real: the cases with real labels.
+        teacher_labelled: the cases the teacher labelled.
+        source_splits: the labelled dataset's own splits_final.json (kept: the same validation cases as before);
+            None draws nnU-Net's 5-fold split of the real cases (generate_crossval_split, seed 12345).
+    With no real case, the teacher-labelled cases are split 5-fold: validation then measures agreement with the
+    teacher.
+
+    Raises:
+        UnlabeledError: source splits naming cases the dataset lacks, or 1 real case (nothing to cross-validate).
+    """
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    real, pseudo = sorted(real), sorted(teacher_labelled)
+    if not real:
+        return generate_crossval_split(pseudo, seed=seed, n_splits=min(5, len(pseudo)))
+    if source_splits is None:
+        if len(real) < 2:
+            raise UnlabeledError(f"{len(real)} labelled case: at least 2 are needed for a validation fold")
+        source_splits = generate_crossval_split(real, seed=seed, n_splits=min(5, len(real)))
+    unknown = sorted({c for fold in source_splits for c in fold["train"] + fold["val"]} - set(real))
+    if unknown:
+        raise UnlabeledError(f"the labelled dataset's splits_final.json names {len(unknown)} case(s) it has no label "
+                             f"for: {', '.join(unknown[:5])}")
+    return [{"train": sorted(fold["train"]) + pseudo, "val": sorted(fold["val"])} for fold in source_splits]
+
+
+# ----------------------------------------------------------------------------------------------- the request
+@dataclasses.dataclass
+class Request:
+    """Everything the command was asked; a rerun with the same request resumes, another one is refused."""
+
+    teacher: str
+    folds: list
+    tta: bool
+    labelled_dataset: Optional[str]
+    images: str
+    dataset_id: int
+    dataset_name: str
+
+    @property
+    def folder_name(self) -> str:
+        return f"Dataset{self.dataset_id:03d}_{self.dataset_name}"
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Inputs:
+    """The checked inputs of one derived dataset (nothing written yet)."""
+
+    request: Request
+    teacher: ModelFolder
+    labelled_raw: Optional[Path]  # the labelled dataset's raw folder
+    real_cases: dict[str, tuple[list[str], str]]  # case -> (image files, label file)
+    unlabeled_cases: dict[str, list[str]]  # case -> image files
+    source_splits: Optional[list[dict]]
+    raw_root: Path
+    preprocessed_root: Path
+
+    @property
+    def raw_folder(self) -> Path:
+        return self.raw_root / self.request.folder_name
+
+    @property
+    def preprocessed_folder(self) -> Path:
+        return self.preprocessed_root / self.request.folder_name
+
+    def staging(self, root: Path) -> Path:
+        return root / STAGING / self.request.folder_name
+
+
+def _roots() -> tuple[Path, Path]:
+    raw, pre = os.environ.get("nnUNet_raw"), os.environ.get("nnUNet_preprocessed")
+    if not raw or not pre:
+        raise UnlabeledError("nnUNet_raw and nnUNet_preprocessed must be set (nnU-Net's folders, where the derived "
+                             "dataset is written)")
+    return Path(raw), Path(pre)
+
+
+def _dataset_folder(root: Path, dataset: str) -> Optional[Path]:
+    """Dataset<id>_<name> under root for an id or a full name (None when absent)."""
+    if dataset.startswith("Dataset"):
+        return root / dataset if (root / dataset).is_dir() else None
+    if not dataset.isdigit():
+        raise UnlabeledError(f"-d {dataset!r}: give a dataset id (4) or name (Dataset004_Hippocampus)")
+    found = sorted(p for p in root.glob(f"Dataset{int(dataset):03d}_*") if p.is_dir())
+    return found[0] if found else None
+
+
+def _taken_by(root: Path, dataset_id: int) -> list[Path]:
+    return sorted(p for p in root.glob(f"Dataset{dataset_id:03d}_*") if p.exists())
+
+
+def _own_request(folder: Path) -> Optional[dict]:
+    path = folder / REQUEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_inputs(teacher: Union[str, Path], images: Union[str, Path], dataset_id: int, dataset_name: str,
+                 labelled: Optional[str] = None, folds: Optional[Sequence[Union[int, str]]] = None,
+                 tta: bool = True) -> Inputs:
+    """Check every input before anything is written.
+
+    Raises:
+        UnlabeledError / DeployError: the teacher is no model folder; the labelled dataset is missing or differs from
+            the teacher's data (labels, channels, file ending); the images are misnamed, miss a channel or have another
+            ending; a case name is taken by a labelled case; the new dataset id is taken by another dataset.
+    """
+    raw_root, pre_root = _roots()
+    if not 1 <= dataset_id <= 999:
+        raise UnlabeledError(f"dataset id {dataset_id}: nnU-Net's ids are 1-999")
+    if not dataset_name or not all(ch.isalnum() or ch in "-_" for ch in dataset_name):
+        raise UnlabeledError(f"dataset name {dataset_name!r}: use letters, digits, - and _")
+    model = open_model_folder(teacher, folds)
+    tds = model.dataset_json
+    request = Request(str(model.path.resolve()), list(model.folds), bool(tta), None,
+                      str(Path(images).resolve()), dataset_id, dataset_name)
+    real_cases: dict[str, tuple[list[str], str]] = {}
+    labelled_raw, source_splits = None, None
+    if labelled is not None:
+        labelled_raw = _dataset_folder(raw_root, str(labelled))
+        if labelled_raw is None:
+            raise UnlabeledError(f"labelled dataset {labelled!r} not found in nnUNet_raw ({raw_root})")
+        request.labelled_dataset = labelled_raw.name
+        ds = json.loads((labelled_raw / "dataset.json").read_text())
+        problems = [f"{key}: teacher {tds.get(key)!r} vs labelled dataset {ds.get(key)!r}"
+                    for key in ("labels", "channel_names", "file_ending", "regions_class_order")
+                    if tds.get(key) != ds.get(key)]
+        if problems:
+            raise UnlabeledError(f"the teacher {model.path} was trained on other data than {labelled_raw.name}:\n  - "
+                                 + "\n  - ".join(problems))
+        from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+        real_cases = {k: (v["images"], v["label"])
+                      for k, v in get_filenames_of_train_images_and_targets(str(labelled_raw), ds).items()}
+        splits = pre_root / labelled_raw.name / "splits_final.json"
+        if splits.is_file():
+            source_splits = json.loads(splits.read_text())
+    from nnunetv2_recokd.deploy.predictor import check_input_folder
+
+    ending = tds["file_ending"]
+    foreign = sorted(p.name for p in Path(images).glob("*") if p.is_file() and not p.name.startswith(".")
+                     and not p.name.endswith(ending)) if Path(images).is_dir() else []
+    if foreign:
+        raise UnlabeledError(f"unlabeled images: {len(foreign)} file(s) in {images} do not end with {ending}, the "
+                             f"teacher's file ending: {', '.join(foreign[:5])}; convert them (nnU-Net reads one "
+                             f"format per dataset) or move them out")
+    try:
+        unlabeled = {Path(files[0]).name[:-len(ending) - 5]: files
+                     for files in check_input_folder(images, tds)}
+    except DeployError as e:
+        raise UnlabeledError(f"unlabeled images: {e}") from None
+    clash = sorted(set(unlabeled) & set(real_cases))
+    if clash:
+        raise UnlabeledError(f"{len(clash)} unlabeled case name(s) are labelled cases of {request.labelled_dataset} "
+                             f"too ({', '.join(clash[:5])}); rename the unlabeled files (each case needs its own name)")
+    inputs = Inputs(request, model, labelled_raw, real_cases, unlabeled, source_splits, raw_root, pre_root)
+    for root in (raw_root, pre_root):
+        for folder in _taken_by(root, dataset_id):
+            if _own_request(folder) != request.as_dict():
+                raise UnlabeledError(f"dataset id {dataset_id} is taken: {folder} exists. Choose another id, or "
+                                     f"remove that dataset first")
+    for root in (raw_root, pre_root):
+        staged = _own_request(inputs.staging(root))
+        if staged is not None and staged != request.as_dict():
+            raise UnlabeledError(f"{inputs.staging(root)} holds an interrupted run with other inputs ({staged}); "
+                                 f"rerun that command to finish it, or remove the folder")
+    return inputs
+
+
+# ----------------------------------------------------------------------------------------------- labelling
+def label_cases(inputs: Inputs, output: Path, device: str = "cpu", log: Callable[[str], None] = print,
+                num_threads: Optional[int] = None) -> int:
+    """The teacher's segmentation of every unlabeled case into `output` (nnU-Net's prediction: every requested fold,
+    mirroring unless disabled). Cases whose label exists are skipped (a rerun resumes); returns how many were
+    labelled now."""
+    from nnunetv2_recokd.deploy.predictor import build_predictor, predict_cases
+
+    ending = inputs.teacher.dataset_json["file_ending"]
+    todo = [files for case, files in sorted(inputs.unlabeled_cases.items())
+            if not (output / f"{case}{ending}").is_file()]
+    done = len(inputs.unlabeled_cases) - len(todo)
+    if not todo:
+        log(f"all {len(inputs.unlabeled_cases)} unlabeled cases are labelled already")
+        return 0
+    log(f"the teacher labels {len(todo)} case(s)" + (f" ({done} done before)" if done else "")
+        + f": {inputs.teacher.describe()}, mirroring {'on' if inputs.request.tta else 'off'}, {device}")
+    if device == "cpu":
+        from nnunetv2_recokd.deploy.runtime import require_runtime
+
+        try:  # OpenVINO runs nnU-Net networks several times faster than PyTorch on a CPU (README, deployment)
+            require_runtime("openvino")
+            runtime = "openvino"
+        except DeployError:
+            runtime = "torch"
+        predictor = build_predictor(inputs.teacher, runtime, inputs.request.tta, 0.5, threads=num_threads)
+    else:
+        import torch
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=inputs.request.tta,
+                                    perform_everything_on_device=True, device=torch.device(device),
+                                    allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(str(inputs.teacher.path), inputs.teacher.folds,
+                                                       inputs.teacher.checkpoint_name)
+    counter = iter(range(done + 1, len(inputs.unlabeled_cases) + 1))
+    predict_cases(predictor, todo, output, overwrite=False,
+                  log=lambda m: log(f"[{next(counter)}/{len(inputs.unlabeled_cases)}] {m}"))
+    for name in ("dataset.json", "plans.json"):  # predict_cases describes its output folder; labelsTr holds labels
+        (output / name).unlink(missing_ok=True)
+    return len(todo)
+
+
+# ----------------------------------------------------------------------------------------------- the dataset
+def _link(source: Union[str, Path], target: Path) -> None:
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    target.symlink_to(Path(source).resolve())
+
+
+def derived_dataset_json(inputs: Inputs) -> dict:
+    tds = inputs.teacher.dataset_json
+    keep = {k: tds[k] for k in ("channel_names", "labels", "file_ending", "regions_class_order",
+                                "overwrite_image_reader_writer") if k in tds}
+    return {**keep, "numTraining": len(inputs.real_cases) + len(inputs.unlabeled_cases),
+            "name": inputs.request.dataset_name,
+            "description": f"{len(inputs.real_cases)} labelled case(s)"
+                           + (f" of {inputs.request.labelled_dataset}" if inputs.request.labelled_dataset else "")
+                           + f" and {len(inputs.unlabeled_cases)} case(s) labelled by the teacher "
+                             f"{inputs.request.teacher} (nnunetv2_recokd add-unlabeled)",
+            DATASET_KEY: {"teacher": inputs.request.teacher, "teacher_folds": inputs.request.folds,
+                          "tta": inputs.request.tta, "labelled_dataset": inputs.request.labelled_dataset,
+                          "real_labelled": len(inputs.real_cases),
+                          "teacher_labelled": sorted(inputs.unlabeled_cases)}}
+
+
+def add_unlabeled(inputs: Inputs, device: str = "cpu", num_processes: int = 2, log: Callable[[str], None] = print,
+                  num_threads: Optional[int] = None) -> Path:
+    """Label, assemble and preprocess the derived dataset (see the module docstring); returns its raw folder.
+    A rerun of the same request resumes where it stopped."""
+    raw_final, pre_final = inputs.raw_folder, inputs.preprocessed_folder
+    if (raw_final / "dataset.json").is_file() and (pre_final / "splits_final.json").is_file():
+        log(f"{raw_final} exists already (made by the same command): nothing to do")
+        return raw_final
+    raw, pre = inputs.staging(inputs.raw_root), inputs.staging(inputs.preprocessed_root)
+    request = json.dumps(inputs.request.as_dict(), indent=1)
+    for folder in (raw, pre):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / REQUEST_FILE).write_text(request)
+    if not pre_final.exists():
+        ending = inputs.teacher.dataset_json["file_ending"]
+        (raw / "imagesTr").mkdir(exist_ok=True)
+        (raw / "labelsTr").mkdir(exist_ok=True)
+        label_cases(inputs, raw / "labelsTr", device, log, num_threads)
+        for case, (images, label) in inputs.real_cases.items():
+            for image in images:
+                _link(image, raw / "imagesTr" / Path(image).name)
+            _link(label, raw / "labelsTr" / f"{case}{ending}")
+        for files in inputs.unlabeled_cases.values():
+            for image in files:
+                _link(image, raw / "imagesTr" / Path(image).name)
+        dataset_json = derived_dataset_json(inputs)
+        (raw / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
+        _preprocess(inputs, raw, pre, dataset_json, num_processes, log)
+        os.replace(pre, pre_final)
+    os.replace(raw, raw_final)
+    for root in (inputs.raw_root, inputs.preprocessed_root):
+        try:
+            (root / STAGING).rmdir()
+        except OSError:
+            pass  # other staged datasets
+    log(f"{raw_final}: {len(inputs.real_cases)} labelled + {len(inputs.unlabeled_cases)} teacher-labelled cases; "
+        f"preprocessed with the teacher's plans in {pre_final}")
+    return raw_final
+
+
+def _preprocess(inputs: Inputs, raw: Path, pre: Path, dataset_json: dict, num_processes: int,
+                log: Callable[[str], None]) -> None:
+    """nnU-Net's own preprocessing (nnUNetv2_preprocess) of the staged dataset with the teacher's plans."""
+    plans = json.loads((inputs.teacher.path / "plans.json").read_text())
+    plans["dataset_name"] = inputs.request.folder_name
+    plans_name = plans.get("plans_name", "nnUNetPlans")
+    (pre / f"{plans_name}.json").write_text(json.dumps(plans, indent=1))
+    (pre / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
+    fingerprint = inputs.teacher.path / "dataset_fingerprint.json"
+    if fingerprint.is_file():  # nnU-Net copies it into every model folder; the teacher's describes the same data
+        shutil.copy(fingerprint, pre / "dataset_fingerprint.json")
+    splits = derived_splits(list(inputs.real_cases), list(inputs.unlabeled_cases), inputs.source_splits)
+    (pre / "splits_final.json").write_text(json.dumps(splits, indent=1))
+    log(f"preprocessing {len(inputs.real_cases) + len(inputs.unlabeled_cases)} cases with the teacher's plans "
+        f"({plans_name}, configuration {inputs.teacher.configuration})")
+    env = {**os.environ, "nnUNet_raw": str(raw.parent), "nnUNet_preprocessed": str(pre.parent)}
+    command = [shutil.which("nnUNetv2_preprocess") or "nnUNetv2_preprocess", "-d", str(inputs.request.dataset_id),
+               "-plans_name", plans_name, "-c", inputs.teacher.configuration, "-np", str(num_processes)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nnUNetv2_preprocess failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                           f"{proc.stderr[-2000:]}")

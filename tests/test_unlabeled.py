@@ -1,0 +1,173 @@
+"""Unlabeled scans (nnunetv2_recokd/unlabeled.py, `add-unlabeled`): splits, the per-sample seg-loss weight, the
+labelling that resumes, and the refusals that come before anything is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunetv2_recokd import sandbox
+from nnunetv2_recokd.trainers import nnUNetTrainerReCoKD, nnUNetTrainerStudent
+from nnunetv2_recokd.unlabeled import (
+    DATASET_KEY,
+    STAGING,
+    UnlabeledError,
+    check_inputs,
+    count_training_cases,
+    derived_splits,
+    label_cases,
+)
+from tests.tiny_nnunet import make_trainer, setup_env, tiny_batch
+
+
+# ------------------------------------------------------------------------------------------------------- splits
+def test_teacher_labelled_cases_train_in_every_fold_and_validate_in_none():
+    real = [f"r{i}" for i in range(7)]
+    pseudo = [f"u{i}" for i in range(4)]
+    splits = derived_splits(real, pseudo)
+    assert len(splits) == 5
+    assert sorted(c for fold in splits for c in fold["val"]) == real  # nnU-Net's 5 folds over the real cases
+    for fold in splits:
+        assert set(pseudo) <= set(fold["train"]) and not set(pseudo) & set(fold["val"])
+        assert set(fold["train"]) | set(fold["val"]) == set(real) | set(pseudo)
+
+
+def test_the_labelled_datasets_own_split_is_kept():
+    source = [{"train": ["a", "b"], "val": ["c"]}, {"train": ["c"], "val": ["a", "b"]}]
+    assert derived_splits(["a", "b", "c"], ["u"], source) == [{"train": ["a", "b", "u"], "val": ["c"]},
+                                                              {"train": ["c", "u"], "val": ["a", "b"]}]
+    with pytest.raises(UnlabeledError, match="no label for: z"):
+        derived_splits(["a", "b", "c"], ["u"], [{"train": ["a"], "val": ["z"]}])
+
+
+def test_without_labelled_cases_the_teacher_labelled_ones_are_cross_validated():
+    splits = derived_splits([], ["u0", "u1", "u2"])
+    assert len(splits) == 3 and sorted(c for fold in splits for c in fold["val"]) == ["u0", "u1", "u2"]
+
+
+def test_training_cases_are_counted_by_label_source():
+    dataset = {DATASET_KEY: {"teacher_labelled": ["u0", "u1"]}}
+    assert count_training_cases(["a", "u0", "b", "u1", "u1"], dataset) == {"real": 2, "teacher_labelled": 3}
+
+
+# ------------------------------------------------------------------------------------------- seg-loss weight
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    return setup_env(tmp_path, monkeypatch)
+
+
+def _derived(tiny, pseudo: list[str], weight: float, tmp_path, monkeypatch):
+    plans, dataset = tiny
+    (tmp_path / "w.json").write_text(json.dumps({"teacher_label_weight": weight}))
+    monkeypatch.setenv("RECOKD_CONFIG", str(tmp_path / "w.json"))
+    trainer = make_trainer(nnUNetTrainerStudent, plans, {**dataset, DATASET_KEY: {"teacher_labelled": pseudo}})
+    trainer.initialize()
+    return trainer
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.25, 1.0])
+def test_seg_loss_weighs_teacher_labelled_samples(tiny, tmp_path, monkeypatch, weight):
+    trainer = _derived(tiny, ["u"], weight, tmp_path, monkeypatch)
+    batch = tiny_batch()  # 2 samples; plans: batch_dice False, so nnU-Net's loss is the mean of per-sample losses
+    out = trainer.network(batch["data"])
+    per_sample = [trainer.loss([o[i:i + 1] for o in out], [t[i:i + 1] for t in batch["target"]]).item()
+                  for i in range(2)]
+    seg = trainer._seg_loss(out, batch["target"], np.array(["real", "u"])).item()
+    # hand-computed: (1 * L_real + w * L_teacher) / 2
+    assert seg == pytest.approx((per_sample[0] + weight * per_sample[1]) / 2, rel=1e-5)
+    whole = trainer.loss(out, batch["target"]).item()
+    assert trainer._seg_loss(out, batch["target"], np.array(["real", "real2"])).item() == pytest.approx(whole)
+    if weight == 1.0:
+        assert seg == pytest.approx(whole, rel=1e-6)
+
+
+def test_a_batch_of_teacher_labels_at_weight_zero_trains_through_distillation_only(tiny, tmp_path, monkeypatch):
+    plans, dataset = tiny
+    (tmp_path / "w.json").write_text(json.dumps({"teacher_label_weight": 0.0, "reco_warmup": 0.0}))
+    monkeypatch.setenv("RECOKD_CONFIG", str(tmp_path / "w.json"))
+    trainer = make_trainer(nnUNetTrainerReCoKD, plans, {**dataset, DATASET_KEY: {"teacher_labelled": ["u0", "u1"]}})
+    trainer.initialize()
+    out = trainer.train_step({**tiny_batch(), "keys": np.array(["u0", "u1"])})
+    assert out["seg_loss"] == 0 and out["kd_total_weighted"] > 0 and out["grad_norm_student"] > 0
+
+
+# ----------------------------------------------------------------------------------------- inputs and labelling
+def _world(tmp_path: Path, monkeypatch, n_labelled: int = 3, n_unlabeled: int = 2):
+    """nnUNet_raw with a labelled Dataset991_Sandbox, a folder of unlabeled images and a random teacher."""
+    from nnunetv2_recokd.synthetic import make_case
+
+    plans, dataset = sandbox.unet_plans((8, 16), (16, 16, 16)), sandbox.dataset_json()
+    env: dict = {}
+    sandbox.prepare_folders(tmp_path, plans, env)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    raw = Path(env["nnUNet_raw"]) / sandbox.SANDBOX_DATASET
+    rng = np.random.default_rng(0)
+    for sub in ("imagesTr", "labelsTr"):
+        (raw / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n_labelled):
+        image, label = make_case(rng, 20, 0.2)
+        sitk.WriteImage(sitk.GetImageFromArray(image), str(raw / "imagesTr" / f"case_{i:03d}_0000.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(label.astype(np.uint8)), str(raw / "labelsTr" / f"case_{i:03d}.nii.gz"))
+    (raw / "dataset.json").write_text(json.dumps({**dataset, "numTraining": n_labelled}))
+    images = tmp_path / "unlabeled"
+    images.mkdir()
+    for i in range(n_unlabeled):
+        image, _ = make_case(rng, 20, 0.2)
+        sitk.WriteImage(sitk.GetImageFromArray(image), str(images / f"scan_{i:03d}_0000.nii.gz"))
+    teacher = sandbox.write_random_teacher(tmp_path / "teacher" / "nnUNetTrainer__nnUNetPlans__3d_fullres", plans,
+                                           dataset)
+    return teacher, images, raw
+
+
+def test_labelling_resumes_without_redoing_finished_cases(tmp_path, monkeypatch):
+    teacher, images, _ = _world(tmp_path, monkeypatch, n_unlabeled=3)
+    inputs = check_inputs(teacher, images, 500, "Derived", labelled="991", tta=False)
+    out = tmp_path / "labels"
+    done = []
+    assert label_cases(inputs, out, log=done.append) == 3
+    assert sorted(p.name for p in out.iterdir()) == ["scan_000.nii.gz", "scan_001.nii.gz", "scan_002.nii.gz"]
+    first = (out / "scan_000.nii.gz").stat().st_mtime_ns
+    (out / "scan_001.nii.gz").unlink()  # killed before this case was written
+    log: list[str] = []
+    assert label_cases(inputs, out, log=log.append) == 1
+    assert "(2 done before)" in log[0] and any("[3/3] scan_001" in m for m in log)
+    assert (out / "scan_000.nii.gz").stat().st_mtime_ns == first  # finished cases are not redone
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "scan_001.nii.gz")))
+    assert label.shape == (20, 20, 20) and set(np.unique(label)) <= {0, 1, 2}
+
+
+def _wrong_channels(images: Path) -> None:
+    for f in images.iterdir():
+        f.rename(f.with_name(f.name.replace("_0000", "_0001")))
+
+
+@pytest.mark.parametrize("change, message", [
+    (_wrong_channels, "unlabeled images:"),
+    (lambda images: (images / "scan_000_0000.nii.gz").rename(images / "scan_000_0000.nii"), "unlabeled images:"),
+    (lambda images: (images / "scan_000_0000.nii.gz").rename(images / "case_000_0000.nii.gz"),
+     "are labelled cases of Dataset991_Sandbox"),
+])
+def test_bad_unlabeled_images_are_refused_before_anything_is_written(tmp_path, monkeypatch, change, message):
+    teacher, images, raw = _world(tmp_path, monkeypatch)
+    change(images)
+    with pytest.raises(UnlabeledError, match=message):
+        check_inputs(teacher, images, 500, "Derived", labelled="991")
+    assert sorted(p.name for p in raw.parent.iterdir()) == [sandbox.SANDBOX_DATASET]
+
+
+def test_a_teacher_of_other_labels_and_a_taken_id_are_refused(tmp_path, monkeypatch):
+    teacher, images, raw = _world(tmp_path, monkeypatch)
+    other = json.loads((raw / "dataset.json").read_text())
+    other["labels"] = {"background": 0, "organ": 1}
+    (raw / "dataset.json").write_text(json.dumps(other))
+    with pytest.raises(UnlabeledError, match="labels: teacher"):
+        check_inputs(teacher, images, 500, "Derived", labelled="991")
+    with pytest.raises(UnlabeledError, match="dataset id 991 is taken"):
+        check_inputs(teacher, images, 991, "Derived")
+    assert not (raw.parent / STAGING).exists()
