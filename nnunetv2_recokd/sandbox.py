@@ -54,12 +54,13 @@ def unet_plans(features: Sequence[int], patch: Sequence[int], batch_size: int = 
             "configurations": {"3d_fullres": config}}
 
 
-def dataset_json(regions: bool = False) -> dict:
-    """Labels background/organ/lesion; region-based: 'whole' = {1, 2} and 'core' = {2}."""
+def dataset_json(regions: bool = False, channels: int = 1) -> dict:
+    """Labels background/organ/lesion; region-based: 'whole' = {1, 2} and 'core' = {2}. Channels x, x1, x2, ..."""
+    names = {str(c): "x" if c == 0 else f"x{c}" for c in range(channels)}
     if regions:
-        return {"channel_names": {"0": "x"}, "labels": {"background": 0, "whole": [1, 2], "core": 2},
+        return {"channel_names": names, "labels": {"background": 0, "whole": [1, 2], "core": 2},
                 "regions_class_order": [1, 2], "numTraining": 2, "file_ending": ".nii.gz"}
-    return {"channel_names": {"0": "x"}, "labels": {"background": 0, "organ": 1, "lesion": 2}, "numTraining": 2,
+    return {"channel_names": names, "labels": {"background": 0, "organ": 1, "lesion": 2}, "numTraining": 2,
             "file_ending": ".nii.gz"}
 
 
@@ -97,9 +98,9 @@ def make_trainer(cls, plans: dict, dataset: dict, device: torch.device = torch.d
 
 
 def make_batch(patch: Sequence[int], batch_size: int, n_targets: int, regions: bool = False, seed: int = 0,
-               device: torch.device = torch.device("cpu")) -> dict:
-    """data (B, 1, *patch) and the deep-supervision target list (stride 2 per level): an organ block with a
-    lesion per sample, and a second lesion in every other sample."""
+               device: torch.device = torch.device("cpu"), channels: int = 1) -> dict:
+    """data (B, channels, *patch) and the deep-supervision target list (stride 2 per level): an organ block with a
+    lesion per sample, and a second lesion in every other sample (every channel shows it, under its own noise)."""
     g = torch.Generator().manual_seed(seed)
     seg = torch.zeros(batch_size, 1, *patch)
     organ = tuple(slice(s // 5, s - s // 5) for s in patch)
@@ -110,7 +111,7 @@ def make_batch(patch: Sequence[int], batch_size: int, n_targets: int, regions: b
         if b % 2:
             lo2 = [s // 4 for s in patch]
             seg[(b, slice(None), *[slice(p, p + max(2, s // 8)) for p, s in zip(lo2, patch)])] = 2
-    data = torch.randn(batch_size, 1, *patch, generator=g) + seg
+    data = torch.randn(batch_size, channels, *patch, generator=g) + seg
     targets = [seg[(slice(None), slice(None), *[slice(None, None, 2 ** k)] * len(patch))] for k in range(n_targets)]
     if regions:  # nnU-Net's region targets: one binary channel per region
         targets = [torch.cat([(t > 0).float(), (t == 2).float()], 1) for t in targets]

@@ -136,3 +136,22 @@ def test_benchmark_with_several_teachers_has_a_floor_per_teacher_count():
     with pytest.raises(SystemExit, match="--teachers"):
         benchmark.run_setting("tiny", plans, ["nnUNetTrainerReCoKD"], torch.device("cpu"), 1, 0, teachers=[0])
 
+
+
+def test_modality_dropout_runs_on_a_two_channel_copy_and_rows_arrive_as_they_are_timed():
+    import torch
+
+    plans = sandbox.unet_plans((16, 32, 64), (8, 8, 8), batch_size=2)
+    seen = []
+    result = benchmark.run_setting("tiny", plans, ["nnUNetTrainerReCoKD_modalityDropout", "nnUNetTrainerReCoKD"],
+                                   torch.device("cpu"), steps=1, warmup=0, terms=False,
+                                   on_row=lambda partial: seen.append([r["trainer"] for r in partial["trainers"]]))
+    assert result["channels"] == 2 and plans["configurations"]["3d_fullres"]["normalization_schemes"] == [
+        "ZScoreNormalization"]  # a copy: the given plans keep their one channel
+    assert seen == [["nnUNetTrainerReCoKD_modalityDropout"],
+                    ["nnUNetTrainerReCoKD_modalityDropout", "nnUNetTrainerReCoKD"]]
+    assert all(r["teachers_loaded"] == 1 and r["ms_per_step"] > 0 for r in result["trainers"])
+    assert "reco_terms" not in result and "graph_terms" not in result  # terms=False: the steps only
+    two = benchmark.with_channels(plans, 2)
+    assert two["configurations"]["3d_fullres"]["use_mask_for_norm"] == [False, False]
+    assert set(two["foreground_intensity_properties_per_channel"]) == {"0", "1"}

@@ -14,13 +14,16 @@ depend on the weights). Networks run eagerly (nnUNet_compile=f) for every traine
 compares like with like.
 
 Settings: `hippocampus` (default) and `unet6_128` are built in and need no file; `plans` takes the 3d_fullres
-configuration of a dataset's nnUNetPlans.json given with --plans.
+configuration of a dataset's nnUNetPlans.json given with --plans. A run with a low-dose trainer uses a CT-normalised
+copy of the plans (the simulated dose degrades CT channels), one with a modality-dropout trainer a two-channel copy
+(dropout blanks one of several channels); time those separately to keep the others' floor on the plans as given.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import io
 import json
 import os
@@ -29,7 +32,7 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -105,6 +108,7 @@ def _time(fn: Callable[[], object], device: torch.device, steps: int, warmup: in
         fn()
     _sync(device)
     if device.type == "cuda":
+        gc.collect()  # trainers of earlier rows held in reference cycles would otherwise count in this peak
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -124,31 +128,110 @@ def _quiet():
 
 
 def run_setting(name: str, plans: dict, trainers: Sequence[str], device: torch.device, steps: int,
-                warmup: int, terms_only: bool = False, teachers: Sequence[int] = (1,)) -> dict:
-    """Training steps against the floor, latency and the distillation terms alone (terms_only: the terms only).
+                warmup: int, terms_only: bool = False, teachers: Sequence[int] = (1,), terms: bool = True,
+                on_row: Optional[Callable[[dict], None]] = None) -> dict:
+    """Training steps against the floor, latency and the distillation terms alone (terms_only: the terms only;
+    terms=False: no terms alone, only the steps).
 
     teachers: numbers of teachers to time each trainer with (random teachers of the setting's plans, one student):
     each count N has its own floor, a plain student step plus N teacher forwards, timed together. The top-level
     floor keys are those of the first count; "floors" holds one entry per count and each trainer row its count.
+    on_row(partial result) is called after every timed trainer, so a caller can keep what was measured when a
+    later trainer fails or a time limit ends the run.
     """
     if not teachers or any(n < 1 for n in teachers):
         raise SystemExit(f"--teachers takes counts >= 1, got {list(teachers)}")
     import nnunetv2_recokd.trainers as public
 
     check_trainers(trainers)
-    if any(default_settings(getattr(public, t)).lowdose_probability > 0 for t in trainers):
+    settings = [default_settings(getattr(public, t)) for t in trainers]
+    if any(s.lowdose_probability > 0 for s in settings):
         plans = as_ct_plans(plans)  # the simulated low dose needs a CT-normalised channel to degrade
-    dataset = sandbox.dataset_json()
+    if any(s.modality_dropout > 0 for s in settings) and _channels(plans) < 2:
+        plans = with_channels(plans, 2)  # modality dropout blanks one of several channels
     cfg = plans["configurations"]["3d_fullres"]
     patch, batch_size = cfg["patch_size"], cfg["batch_size"]
     n_stages = len(cfg["architecture"]["arch_kwargs"]["features_per_stage"])
     header = {"setting": name, "device": _device_name(device), "patch_size": patch, "batch_size": batch_size,
-              "n_stages": n_stages}
-    terms = {"reco_terms": reco_loss_cost(plans, device, steps, warmup),
-             "graph_terms": graph_loss_cost(plans, device, steps, warmup)}
+              "n_stages": n_stages, "channels": _channels(plans)}
+    alone = {}
+    if terms or terms_only:
+        alone = {"reco_terms": reco_loss_cost(plans, device, steps, warmup),
+                 "graph_terms": graph_loss_cost(plans, device, steps, warmup)}
     if terms_only:
-        return {**header, "trainers": [], **terms}
-    rows = []
+        return {**header, "trainers": [], **alone}
+    rows, floors = [], []
+    with sandbox_session(plans, max(teachers)) as session:
+        batch = session.batch(device)
+        teacher_net = session.trainer("nnUNetTrainerLogitKD", device).teacher.network
+        latency = _inference_latency(session.trainer("nnUNetTrainerStudent", device).network, teacher_net.network,
+                                     batch["data"][:1], device, steps, warmup)
+        for count in teachers:
+            session.use_teachers(count)
+            teacher_nets = session.trainer("nnUNetTrainerLogitKD", device).teachers if count > 1 else [teacher_net]
+            floor = {"teachers": count, **_measure_floor(session.trainer("nnUNetTrainerStudent", device),
+                                                         [t.network for t in teacher_nets], batch, device,
+                                                         steps, warmup)}
+            del teacher_nets
+            floors.append(floor)
+            for cls_name in trainers:
+                t = session.trainer(cls_name, device)
+                loaded = len(t.teachers)  # the count it really distils from (a row of N teachers must use N)
+                ms, peak = _time(partial(t.train_step, batch), device, steps, warmup)
+                del t
+                rows.append({"trainer": cls_name, "teachers": count, "teachers_loaded": loaded, "ms_per_step": ms,
+                             "ratio_to_floor": ms / floor["floor_ms"], "peak_gib": peak,
+                             "peak_ratio": (peak / floor["floor_peak_gib"])
+                             if peak is not None and floor["floor_peak_gib"] else None})
+                if on_row is not None:
+                    on_row({**header, "floors": floors, "trainers": rows, **latency})
+    first = {k: v for k, v in floors[0].items() if k != "teachers"}
+    return {**header, **first, "floors": floors, "trainers": rows, **latency, **alone}
+
+
+class SandboxSession:
+    """What a benchmark run shares inside sandbox_session: the plans, random teachers on disk, trainers built the
+    way nnUNetv2_train builds them (initialized, warm-ups finished) and nnU-Net-shaped batches."""
+
+    def __init__(self, root: Path, plans: dict, dataset: dict, teacher_folders: list[str]):
+        self.root, self.plans, self.dataset, self.teacher_folders = root, plans, dataset, teacher_folders
+
+    def use_teachers(self, count: int) -> None:
+        """Trainers built from now on distil from the first `count` random teachers."""
+        os.environ["RECOKD_TEACHER"] = os.pathsep.join(self.teacher_folders[:count])
+
+    def batch(self, device: torch.device) -> dict:
+        cfg = self.plans["configurations"]["3d_fullres"]
+        n_stages = len(cfg["architecture"]["arch_kwargs"]["features_per_stage"])
+        return sandbox.make_batch(cfg["patch_size"], cfg["batch_size"], n_stages - 1, device=device,
+                                  channels=_channels(self.plans))
+
+    def trainer(self, cls_name: str, device: torch.device, config: Optional[dict] = None):
+        """An initialized trainer in training mode at its last epoch (every term at full weight). config: settings
+        (RECOKD_CONFIG keys) for this trainer only, on top of the session's."""
+        import nnunetv2_recokd.trainers as public
+
+        saved = os.environ["RECOKD_CONFIG"]
+        try:
+            if config:
+                own = self.root / f"config_{cls_name}.json"
+                own.write_text(json.dumps({**json.loads(Path(saved).read_text()), **config}))
+                os.environ["RECOKD_CONFIG"] = str(own)
+            with _quiet():
+                t = sandbox.make_trainer(getattr(public, cls_name), self.plans, self.dataset, device)
+                t.initialize()
+        finally:
+            os.environ["RECOKD_CONFIG"] = saved
+        t.current_epoch = t.num_epochs - 1  # warm-ups finished: every term at full weight
+        t.network.train()
+        return t
+
+
+@contextlib.contextmanager
+def sandbox_session(plans: dict, n_teachers: int = 1) -> Iterator[SandboxSession]:
+    """A temporary nnU-Net folder tree with `n_teachers` random teachers of the plans (the first one in use) and
+    the benchmark's settings; every nnUNet_* and RECOKD_* variable is restored on exit."""
+    dataset = sandbox.dataset_json(channels=_channels(plans))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         saved_env = dict(os.environ)
@@ -156,44 +239,31 @@ def run_setting(name: str, plans: dict, trainers: Sequence[str], device: torch.d
             sandbox.prepare_folders(root, plans)
             os.environ["nnUNet_compile"] = "f"
             teacher_folders = [str(sandbox.write_random_teacher(root / f"teacher_{i}" / "model", plans, dataset,
-                                                                seed=i)) for i in range(max(teachers))]
-            os.environ["RECOKD_TEACHER"] = teacher_folders[0]
+                                                                seed=i)) for i in range(n_teachers)]
             (root / "bench.json").write_text(json.dumps({"graph_lesion_labels": [2],
                                                          "graph_min_component_voxels": 1}))
             os.environ["RECOKD_CONFIG"] = str(root / "bench.json")
-            batch = sandbox.make_batch(patch, batch_size, n_stages - 1, device=device)
-
-            def trainer(cls_name: str):
-                with _quiet():
-                    t = sandbox.make_trainer(getattr(public, cls_name), plans, dataset, device)
-                    t.initialize()
-                t.current_epoch = t.num_epochs - 1  # warm-ups finished: every term at full weight
-                t.network.train()
-                return t
-
-            teacher_net = trainer("nnUNetTrainerLogitKD").teacher.network
-            latency = _inference_latency(trainer("nnUNetTrainerStudent").network, teacher_net.network,
-                                         batch["data"][:1], device, steps, warmup)
-            floors = []
-            for count in teachers:
-                os.environ["RECOKD_TEACHER"] = os.pathsep.join(teacher_folders[:count])
-                teacher_nets = trainer("nnUNetTrainerLogitKD").teachers if count > 1 else [teacher_net]
-                floor = {"teachers": count, **_measure_floor(trainer("nnUNetTrainerStudent"),
-                                                             [t.network for t in teacher_nets], batch, device,
-                                                             steps, warmup)}
-                del teacher_nets
-                floors.append(floor)
-                for cls_name in trainers:
-                    ms, peak = _time(partial(trainer(cls_name).train_step, batch), device, steps, warmup)
-                    rows.append({"trainer": cls_name, "teachers": count, "ms_per_step": ms,
-                                 "ratio_to_floor": ms / floor["floor_ms"], "peak_gib": peak,
-                                 "peak_ratio": (peak / floor["floor_peak_gib"])
-                                 if peak is not None and floor["floor_peak_gib"] else None})
+            session = SandboxSession(root, plans, dataset, teacher_folders)
+            session.use_teachers(1)
+            yield session
         finally:
             os.environ.clear()
             os.environ.update(saved_env)
-    first = {k: v for k, v in floors[0].items() if k != "teachers"}
-    return {**header, **first, "floors": floors, "trainers": rows, **latency, **terms}
+
+
+def _channels(plans: dict) -> int:
+    return len(plans["configurations"]["3d_fullres"]["normalization_schemes"])
+
+
+def with_channels(plans: dict, n: int) -> dict:
+    """A copy of the plans with n input channels (the first channel's normalisation and statistics repeated)."""
+    plans = copy.deepcopy(plans)
+    cfg = plans["configurations"]["3d_fullres"]
+    for key in ("normalization_schemes", "use_mask_for_norm"):
+        cfg[key] = [cfg[key][min(c, len(cfg[key]) - 1)] for c in range(n)]
+    props = plans["foreground_intensity_properties_per_channel"]
+    plans["foreground_intensity_properties_per_channel"] = {str(c): props.get(str(c), props["0"]) for c in range(n)}
+    return plans
 
 
 def as_ct_plans(plans: dict) -> dict:
@@ -449,6 +519,8 @@ def main(settings: Sequence[str], trainers: Sequence[str], device: str, steps: i
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but CUDA is not available")
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as nnUNetv2_train runs its steps (autotuned in the warm-up steps)
     catalogue = settings_catalogue(plans_file)
     unknown = [s for s in settings if s not in catalogue]
     if unknown:
