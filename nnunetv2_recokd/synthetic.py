@@ -9,6 +9,11 @@ With channels=2 a second, weaker channel is added (the missing-input experiments
 most of the signal, channel 1 shows the same anatomy at a third of the contrast under more noise. With ct=True
 that channel is named "CT" (nnU-Net then plans CT normalisation for it) and written in HU-like units: 40 + 100 x
 the weak channel (organ ~73, lesions ~113, noise 50 HU), so simulated low dose adds noise of a realistic size.
+
+The same cases can be declared three ways (``labels``), the three label types nnU-Net trains: a label map ("map":
+background, organ, lesion), regions ("regions": "whole" = organ and lesions, "lesion" = lesions, with
+regions_class_order, as BraTS-style datasets do; the label files are the same) and an ignore label ("ignore": the
+last quarter of the slices along the first axis is marked unannotated, label 3, as in partially annotated data).
 """
 
 from __future__ import annotations
@@ -21,6 +26,19 @@ import numpy as np
 import SimpleITK as sitk
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
+LABEL_KINDS = ("map", "regions", "ignore")
+IGNORE = 3  # nnU-Net requires the ignore label to be the highest label value
+
+
+def dataset_labels(kind: str = "map") -> dict:
+    """dataset.json's "labels" (and "regions_class_order" for regions) of the given label kind."""
+    if kind == "map":
+        return {"labels": dict(LABELS)}
+    if kind == "regions":  # region "whole" contains region "lesion": nnU-Net draws them in regions_class_order
+        return {"labels": {"background": 0, "whole": [1, 2], "lesion": 2}, "regions_class_order": [1, 2]}
+    if kind == "ignore":
+        return {"labels": {**LABELS, "ignore": IGNORE}}
+    raise ValueError(f"labels must be one of {LABEL_KINDS}, got {kind!r}")
 
 
 def make_case(rng: np.random.Generator, size: int, lesion_radius: float) -> tuple[np.ndarray, np.ndarray]:
@@ -55,12 +73,15 @@ def _write(array: np.ndarray, path: Path) -> None:
 
 def write_dataset(raw_root: Union[str, Path], dataset_id: int = 990, name: str = "SyntheticLesions",
                   num_train: int = 10, num_test: int = 0, size: int = 48, lesion_radius: float = 0.15,
-                  seed: int = 0, channels: int = 1, ct: bool = False) -> Path:
+                  seed: int = 0, channels: int = 1, ct: bool = False, labels: str = "map") -> Path:
     """Write Dataset<ID>_<name> in nnU-Net's raw layout (imagesTr, labelsTr, dataset.json; imagesTs,
     labelsTs when num_test > 0) and return its folder. channels=2 adds the weak channel (_0001); one channel
-    gives the same cases as before that option existed."""
+    gives the same cases as before that option existed. labels: "map", "regions" or "ignore" (module docstring);
+    the images are the same for every kind, and labelsTs never holds the ignore label (held-out cases are scored
+    against a full annotation)."""
     if channels not in (1, 2):
         raise ValueError(f"channels must be 1 or 2, got {channels}")
+    label_entries = dataset_labels(labels)
     folder = Path(raw_root) / f"Dataset{dataset_id:03d}_{name}"
     for sub in ("imagesTr", "labelsTr") + (("imagesTs", "labelsTs") if num_test else ()):
         (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -72,9 +93,12 @@ def write_dataset(raw_root: Union[str, Path], dataset_id: int = 990, name: str =
         if channels == 2:
             weak = weak_channel(rng, label)
             _write(40 + 100 * weak if ct else weak, folder / f"images{split}" / f"case_{i:03d}_0001.nii.gz")
+        if labels == "ignore" and split == "Tr":
+            label = label.copy()
+            label[-(size // 4):] = IGNORE
         _write(label, folder / f"labels{split}" / f"case_{i:03d}.nii.gz")
     names = {"0": "synthetic"} if channels == 1 else {"0": "main", "1": "CT" if ct else "weak"}
-    dataset_json = {"channel_names": names, "labels": LABELS, "numTraining": num_train,
+    dataset_json = {"channel_names": names, **label_entries, "numTraining": num_train,
                     "file_ending": ".nii.gz", "name": name,
                     "description": "synthetic organ with small lesions (nnunetv2-recokd)"}
     (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))

@@ -55,6 +55,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--disable_tta", action="store_true", help="no mirroring (test-time augmentation)")
     p.add_argument("--save_probabilities", action="store_true")
     p.add_argument("--continue_prediction", action="store_true", help="skip cases whose output exists")
+    p.add_argument("-prev_stage_predictions", help="a cascade stage (3d_cascade_fullres): the folder holding the "
+                                                   "previous stage's (3d_lowres) segmentation of every case")
     p.add_argument("-npp", type=int, default=0, help="preprocessing worker processes (default 0: in this process, "
                                                      "no worker start-up; >0 uses nnU-Net's multiprocessing "
                                                      "pipeline)")
@@ -151,7 +153,12 @@ def student_inputs_main(args: argparse.Namespace) -> int:
 
 
 def predict_main(args: argparse.Namespace) -> int:
-    from nnunetv2_recokd.deploy.predictor import build_predictor, check_input_folder, predict_cases
+    from nnunetv2_recokd.deploy.predictor import (
+        build_predictor,
+        check_input_folder,
+        predict_cases,
+        previous_stage_files,
+    )
     from nnunetv2_recokd.inputs.channels import ChannelError, student_input_files
 
     staging = None
@@ -167,6 +174,7 @@ def predict_main(args: argparse.Namespace) -> int:
                   f"{list(model.dataset_json['channel_names'].values())} of them")
             args.i = staging.name
         cases = check_input_folder(args.i, model.dataset_json)
+        previous = previous_stage_files(model, cases, args.prev_stage_predictions)
         start = time.perf_counter()
         predictor = build_predictor(model, args.runtime, not args.disable_tta, args.step_size, args.threads,
                                     args.verbose, use_cache=not args.no_cache, precision=args.precision)
@@ -176,10 +184,12 @@ def predict_main(args: argparse.Namespace) -> int:
             predictor.predict_from_files(cases, args.o, save_probabilities=args.save_probabilities,
                                          overwrite=not args.continue_prediction,
                                          num_processes_preprocessing=max(1, args.npp),
-                                         num_processes_segmentation_export=max(1, args.nps))
+                                         num_processes_segmentation_export=max(1, args.nps),
+                                         folder_with_segs_from_prev_stage=args.prev_stage_predictions)
         else:
             ready = time.perf_counter() - start
-            timings = predict_cases(predictor, cases, args.o, args.save_probabilities, not args.continue_prediction)
+            timings = predict_cases(predictor, cases, args.o, args.save_probabilities, not args.continue_prediction,
+                                    previous_stage=previous)
             if timings:
                 total = sum(t.total_s for t in timings)
                 print(f"{len(timings)} case(s) in {total:.1f} s, {total / len(timings):.2f} s per case")

@@ -206,15 +206,50 @@ def check_input_folder(folder: Union[str, Path], dataset_json: dict) -> list[lis
     return [[str(folder / f"{case}_{c:04d}{ending}") for c in range(n_channels)] for case in sorted(cases)]
 
 
+def previous_stage_files(model: ModelFolder, cases: list[list[str]],
+                         folder: Optional[Union[str, Path]]) -> Optional[list[str]]:
+    """The previous stage's segmentation of each case for a cascade stage (None for any other configuration).
+
+    A cascade stage (3d_cascade_fullres) reads the previous stage's (3d_lowres) segmentation as extra input channels,
+    so, as for nnUNetv2_predict, its predictions must be given (-prev_stage_predictions). Every case is checked
+    before any network is built.
+
+    Raises:
+        DeployError: a cascade stage without the folder, cases missing from it, or the folder given to a model that is
+            not a cascade stage.
+    """
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    previous = PlansManager(model.plans).get_configuration(model.configuration).previous_stage_name
+    if previous is None:
+        if folder is not None:
+            raise DeployError("-prev_stage_predictions is for a cascade stage; this model's configuration has no "
+                              "previous stage")
+        return None
+    if folder is None:
+        raise DeployError(f"this model is a cascade stage: it reads the segmentation of its previous stage "
+                          f"({previous}) of every case; predict the cases with the {previous} model first and give "
+                          f"that output folder with -prev_stage_predictions, as for nnUNetv2_predict")
+    ending = model.dataset_json["file_ending"]
+    files = [os.path.join(str(folder), os.path.basename(c[0])[: -len(ending) - 5] + ending) for c in cases]
+    missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
+    if missing:
+        raise DeployError(f"-prev_stage_predictions {folder} lacks the {previous} segmentation of {len(missing)} "
+                          f"case(s): {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
+    return files
+
+
 def predict_cases(predictor: nnUNetPredictor, cases: list[list[str]], output_folder: Union[str, Path],
                   save_probabilities: bool = False, overwrite: bool = True,
-                  log=print) -> list[CaseTiming]:
+                  log=print, previous_stage: Optional[list[str]] = None) -> list[CaseTiming]:
     """Predict the cases in this process, one after the other, with nnU-Net's preprocessing and export.
 
     Each case is exported into ``<output_folder>/.recokd_partial`` and moved into place once complete. Returns one
-    CaseTiming per predicted case (cases skipped because their output exists are not listed).
+    CaseTiming per predicted case (cases skipped because their output exists are not listed). previous_stage: a
+    cascade stage's input segmentation per case (previous_stage_files), appended one-hot as nnU-Net's predictor does.
     """
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
+    from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 
     output = Path(output_folder)
     output.mkdir(parents=True, exist_ok=True)
@@ -226,15 +261,19 @@ def predict_cases(predictor: nnUNetPredictor, cases: list[list[str]], output_fol
     _write_json(output / "plans.json", predictor.plans_manager.plans)
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=predictor.verbose)
     timings = []
+    foreground = predictor.plans_manager.get_label_manager(predictor.dataset_json).foreground_labels
     try:
-        for files in cases:
+        for i, files in enumerate(cases):
             case = os.path.basename(files[0])[: -len(ending) - 5]
             if not overwrite and (output / f"{case}{ending}").is_file():
                 log(f"{case}: exists, skipped (--continue_prediction)")
                 continue
             t0 = time.perf_counter()
-            data, _, properties = preprocessor.run_case(files, None, predictor.plans_manager,
-                                                        predictor.configuration_manager, predictor.dataset_json)
+            seg_file = previous_stage[i] if previous_stage is not None else None
+            data, seg, properties = preprocessor.run_case(files, seg_file, predictor.plans_manager,
+                                                          predictor.configuration_manager, predictor.dataset_json)
+            if seg_file is not None:  # nnU-Net's predictor: the previous stage's labels as one-hot input channels
+                data = np.vstack((data, convert_labelmap_to_one_hot(seg[0], foreground, data.dtype)))
             t1 = time.perf_counter()
             logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
             t2 = time.perf_counter()
