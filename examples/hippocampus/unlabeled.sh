@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# Does the teacher pay through unlabeled scans? The Hippocampus protocol of issue #20, every row from one script.
+#
+# The shared fold-0 teacher (../shared/teachers, trained on fold 0's 166 training cases), width-1/4 students, one
+# fixed budget per student (EPOCHS x ITERS iterations, default 15 x 100), all scored the same way: nnUNetv2_predict
+# (mirroring on, as nnU-Net's validation) on held-out cases no model trained on, nnUNetv2_evaluate_folder, mean
+# foreground Dice.
+#
+#   a   control, k labelled cases (k drawn by seed 0 from fold 0's training cases)      -> Dataset104 (k + 42 val)
+#   b   ReCo-KD, the same k labelled cases, no unlabeled ones                            -> Dataset104
+#   c   the same k + the other fold-0 training cases unlabeled, labelled by the teacher -> Dataset204:
+#       c_student (the control trainer on teacher labels: pseudo-labels alone), c_recokd, c_logitkd
+#   d   zero labels: all 166 fold-0 training cases unlabeled (fold all of Dataset304)
+#   e   control with all 166 labelled cases (Dataset004 fold 0)
+#   u   the pair on scans the teacher never saw: k labelled, half of fold 0's validation cases unlabeled, scored on
+#       the other half (Dataset105 / Dataset205): u_a (control), u_c (c_student's recipe)
+#   w8  width 1/8: w8_a (control on Dataset104) and w8_c (control trainer, width 1/8, on Dataset204)
+# held-out: fold 0's 42 validation cases (rows a-e, w8), 21 of them (rows u).
+# NB the teacher was trained on fold 0's training cases, so its labels of them (rows c, d) are better than its labels
+# of new scans would be: rows u measure that case.
+#
+#   ROWS="a c_student" SEEDS="0 1 2" bash examples/hippocampus/unlabeled.sh
+#
+# Environment: WORK (default ./hippocampus_unlabeled), SHARED (default ../shared beside the repository), ROWS
+# (default: every row), SEEDS (default 0), K (20), EPOCHS (15), ITERS (100), DEVICE (cpu|cuda; default cpu),
+# THREADS (torch threads per training, default 1 on cpu: two trainings share a 2-core machine).
+# Results: $WORK/table.md and table.json (one line per row and seed), and each model's summary.json.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+SHARED=${SHARED:-$(cd "$here/../../../shared" && pwd)}
+WORK=${WORK:-$PWD/hippocampus_unlabeled}
+ROWS=${ROWS:-"a b c_student c_recokd c_logitkd d e u_a u_c w8_a w8_c"}
+SEEDS=${SEEDS:-0}
+K=${K:-20}
+EPOCHS=${EPOCHS:-15}
+ITERS=${ITERS:-100}
+DEVICE=${DEVICE:-cpu}
+THREADS=${THREADS:-1}
+SOURCE=$SHARED/data/Dataset004_Hippocampus
+TEACHER=$SHARED/teachers/Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres
+
+export nnUNet_raw=$WORK/raw nnUNet_preprocessed=$WORK/preprocessed nnUNet_results=$WORK/results
+mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results" "$WORK/logs" "$WORK/scores"
+train_env=()
+if [ "$DEVICE" = cpu ]; then
+  export nnUNet_def_n_proc=1 nnUNet_compile=f nnUNet_npp=0 nnUNet_nps=0
+  train_env=(nnUNet_n_proc_DA=0 OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS")
+fi
+
+# a dataset of raw links preprocessed with the teacher's plans (no re-planning: the teacher's spacing and patch)
+few_label_dataset() {  # id name unlabeled-folder mode
+  local id=$1 name=Dataset$1_$2 unlabeled=$3 mode=$4
+  [ -f "$nnUNet_preprocessed/$name/nnUNetPlans_3d_fullres/.done" ] && return
+  python "$here/few_labels.py" "$SOURCE" "$nnUNet_raw" "$nnUNet_preprocessed" "$name" "$unlabeled" --k "$K" \
+    --seed 0 --unlabeled-cases "$mode"
+  python - "$TEACHER/plans.json" "$nnUNet_preprocessed/$name" "$name" <<'PY'
+import json, shutil, sys
+plans, out, name = sys.argv[1:]
+p = json.load(open(plans)); p["dataset_name"] = name
+json.dump(p, open(f"{out}/nnUNetPlans.json", "w"), indent=1)
+shutil.copy(f"{out}/../../raw/{name}/dataset.json", f"{out}/dataset.json")
+PY
+  nnUNetv2_extract_fingerprint -d "$id" -np 1 > "$WORK/logs/fingerprint_$id.log" 2>&1
+  nnUNetv2_preprocess -d "$id" -c 3d_fullres -np 2 > "$WORK/logs/preprocess_$id.log" 2>&1
+  touch "$nnUNet_preprocessed/$name/nnUNetPlans_3d_fullres/.done"
+}
+
+held_out_images() {  # dataset-name -> a folder with its fold-0 validation images (links)
+  local name=$1 out=$WORK/heldout_$1
+  if [ ! -d "$out" ]; then
+    mkdir -p "$out"
+    python - "$nnUNet_preprocessed/$name/splits_final.json" "$SOURCE/imagesTr" "$out" <<'PY'
+import json, os, sys
+splits, images, out = sys.argv[1:]
+for case in json.load(open(splits))[0]["val"]:
+    os.symlink(os.path.join(images, f"{case}_0000.nii.gz"), os.path.join(out, f"{case}_0000.nii.gz"))
+PY
+  fi
+  echo "$out"
+}
+
+# train one student (skipped when done), predict the held-out cases, evaluate: $WORK/scores/<row>_s<seed>.json
+student() {  # row seed dataset-id fold trainer held-out-dataset-name [extra settings json]
+  local row=$1 seed=$2 id=$3 fold=$4 tr=$5 heldout=$6 extra=${7:-}
+  local results=$WORK/results_$row/s$seed
+  local config=$WORK/config_${row}_s$seed.json
+  echo "{\"num_epochs\": $EPOCHS, \"num_iterations_per_epoch\": $ITERS, \"num_val_iterations_per_epoch\": 5,"\
+       "\"seed\": $seed${extra:+, $extra}}" > "$config"
+  local name; name=$(basename "$(ls -d "$nnUNet_raw"/Dataset"$(printf %03d "$id")"_*)")
+  local model=$results/$name/${tr}__nnUNetPlans__3d_fullres
+  if [ ! -f "$model/fold_$fold/checkpoint_final.pth" ]; then
+    echo "== $row seed $seed: train $tr on $name fold $fold ($EPOCHS x $ITERS, $DEVICE)"
+    env "${train_env[@]}" nnUNet_results="$results" RECOKD_CONFIG="$config" \
+      nnUNetv2_train "$id" 3d_fullres "$fold" -tr "$tr" -device "$DEVICE" > "$WORK/logs/${row}_s$seed.log" 2>&1
+  fi
+  local pred=$WORK/pred_${row}_s$seed
+  if [ ! -f "$pred/summary.json" ]; then
+    nnUNetv2_predict_from_modelfolder -i "$(held_out_images "$heldout")" -o "$pred" -m "$model" -f "$fold" \
+      -device "$DEVICE" -npp 1 -nps 1 > "$WORK/logs/predict_${row}_s$seed.log" 2>&1
+    nnUNetv2_evaluate_folder "$SOURCE/labelsTr" "$pred" -djfile "$model/dataset.json" -pfile "$model/plans.json" \
+      > "$WORK/logs/evaluate_${row}_s$seed.log" 2>&1
+  fi
+  python - "$pred/summary.json" "$model/fold_$fold" "$row" "$seed" "$tr" "$name" "$fold" \
+    > "$WORK/scores/${row}_s$seed.json" <<'PY'
+import json, os, sys
+summary, fold_dir, row, seed, trainer, dataset, fold = sys.argv[1:]
+s = json.load(open(summary))
+cases = os.path.join(fold_dir, "recokd_training_cases.json")
+print(json.dumps({"row": row, "seed": int(seed), "trainer": trainer, "dataset": dataset, "fold": fold,
+                  "dice_mean": s["foreground_mean"]["Dice"],
+                  "dice_per_class": {k: v["Dice"] for k, v in s["mean"].items()},
+                  "held_out_cases": len(s["metric_per_case"]),
+                  "training_cases": json.load(open(cases)) if os.path.exists(cases) else None}))
+PY
+  echo "== $row seed $seed: $(python -c "import json,sys; print(round(json.load(open(sys.argv[1]))['dice_mean'], 4))" \
+    "$WORK/scores/${row}_s$seed.json")"
+}
+
+derived() {  # id labelled-id unlabeled-folder name [labelled-id empty: zero labels]
+  local id=$1 labelled=$2 unlabeled=$3 name=$4
+  [ -d "$nnUNet_raw/Dataset${id}_$name" ] && [ -f "$nnUNet_preprocessed/Dataset${id}_$name/splits_final.json" ] \
+    && return
+  local d_args=()
+  [ -n "$labelled" ] && d_args=(-d "$labelled")
+  nnunetv2_recokd add-unlabeled -i "$unlabeled" -t "$TEACHER" "${d_args[@]}" --id "$id" --name "$name" \
+    -device "$DEVICE" -np 2 --threads 2 > "$WORK/logs/add_unlabeled_$id.log" 2>&1
+}
+
+wants() { [[ " $ROWS " == *" $1 "* ]]; }
+
+few_label_dataset 104 HippoK20 "$WORK/unlabeled_k20" train-rest
+if wants c_student || wants c_recokd || wants c_logitkd || wants w8_c; then
+  derived 204 104 "$WORK/unlabeled_k20" HippoK20Unlabeled
+fi
+for seed in $SEEDS; do
+  wants a && student a "$seed" 104 0 nnUNetTrainerStudent Dataset104_HippoK20
+  wants b && student b "$seed" 104 0 nnUNetTrainerReCoKD Dataset104_HippoK20 "\"teacher\": \"$TEACHER\""
+  wants c_student && student c_student "$seed" 204 0 nnUNetTrainerStudent Dataset104_HippoK20
+  wants c_recokd && student c_recokd "$seed" 204 0 nnUNetTrainerReCoKD Dataset104_HippoK20
+  wants c_logitkd && student c_logitkd "$seed" 204 0 nnUNetTrainerLogitKD Dataset104_HippoK20
+  wants w8_a && student w8_a "$seed" 104 0 nnUNetTrainerStudent_w8 Dataset104_HippoK20
+  wants w8_c && student w8_c "$seed" 204 0 nnUNetTrainerStudent_w8 Dataset104_HippoK20
+  if wants d; then
+    # every fold-0 training case unlabeled; fold all trains on all of them; the student's fold "all" names no
+    # teacher fold, so teacher_folds picks the teacher's fold 0
+    mkdir -p "$WORK/unlabeled_all"
+    python - "$SOURCE" "$WORK/unlabeled_all" <<'PY'
+import json, os, sys
+from nnunetv2.utilities.crossval_split import generate_crossval_split
+source, out = sys.argv[1:]
+cases = sorted(f[:-7] for f in os.listdir(os.path.join(source, "labelsTr")) if f.endswith(".nii.gz"))
+for case in generate_crossval_split(cases, seed=12345, n_splits=5)[0]["train"]:
+    target = os.path.join(out, f"{case}_0000.nii.gz")
+    if not os.path.exists(target):
+        os.symlink(os.path.join(source, "imagesTr", f"{case}_0000.nii.gz"), target)
+PY
+    derived 304 "" "$WORK/unlabeled_all" HippoAllUnlabeled
+    student d "$seed" 304 all nnUNetTrainerStudent Dataset104_HippoK20
+  fi
+  if wants e; then
+    if [ ! -f "$nnUNet_preprocessed/Dataset004_Hippocampus/nnUNetPlans_3d_fullres/.done" ]; then
+      [ -e "$nnUNet_raw/Dataset004_Hippocampus" ] || ln -s "$SOURCE" "$nnUNet_raw/Dataset004_Hippocampus"
+      nnUNetv2_plan_and_preprocess -d 4 -c 3d_fullres -np 2 > "$WORK/logs/plan_004.log" 2>&1
+      touch "$nnUNet_preprocessed/Dataset004_Hippocampus/nnUNetPlans_3d_fullres/.done"
+    fi
+    student e "$seed" 4 0 nnUNetTrainerStudent Dataset104_HippoK20
+  fi
+  if wants u_a || wants u_c; then
+    few_label_dataset 105 HippoK20Half "$WORK/unlabeled_valhalf" val-half
+    wants u_a && student u_a "$seed" 105 0 nnUNetTrainerStudent Dataset105_HippoK20Half
+    if wants u_c; then
+      derived 205 105 "$WORK/unlabeled_valhalf" HippoK20HalfUnlabeled
+      student u_c "$seed" 205 0 nnUNetTrainerStudent Dataset105_HippoK20Half
+    fi
+  fi
+done
+
+python - "$WORK/scores" "$WORK" <<'PY'
+import json, statistics, sys
+from pathlib import Path
+scores, work = Path(sys.argv[1]), Path(sys.argv[2])
+rows = [json.loads(p.read_text()) for p in sorted(scores.glob("*.json")) if p.stat().st_size]
+json.dump(rows, open(work / "table.json", "w"), indent=1)
+lines = ["| row | seed | trainer | dataset | fold | held-out cases | mean Dice | Dice per class |",
+         "|---|---|---|---|---|---|---|---|"]
+for r in rows:
+    per = ", ".join(f"{k}: {v:.4f}" for k, v in r["dice_per_class"].items())
+    lines.append(f"| {r['row']} | {r['seed']} | {r['trainer']} | {r['dataset']} | {r['fold']} | {r['held_out_cases']} "
+                 f"| {r['dice_mean']:.4f} | {per} |")
+(work / "table.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
