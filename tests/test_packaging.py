@@ -21,6 +21,7 @@ def test_wheel_contains_trainer_configs_and_shim(tmp_path):
                        for name in ["defaults", *shipped_config_names()]}
     assert len(shipped) > 10
     assert "nnunetv2_recokd/nnunet_ext/nnunetv2_recokd_trainers.py" in names
+    assert "nnunetv2_recokd/__main__.py" in names  # `python -m nnunetv2_recokd` from an installed wheel
     assert {"nnunetv2_recokd/deploy/export.py", "nnunetv2_recokd/deploy/predictor.py",
             "nnunetv2_recokd/deploy/runtime.py"} <= names
     assert not any(n.startswith(("tests/", "examples/")) for n in names)
