@@ -36,6 +36,7 @@ from nnunetv2_recokd.deploy.modelfolder import DeployError, ModelFolder, open_mo
 DATASET_KEY = "recokd_unlabeled"  # dataset.json: where the teacher-labelled cases and their teacher are recorded
 STAGING = ".recokd_partial"  # hidden staging root under nnUNet_raw / nnUNet_preprocessed (never a Dataset<id>_ name)
 REQUEST_FILE = "recokd_unlabeled_request.json"
+TRAINING_CASES_FILE = "recokd_training_cases.json"  # fold folder: how many real and teacher-labelled cases trained it
 
 
 class UnlabeledError(ValueError):

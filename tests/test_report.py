@@ -221,3 +221,24 @@ def test_held_out_table_lists_dice_and_seconds_per_case():
     assert "| mean Dice | s / case | s / case, CPU openvino |" in text
     assert "| nnUNetTrainerReCoKD | 0.8123 | 0.5000 | 0.6562 | 1.23 | 0.12 |" in text
     assert "| nnUNetTrainerStudent | - | - | - | - | - |" in text
+
+
+def test_a_student_of_teacher_labelled_cases_says_how_many_and_what_its_validation_means(
+        results: tuple[Path, dict[str, int]]) -> None:
+    root, _ = results
+    fold = root / DATASET / "nnUNetTrainerReCoKD__nnUNetPlans__3d_fullres" / "fold_0"
+    (fold / "recokd_training_cases.json").write_text(json.dumps(
+        {"real": 0, "teacher_labelled": 12, "validation_teacher_labelled": 3, "validation": 3,
+         "teacher_label_weight": 0.5, "teacher": "/t"}))
+    try:
+        rows = {r["trainer"]: r for r in report.collect_rows("992", latency=False)}
+        text = report.to_markdown(list(rows.values()))
+    finally:
+        (fold / "recokd_training_cases.json").unlink()
+    assert rows["nnUNetTrainerReCoKD"]["training_cases"]["teacher_labelled"] == 12
+    assert rows["nnUNetTrainerStudent"]["training_cases"] is None
+    line = next(li for li in text.splitlines() if li.startswith("| nnUNetTrainerReCoKD "))
+    assert "(vs teacher)" in line
+    assert ("nnUNetTrainerReCoKD: trained on 0 cases with real labels and 12 labelled by the teacher (seg-loss "
+            "weight 0.5)") in text
+    assert "AGREEMENT WITH THE TEACHER" in text

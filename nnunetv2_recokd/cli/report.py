@@ -26,6 +26,7 @@ from typing import Any, Optional, Union
 import torch
 
 from nnunetv2_recokd.profiling import inference_latency_ms
+from nnunetv2_recokd.unlabeled import TRAINING_CASES_FILE
 
 TEACHER_TRAINER = "nnUNetTrainer"
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
@@ -295,6 +296,8 @@ def collect_row(trainer: str, model_folder: Path, configuration: str, fold: str,
                            "params": count_checkpoint_parameters(loaded) if checkpoint else None,
                            # the teacher was trained on some of the validation cases (allow_leaky_teacher)
                            "validation_optimistic": (loaded.get("recokd") or {}).get("teacher_saw_validation_cases"),
+                           # a derived dataset (add-unlabeled): how many real and teacher-labelled cases trained it
+                           "training_cases": _read_json(fold_folder / TRAINING_CASES_FILE) or None,
                            "status": "validated" if summary_path.is_file() else NOT_VALIDATED,
                            "dice": {}, "mean_dice": None, "n_cases": 0, "latency_ms": None, "latency_note": None}
     if summary_path.is_file():
@@ -366,6 +369,16 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
             else:
                 notes.append(f"- {row['trainer']}: validation OPTIMISTIC: its teacher was trained on {leak['cases']} "
                              f"of the {leak['of']} validation cases (teacher fold {folds})")
+        cases = row.get("training_cases")
+        if cases:
+            notes.append(f"- {row['trainer']}: trained on {cases['real']} cases with real labels and "
+                         f"{cases['teacher_labelled']} labelled by the teacher (seg-loss weight "
+                         f"{cases.get('teacher_label_weight', 1):g})")
+            if cases.get("validation_teacher_labelled") and row["status"] == "validated":
+                mean += " (vs teacher)"
+                notes.append(f"- {row['trainer']}: {cases['validation_teacher_labelled']} of its "
+                             f"{cases.get('validation')} validation cases are labelled by the teacher: its validation "
+                             f"Dice is AGREEMENT WITH THE TEACHER, not accuracy")
         dice = [_fmt(row["dice"].get(c), ".4f") for c in classes]
         latency = _fmt(row["latency_ms"], ".1f", "n/a")
         lines.append("| " + " | ".join([_label(row), f"{row['width']:g}", params, *dice, mean, latency]) + " |")

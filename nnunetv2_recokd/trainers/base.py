@@ -64,14 +64,18 @@ from nnunetv2_recokd.teacher import (
     resolve_teachers,
 )
 from nnunetv2_recokd.trainers.ddp import all_reduce_gradients
-from nnunetv2_recokd.unlabeled import count_training_cases, dataset_teacher, teacher_labelled_cases
+from nnunetv2_recokd.unlabeled import (
+    TRAINING_CASES_FILE,
+    count_training_cases,
+    dataset_teacher,
+    teacher_labelled_cases,
+)
 from nnunetv2_recokd.trainers.progress import KD_PREFIX, SEG_KEY, DistillLocalLogger, ensure_key
 
 CHECKPOINT_KEY = "recokd"
 DISTILLER_SEED_OFFSET = 7919  # the distiller's own seed is the run's seed plus this
 GRAD_PREFIX = "train_grad_"  # logger keys of the gradient norms (not drawn in progress.png)
 TEACHER_PREFIX = "teacher"  # step outputs teacher<i>_<term>: one teacher's share of a term (several teachers)
-TRAINING_CASES_FILE = "recokd_training_cases.json"  # fold folder: how many real and teacher-labelled cases trained it
 
 
 class nnUNetTrainerDistillBase(nnUNetTrainer):
