@@ -127,3 +127,16 @@ def test_doctor_checks_every_fold_teacher_of_an_ensemble_trainer(tmp_path, monke
         assert str(folder / f"fold_{fold}" / "checkpoint_final.pth") in out
     assert out.count("M parameters") == 2 and "does not fit the network built from" in out
     assert "matches the student's data" not in out
+
+
+def test_doctor_finds_the_teacher_a_derived_dataset_names(tmp_path, monkeypatch, capsys):
+    folder = _setup(tmp_path, monkeypatch, teacher_dataset_name="Dataset004_Original")
+    elsewhere = tmp_path / "downloaded" / folder.name
+    shutil.move(str(folder), str(elsewhere))  # not at nnU-Net's default location
+    pre = tmp_path / "preprocessed" / sandbox.SANDBOX_DATASET
+    dataset = json.loads((pre / "dataset.json").read_text())
+    (pre / "dataset.json").write_text(json.dumps({**dataset, "recokd_unlabeled": {"teacher": str(elsewhere)}}))
+    cli.main(["doctor", "-d", sandbox.SANDBOX_DATASET])
+    out = capsys.readouterr().out
+    assert f"checkpoint {elsewhere / 'fold_0' / 'checkpoint_final.pth'} (from the dataset's dataset.json" in out
+    assert "matches the student's data" in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from importlib import metadata
@@ -144,10 +145,15 @@ def _doctor_teacher(dataset: str, configuration: str, fold: str, trainer: str, p
         student = _plans_and_dataset(student_plans_file, configuration, "the student's")
         if student is None:
             return False
+    from nnunetv2_recokd.unlabeled import dataset_teacher
+
+    # a derived dataset (add-unlabeled) names its teacher in dataset.json, as the trainers read it
+    dataset_json = Path(preprocessed or "") / dataset_name / "dataset.json"
+    named = dataset_teacher(json.loads(dataset_json.read_text())) if dataset_json.is_file() else None
     try:
         locations = resolve_teachers(settings.teacher, settings.teacher_folds, dataset_name, configuration,
                                      fold_value, settings.teacher_trainer, settings.teacher_plans or plans,
-                                     settings.teacher_checkpoint)
+                                     settings.teacher_checkpoint, dataset_teacher=named)
     except TeacherError as e:
         _print_error(e)
         return False
