@@ -250,3 +250,54 @@ def test_fold_all_teacher_is_refused_with_or_without_its_validation_summary(work
         assert "the teacher (fold all) was trained on 2 of the student's 2 validation cases" in text, attempt
         assert "fold_all (trained on every case)" in text and "Epoch 0" not in text, attempt
         summary.unlink(missing_ok=True)
+
+
+def test_unlabeled_scans_through_nnunets_commands(workspace):
+    """add-unlabeled with the trained teacher: the 2 held-out scans become teacher-labelled training cases of a new
+    dataset; ReCo-KD trains on it with the original dataset's teacher and no flags, continues with --c, predicts and
+    is evaluated by nnU-Net's commands; then the label-free variant (teacher labels only)."""
+    root, env = workspace
+    env = {k: v for k, v in env.items() if k != "RECOKD_CONFIG"}
+    teacher = root / "res" / DATASET / TEACHER_FOLDER
+    images = root / "raw" / DATASET / "imagesTs"
+    text = _run(["nnunetv2_recokd", "add-unlabeled", "-i", str(images), "-t", str(teacher), "-d", str(DATASET_ID),
+                 "--id", "993", "-f", "0", "--disable_tta", "-device", "cpu", "-np", "1"], env, root / "add.log")
+    assert "[2/2] case_011" in text and "10 labelled + 2 teacher-labelled cases" in text
+    derived = root / "raw" / "Dataset993_SyntheticLesionsUnlabeled"
+    assert sorted(p.name for p in (derived / "labelsTr").iterdir())[-2:] == ["case_010.nii.gz", "case_011.nii.gz"]
+    splits = json.loads((root / "pre" / derived.name / "splits_final.json").read_text())
+    assert all({"case_010", "case_011"} <= set(f["train"]) and not {"case_010", "case_011"} & set(f["val"])
+               for f in splits)
+    again = _run(["nnunetv2_recokd", "add-unlabeled", "-i", str(images), "-t", str(teacher), "-d", str(DATASET_ID),
+                  "--id", "993", "-f", "0", "--disable_tta", "-device", "cpu"], env, root / "add_again.log")
+    assert "nothing to do" in again
+
+    settings = {"num_epochs": 1, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1, "seed": 0,
+                "reco_warmup": 0.0}
+    (root / "derived.json").write_text(json.dumps(settings))
+    kd_env = {**env, "RECOKD_CONFIG": str(root / "derived.json")}
+    train = ["nnUNetv2_train", "993", "3d_fullres", "0", "-tr", "nnUNetTrainerReCoKD", "-device", "cpu"]
+    text = _run(train, kd_env, root / "derived_train.log")
+    assert "the dataset's dataset.json" in text and TEACHER_FOLDER in text  # the teacher found from the dataset
+    assert "training cases: 8 with real labels, 2 labelled by the teacher" in text
+    out = root / "res" / derived.name / "nnUNetTrainerReCoKD__nnUNetPlans__3d_fullres" / "fold_0"
+    assert json.loads((out / "recokd_training_cases.json").read_text())["teacher_labelled"] == 2
+    (root / "derived.json").write_text(json.dumps({**settings, "num_epochs": 2}))
+    text = _run([*train, "--c"], kd_env, root / "derived_resumed.log")
+    assert "Restored checkpoint at epoch 1 with distillation modules" in text
+    pred = root / "pred_derived"
+    _run(["nnUNetv2_predict", "-i", str(images), "-o", str(pred), "-d", "993", "-c", "3d_fullres", "-tr",
+          "nnUNetTrainerReCoKD", "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env,
+         root / "predict_derived.log")
+    pre = root / "pre" / derived.name
+    _run(["nnUNetv2_evaluate_folder", str(root / "raw" / DATASET / "labelsTs"), str(pred), "-djfile",
+          str(pre / "dataset.json"), "-pfile", str(pre / "nnUNetPlans.json")], env, root / "evaluate_derived.log")
+    assert len(json.loads((pred / "summary.json").read_text())["metric_per_case"]) == 2
+
+    # no labels at all: the teacher's labels alone; validation is agreement with the teacher and says so
+    _run(["nnunetv2_recokd", "add-unlabeled", "-i", str(images), "-t", str(teacher), "--id", "994", "-f", "0",
+          "--disable_tta", "-device", "cpu", "-np", "1"], env, root / "add_label_free.log")
+    text = _run(["nnUNetv2_train", "994", "3d_fullres", "0", "-tr", "nnUNetTrainerStudent", "-device", "cpu"],
+                {**env, "RECOKD_CONFIG": str(root / "derived.json")}, root / "label_free.log")
+    assert "training cases: 0 with real labels, 1 labelled by the teacher" in text
+    assert "AGREEMENT WITH THE TEACHER" in text
