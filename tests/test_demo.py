@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,11 +66,22 @@ def test_demo_ensemble_flag_reaches_main_and_is_checked(monkeypatch, tmp_path):
     assert cli.main(["demo", "--device", "cpu"]) == 0 and seen["ensemble"] == 0  # off by default
 
 
-def test_demo_ensemble_story_on_the_smallest_demo(smallest_demo):
+def test_demo_ensemble_story_on_the_smallest_demo(smallest_demo, monkeypatch):
     """--ensemble 2 after the smallest demo's steps (the same calls main makes, continuing from its folders):
-    teacher fold 1, one student distilled from folds 0 and 1, the extra table."""
+    teacher fold 1, one student distilled from folds 0 and 1, the extra table. The four held-out evaluations are
+    the smallest demo's own code path (nnUNetv2_predict, the runtime, nnUNetv2_evaluate_folder: tested above), so
+    here they return fixed scores (suite time: each costs three nnU-Net command starts)."""
     out, proc = smallest_demo
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    evaluated = []
+
+    def scores(self, tag, trainer, model_folder, env, folds=(0,), tta=False, runtime=True):
+        evaluated.append((trainer, list(folds), tta, runtime, Path(model_folder).name))
+        return {"dice": {"organ": 0.9, "lesion": 0.5}, "mean_dice": 0.7, "cases": 2,
+                "evaluated_on": "held-out test cases", "stock_s_per_case": 1.5,
+                **({"runtime_s_per_case": 0.5} if runtime else {})}
+
+    monkeypatch.setattr(demo.Evaluation, "held_out_scores", scores)
     progress = demo.Progress(2 + demo.ensemble_steps(2))
     setup = demo.prepare(str(out), "cpu", None, 6, 2, None, progress)  # same data; planning is skipped
     story = demo.ensemble_story(setup, progress, 2, seed=0, student_epochs=1, iterations=4, warmup=0.0)
@@ -89,6 +101,10 @@ def test_demo_ensemble_story_on_the_smallest_demo(smallest_demo):
     assert rows[2]["runtime_s_per_case"] > 0 and all("runtime_s_per_case" not in r for r in rows[:2] + rows[3:])
     assert rows[0]["params"] == 2 * rows[1]["params"] and rows[1]["params"] > 12 * rows[2]["params"]
     assert rows[0]["gflops_per_patch"] == 2 * rows[1]["gflops_per_patch"]
+    assert [e[:4] for e in evaluated] == [("nnUNetTrainerTeacher", [0, 1], True, False),
+                                          ("nnUNetTrainerTeacher", [0], True, False),
+                                          ("nnUNetTrainerLogitKD_ensemble", [0], False, True),
+                                          ("nnUNetTrainerLogitKD_ensemble", [0], True, False)]
 
     student = out / "nnunet" / "results" / "students_seed0" / "Dataset990_SyntheticLesions" / \
         "nnUNetTrainerLogitKD_ensemble__nnUNetPlans__3d_fullres"

@@ -337,3 +337,11 @@ def test_term_gradients_are_refused_under_ddp_and_unscaled_under_a_grad_scaler(t
     trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     scaled = {k: v.item() for k, v in trainer._term_gradient_norms(seg, terms, 0.5).items()}
     assert scaled.keys() == plain.keys() and all(scaled[k] == pytest.approx(plain[k], rel=1e-5) for k in plain)
+
+
+def test_the_control_never_looks_for_a_teacher(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("RECOKD_TEACHER", str(tmp_path / "does_not_exist"))
+    trainer = make_trainer(nnUNetTrainerStudent, *tiny)
+    trainer.initialize()
+    assert trainer.teachers == [] and trainer.distiller is None
+    assert set(trainer.train_step(tiny_batch())) == {"loss"}

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from nnunetv2_recokd import sandbox
 from nnunetv2_recokd.trainers import nnUNetTrainerReCoKD, nnUNetTrainerStudent
