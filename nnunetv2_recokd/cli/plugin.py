@@ -44,8 +44,10 @@ def install(uninstall: bool = False) -> int:
         print(f"removed {target}")
         return 0
     source = (ext_folder() / SHIM_NAME).read_text()
-    try:
-        target.write_text(SHIM_MARKER + source)
+    try:  # written whole, then renamed: a process importing nnU-Net's trainers meanwhile never reads half a file
+        partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        partial.write_text(SHIM_MARKER + source)
+        os.replace(partial, target)
     except OSError as e:
         print(f"cannot write {target} ({e}).\nEither run this with write access to the nnU-Net installation, or "
               f"use nnU-Net's external trainer route instead:\n  export nnUNet_extTrainer={ext_folder()}",
