@@ -28,6 +28,7 @@ from nnunetv2_recokd.deploy.modelfolder import DeployError, open_model_folder
 from nnunetv2_recokd.deploy.predictor import build_predictor, check_input_folder, dice_per_class, predict_cases
 from nnunetv2_recokd.deploy.runtime import compile_network, export_onnx
 from nnunetv2_recokd.synthetic import make_case
+from tests.tiny_nnunet import BLOCKER
 
 PATCH = (16, 16, 16)
 STUDENT = "nnUNetTrainerReCoKD__nnUNetPlans__3d_fullres"
@@ -455,17 +456,6 @@ def test_predict_command_writes_nothing_on_bad_input(world, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- stock nnU-Net
-BLOCKER = '''
-import sys
-class _NoRecoKD:
-    """Makes this interpreter behave as if nnunetv2-recokd were not installed."""
-    def find_spec(self, name, path=None, target=None):
-        if name == "nnunetv2_recokd" or name.startswith("nnunetv2_recokd."):
-            raise ModuleNotFoundError("No module named 'nnunetv2_recokd'", name="nnunetv2_recokd")
-        return None
-sys.meta_path.insert(0, _NoRecoKD())
-'''
-
 
 def _nnunet(args: list[str], env: dict) -> None:
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)

@@ -51,6 +51,7 @@ import torch
 
 from nnunetv2_recokd.cli.demo import run_logged
 from nnunetv2_recokd.synthetic import write_dataset
+from tests.tiny_nnunet import BLOCKER
 
 SIZE = 24  # voxels per axis: the fullres patch is the whole image, one sliding-window position per case
 CASES = 5  # nnU-Net's 5-fold split needs 5 training cases; fold 0 validates one of them
@@ -480,17 +481,6 @@ def test_cascade_through_nnunet_commands(world: World, monkeypatch, capsys) -> N
                  "0", "--runtime", "torch"]) == 1
     assert "-prev_stage_predictions" in capsys.readouterr().err and not refused.exists()
 
-
-BLOCKER = '''
-import sys
-class _NoRecoKD:
-    """Makes this interpreter behave as if nnunetv2-recokd were not installed."""
-    def find_spec(self, name, path=None, target=None):
-        if name == "nnunetv2_recokd" or name.startswith("nnunetv2_recokd."):
-            raise ModuleNotFoundError("No module named 'nnunetv2_recokd'", name="nnunetv2_recokd")
-        return None
-sys.meta_path.insert(0, _NoRecoKD())
-'''
 
 # nnUNetv2_predict's code (predict_entry_point with -npp 0 -nps 0 runs predict_from_files_sequential) on every export
 STOCK_PREDICT = '''

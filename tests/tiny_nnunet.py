@@ -28,3 +28,17 @@ def setup_env(root: Path, monkeypatch, regions: bool = False, teacher: bool = Tr
 
 def tiny_batch(regions: bool = False, seed: int = 0) -> dict:
     return sandbox.make_batch(PATCH, 2, n_targets=2, regions=regions, seed=seed)
+
+
+# a sitecustomize.py that makes a Python interpreter behave as if nnunetv2-recokd were not installed (stock
+# nnU-Net predicting an exported model folder)
+BLOCKER = '''
+import sys
+class _NoRecoKD:
+    """Makes this interpreter behave as if nnunetv2-recokd were not installed."""
+    def find_spec(self, name, path=None, target=None):
+        if name == "nnunetv2_recokd" or name.startswith("nnunetv2_recokd."):
+            raise ModuleNotFoundError("No module named 'nnunetv2_recokd'", name="nnunetv2_recokd")
+        return None
+sys.meta_path.insert(0, _NoRecoKD())
+'''
