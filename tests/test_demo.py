@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,19 +10,6 @@ import torch
 
 from nnunetv2_recokd import cli
 from nnunetv2_recokd.cli import demo
-
-
-# the smallest setting of the README's command, run once and shared: the ensemble test continues from its models
-SMALLEST = ["--device", "cpu", "--teacher-epochs", "1", "--student-epochs", "1", "--iterations", "4", "--num-train",
-            "6", "--num-test", "2", "--warmup", "0"]
-
-
-@pytest.fixture(scope="module")
-def smallest_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    # --warmup 0: the ReCo-KD terms act from the first step (a warm-up over 1 epoch keeps lambda at 0)
-    cmd = [sys.executable, "-m", "nnunetv2_recokd.cli", "demo", "--out", str(out), *SMALLEST]
-    return out, subprocess.run(cmd, capture_output=True, text=True, timeout=900)
 
 
 def test_demo_smallest_setting_writes_table_and_figure(smallest_demo):
@@ -83,7 +68,7 @@ def test_demo_ensemble_story_on_the_smallest_demo(smallest_demo, monkeypatch):
 
     monkeypatch.setattr(demo.Evaluation, "held_out_scores", scores)
     progress = demo.Progress(2 + demo.ensemble_steps(2))
-    setup = demo.prepare(str(out), "cpu", None, 6, 2, None, progress)  # same data; planning is skipped
+    setup = demo.prepare(str(out), "cpu", None, 10, 2, None, progress)  # same data; planning is skipped
     story = demo.ensemble_story(setup, progress, 2, seed=0, student_epochs=1, iterations=4, warmup=0.0)
     main = json.loads((out / "table.json").read_text())
     demo.write_outputs(main["rows"], out, main["minutes"] * 60, story)

@@ -1,6 +1,7 @@
 """One real round trip through nnU-Net's own commands, as a user runs them, on a synthetic dataset.
 
-plan_and_preprocess -> short teacher training -> ReCo-KD + region-graph student (every distillation module:
+the smallest demo's workspace (tests/conftest.py: nnU-Net's plan_and_preprocess and a short teacher training, done
+once for the suite) -> ReCo-KD + region-graph student (every distillation module:
 adapters, context blocks, graph projectors; terms active from the first step), killed with SIGKILL and resumed
 with --c (restored state checked bit for bit against the checkpoint through nnU-Net's own resume code) ->
 --val -> nnUNetv2_predict with no teacher present -> nnUNetv2_evaluate_folder (the plain student control trains
@@ -26,7 +27,6 @@ import torch
 
 from nnunetv2_recokd.cli.demo import nnunet_command, run_logged
 from nnunetv2_recokd.cli.report import count_checkpoint_parameters
-from nnunetv2_recokd.synthetic import write_dataset
 
 DATASET_ID = 990
 DATASET = "Dataset990_SyntheticLesions"
@@ -38,22 +38,21 @@ def _run(args: list[str], env: dict, log: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, smallest_demo):
+    """The smallest demo's nnU-Net folders (tests/conftest.py: Dataset990 planned and preprocessed, the teacher
+    nnUNetTrainerTeacher trained on fold 0) as raw/, pre/ and res/ of this module's root."""
+    out, proc = smallest_demo
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     root = tmp_path_factory.mktemp("e2e")
+    for name, target in (("raw", "raw"), ("pre", "preprocessed"), ("res", "results")):
+        (root / name).symlink_to(out / "nnunet" / target)
+    assert (root / "res" / DATASET / TEACHER_FOLDER / "fold_0" / "checkpoint_final.pth").is_file()
     env = dict(os.environ)
     env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
-               nnUNet_def_n_proc="1", nnUNet_compile="f", nnUNet_npp="0", nnUNet_nps="0", PYTHONUNBUFFERED="1")
+               nnUNet_def_n_proc="1", nnUNet_compile="f", nnUNet_npp="0", nnUNet_nps="0", PYTHONUNBUFFERED="1",
+               nnUNet_n_proc_DA="0")  # training only: in-process augmentation (it breaks plan_and_preprocess)
     env.pop("RECOKD_TEACHER", None)
     env.pop("RECOKD_CONFIG", None)
-    _run(["nnunetv2_recokd", "install"], env, root / "install.log")  # what a user does once
-    write_dataset(root / "raw", DATASET_ID, num_train=10, num_test=2, size=48, lesion_radius=0.15, seed=1)
-    _run(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1"], env,
-         root / "plan.log")
-    env["nnUNet_n_proc_DA"] = "0"  # training only: in-process augmentation (it breaks plan_and_preprocess)
-    (root / "teacher.json").write_text(json.dumps({"num_epochs": 1, "num_iterations_per_epoch": 12,
-                                                   "num_val_iterations_per_epoch": 1, "seed": 0}))
-    _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", "nnUNetTrainerTeacher", "-device", "cpu"],
-         {**env, "RECOKD_CONFIG": str(root / "teacher.json")}, root / "teacher.log")
     # the students find their teacher at nnU-Net's conventional location, named by teacher_trainer
     # no warm-up: the distillation terms act from the first step (a warm-up over 4 epochs would keep them ~0)
     (root / "student.json").write_text(json.dumps({"num_epochs": 4, "num_iterations_per_epoch": 10,
