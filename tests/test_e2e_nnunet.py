@@ -161,12 +161,14 @@ def test_fold_ensemble_student_trains_predicts_and_is_marked_optimistic(workspac
     / nnUNetv2_evaluate_folder on the held-out cases. (Suite time: --c of per-teacher modules is tested in
     test_ensemble.py, `report`'s optimistic mark in test_report.py, its held-out table in test_deploy.py.)"""
     root, env = workspace
-    # a second fold teacher, shorter than fold 0's (the suite's time budget): what matters is that it exists
-    (root / "teacher_fold1.json").write_text(json.dumps({"num_epochs": 1, "num_iterations_per_epoch": 10,
-                                                         "num_val_iterations_per_epoch": 1, "seed": 1}))
-    teacher_env = {**env, "RECOKD_CONFIG": str(root / "teacher_fold1.json")}
-    _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "1", "-tr", "nnUNetTrainerTeacher", "-device", "cpu"],
-         teacher_env, root / "teacher_fold1.log")
+    # a second fold teacher: the demo's --ensemble story (tests/test_demo.py, same workspace) trains it when it runs
+    # first; else a short one here (the suite's time budget: what matters is that it exists)
+    if not (root / "res" / DATASET / TEACHER_FOLDER / "fold_1" / "checkpoint_final.pth").is_file():
+        (root / "teacher_fold1.json").write_text(json.dumps({"num_epochs": 1, "num_iterations_per_epoch": 10,
+                                                             "num_val_iterations_per_epoch": 1, "seed": 1}))
+        teacher_env = {**env, "RECOKD_CONFIG": str(root / "teacher_fold1.json")}
+        _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "1", "-tr", "nnUNetTrainerTeacher", "-device", "cpu"],
+             teacher_env, root / "teacher_fold1.log")
     settings = {"num_epochs": 1, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 1, "seed": 0,
                 "teacher_trainer": "nnUNetTrainerTeacher", "reco_warmup": 0.0}
     (root / "ensemble.json").write_text(json.dumps(settings))
