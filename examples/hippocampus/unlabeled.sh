@@ -16,6 +16,8 @@
 #       the other half (Dataset105 / Dataset205): u_a (control), u_c (c_student's recipe)
 #   w8  width 1/8: w8_a (control on Dataset104) and w8_c (control trainer, width 1/8, on Dataset204)
 # held-out: fold 0's 42 validation cases (rows a-e, w8), 21 of them (rows u).
+# A dataset preprocessed here is marked by $nnUNet_preprocessed/<name>/.recokd_3d_fullres_done (not inside the
+# configuration folder: nnU-Net infers the dataset format from every file ending there).
 # NB the teacher was trained on fold 0's training cases, so its labels of them (rows c, d) are better than its labels
 # of new scans would be: rows u measure that case.
 #
@@ -50,7 +52,7 @@ fi
 # a dataset of raw links preprocessed with the teacher's plans (no re-planning: the teacher's spacing and patch)
 few_label_dataset() {  # id name unlabeled-folder mode
   local id=$1 name=Dataset$1_$2 unlabeled=$3 mode=$4
-  [ -f "$nnUNet_preprocessed/$name/nnUNetPlans_3d_fullres/.done" ] && return
+  [ -f "$nnUNet_preprocessed/$name/.recokd_3d_fullres_done" ] && return
   python "$here/few_labels.py" "$SOURCE" "$nnUNet_raw" "$nnUNet_preprocessed" "$name" "$unlabeled" --k "$K" \
     --seed 0 --unlabeled-cases "$mode"
   python - "$TEACHER/plans.json" "$nnUNet_preprocessed/$name" "$name" <<'PY'
@@ -62,7 +64,7 @@ shutil.copy(f"{out}/../../raw/{name}/dataset.json", f"{out}/dataset.json")
 PY
   nnUNetv2_extract_fingerprint -d "$id" -np 1 > "$WORK/logs/fingerprint_$id.log" 2>&1
   nnUNetv2_preprocess -d "$id" -c 3d_fullres -np 2 > "$WORK/logs/preprocess_$id.log" 2>&1
-  touch "$nnUNet_preprocessed/$name/nnUNetPlans_3d_fullres/.done"
+  touch "$nnUNet_preprocessed/$name/.recokd_3d_fullres_done"
 }
 
 held_out_images() {  # dataset-name -> a folder with its fold-0 validation images (links)
@@ -97,7 +99,7 @@ student() {  # row seed dataset-id fold trainer held-out-dataset-name [extra set
   if [ ! -f "$pred/summary.json" ]; then
     nnUNetv2_predict_from_modelfolder -i "$(held_out_images "$heldout")" -o "$pred" -m "$model" -f "$fold" \
       -device "$DEVICE" -npp 1 -nps 1 > "$WORK/logs/predict_${row}_s$seed.log" 2>&1
-    nnUNetv2_evaluate_folder "$SOURCE/labelsTr" "$pred" -djfile "$model/dataset.json" -pfile "$model/plans.json" \
+    nnUNetv2_evaluate_folder "$SOURCE/labelsTr" "$pred" --chill -djfile "$model/dataset.json" -pfile "$model/plans.json" \
       > "$WORK/logs/evaluate_${row}_s$seed.log" 2>&1
   fi
   python - "$pred/summary.json" "$model/fold_$fold" "$row" "$seed" "$tr" "$name" "$fold" \
@@ -158,10 +160,10 @@ PY
     student d "$seed" 304 all nnUNetTrainerStudent Dataset104_HippoK20
   fi
   if wants e; then
-    if [ ! -f "$nnUNet_preprocessed/Dataset004_Hippocampus/nnUNetPlans_3d_fullres/.done" ]; then
+    if [ ! -f "$nnUNet_preprocessed/Dataset004_Hippocampus/.recokd_3d_fullres_done" ]; then
       [ -e "$nnUNet_raw/Dataset004_Hippocampus" ] || ln -s "$SOURCE" "$nnUNet_raw/Dataset004_Hippocampus"
       nnUNetv2_plan_and_preprocess -d 4 -c 3d_fullres -np 2 > "$WORK/logs/plan_004.log" 2>&1
-      touch "$nnUNet_preprocessed/Dataset004_Hippocampus/nnUNetPlans_3d_fullres/.done"
+      touch "$nnUNet_preprocessed/Dataset004_Hippocampus/.recokd_3d_fullres_done"
     fi
     student e "$seed" 4 0 nnUNetTrainerStudent Dataset104_HippoK20
   fi

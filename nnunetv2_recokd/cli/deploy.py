@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from nnunetv2_recokd.deploy.modelfolder import DeployError, ModelFolder, model_folder_from_ids, open_model_folder
+from nnunetv2_recokd.deploy.quantize import CALIBRATION_CASES
 from nnunetv2_recokd.deploy.runtime import DEFAULT_RUNTIME, RUNTIMES
 
 
@@ -32,6 +33,13 @@ def add_model_arguments(p: argparse.ArgumentParser, trainer_default: str = "nnUN
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name (default checkpoint_final.pth)")
 
 
+def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", help="int8: folder of images in nnU-Net's naming to calibrate on (a few training "
+                                         "cases; default: $nnUNet_raw/<dataset>/imagesTr, the fold's training cases)")
+    p.add_argument("--calibration_cases", type=int, default=CALIBRATION_CASES,
+                   help=f"int8: how many cases of the calibration folder are used (default {CALIBRATION_CASES})")
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("export", help="turn a trained student model folder into a model folder stock nnU-Net "
                                       "predicts without this package (optionally its install zip and ONNX files)")
@@ -45,6 +53,10 @@ def add_parsers(sub) -> None:
                                                        "'image' (N, C, *patch), output 'logits', no deep "
                                                        "supervision) and check it against PyTorch")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export of the same name")
+    p.add_argument("--precision", choices=("f32", "int8"), default="f32",
+                   help="int8: also write fold_<f>/<checkpoint>.int8.xml/.bin per fold, an int8 OpenVINO network "
+                        "calibrated on a few of your cases, which `nnunetv2_recokd predict --precision int8` uses")
+    add_calibration_arguments(p)
 
     p = sub.add_parser("predict", help="nnUNetv2_predict with the network run by a CPU inference runtime "
                                        "(nnU-Net's preprocessing, sliding window, mirroring, resampling, export)")
@@ -64,9 +76,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--runtime", default=DEFAULT_RUNTIME, choices=RUNTIMES,
                    help=f"network runtime (default {DEFAULT_RUNTIME}; torch = PyTorch as stock nnU-Net)")
     p.add_argument("--threads", type=int, help="runtime CPU threads (default: all cores)")
-    p.add_argument("--precision", choices=("f32", "bf16"), default="f32",
-                   help="f32 (default: PyTorch's logits to float32 rounding) or bf16 (openvino only: faster on CPUs "
-                        "with bf16 units, labels may differ slightly; see the README's measured parity)")
+    p.add_argument("--precision", choices=("f32", "bf16", "int8"), default="f32",
+                   help="f32 (default: PyTorch's logits to float32 rounding), bf16 or int8 (openvino only, opt-in: "
+                        "faster; int8 is calibrated on a few of your cases, see docs/deployment.md for its measured "
+                        "Dice against f32)")
+    add_calibration_arguments(p)
     p.add_argument("--no-cache", action="store_true",
                    help="export each fold to ONNX afresh instead of reusing the cached export of the same checkpoint "
                         "($RECOKD_CACHE, default ~/.cache/nnunetv2_recokd)")
@@ -99,13 +113,16 @@ def export_main(args: argparse.Namespace) -> int:
         out = args.out or os.environ.get("nnUNet_results")
         if not out:
             raise DeployError("nnUNet_results is not set: give the results root to export into with -o")
-        result = export_stock_model(model, out, args.plans_name, args.zip, args.onnx, args.overwrite)
+        result = export_stock_model(model, out, args.plans_name, args.zip, args.onnx, args.overwrite,
+                                    args.precision == "int8", args.calibration, args.calibration_cases)
     except DeployError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"exported {model.describe()}\n      -> {result.folder}")
     for f in result.onnx_files:
         print(f"ONNX: {f}")
+    for f in result.int8_files:
+        print(f"int8 (OpenVINO, for nnunetv2_recokd predict --precision int8): {f}")
     if result.onnx_max_difference is not None:
         print(f"ONNX vs PyTorch, max |logit difference| on a random patch: {result.onnx_max_difference:.2e}")
     if result.zip_file:
@@ -177,8 +194,10 @@ def predict_main(args: argparse.Namespace) -> int:
         previous = previous_stage_files(model, cases, args.prev_stage_predictions)
         start = time.perf_counter()
         predictor = build_predictor(model, args.runtime, not args.disable_tta, args.step_size, args.threads,
-                                    args.verbose, use_cache=not args.no_cache, precision=args.precision)
-        print(f"{model.describe()}: {len(model.folds)} fold(s) on {args.runtime}, ready in "
+                                    args.verbose, use_cache=not args.no_cache, precision=args.precision,
+                                    calibration=args.calibration, calibration_cases=args.calibration_cases)
+        print(f"{model.describe()}: {len(model.folds)} fold(s) on {args.runtime}"
+              f"{'' if args.precision == 'f32' else ' ' + args.precision}, ready in "
               f"{time.perf_counter() - start:.1f} s; {len(cases)} case(s), TTA {'off' if args.disable_tta else 'on'}")
         if args.npp > 0 or args.nps > 0:
             predictor.predict_from_files(cases, args.o, save_probabilities=args.save_probabilities,

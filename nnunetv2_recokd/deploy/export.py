@@ -27,6 +27,7 @@ from typing import Optional, Union
 import torch
 
 from nnunetv2_recokd.deploy.modelfolder import DeployError, ModelFolder
+from nnunetv2_recokd.deploy.quantize import CALIBRATION_CASES, require_nncf, write_int8_networks
 from nnunetv2_recokd.deploy.runtime import compile_network, export_onnx, max_logit_difference
 from nnunetv2_recokd.student import PLANS_KEY, student_arch_kwargs, student_spec
 
@@ -43,6 +44,7 @@ class ExportResult:
     zip_file: Optional[Path] = None
     onnx_files: list = dataclasses.field(default_factory=list)
     onnx_max_difference: Optional[float] = None
+    int8_files: list = dataclasses.field(default_factory=list)
 
     def predict_command(self, dataset_name: str) -> str:
         folds = " ".join(map(str, self.folds))
@@ -101,13 +103,17 @@ def build_stock_network(plans: dict, dataset_json: dict, configuration: str) -> 
 
 def export_stock_model(model: ModelFolder, out_root: Union[str, Path], plans_name: Optional[str] = None,
                        zip_file: Optional[Union[str, Path]] = None, onnx: bool = False,
-                       overwrite: bool = False) -> ExportResult:
-    """Write the stock model folder (and optionally the install zip and one ONNX file per fold).
+                       overwrite: bool = False, int8: bool = False, calibration: Optional[str] = None,
+                       calibration_cases: int = CALIBRATION_CASES) -> ExportResult:
+    """Write the stock model folder (and optionally the install zip, one ONNX file per fold, and with int8 one
+    int8 OpenVINO network per fold, calibrated on the cases deploy/quantize.py's calibration_cases picks).
 
     Raises:
         DeployError: the folder is not a student of ours, the target exists (without overwrite), or a fold's
             weights do not load strictly into the stock network.
     """
+    if int8:
+        require_nncf()  # before anything is written
     if not model.is_student:
         raise DeployError(f"{model.path} is not an nnunetv2-recokd student: its plans.json has no '{PLANS_KEY}' entry "
                           f"for configuration {model.configuration} (trainer {model.trainer_name}). Stock nnU-Net "
@@ -154,6 +160,9 @@ def export_stock_model(model: ModelFolder, out_root: Union[str, Path], plans_nam
                 result.onnx_files.append(target / fold_dir.name / onnx_file.name)
         if differences:
             result.onnx_max_difference = max(differences)
+        if int8:
+            result.int8_files = [target / p.parent.name / p.name
+                                 for p in write_int8_networks(model, staging, calibration, calibration_cases)]
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -176,7 +185,8 @@ def _onnx_parity(network: torch.nn.Module, onnx_file: Path, shape) -> float:
 
 def write_install_zip(model_folder: Path, zip_file: Path) -> Path:
     """The zip nnUNetv2_install_pretrained_model_from_zip extracts into $nnUNet_results: paths start with
-    <Dataset>/<Trainer>__<plans>__<configuration>/. ONNX files are left out (the zip is for nnU-Net)."""
+    <Dataset>/<Trainer>__<plans>__<configuration>/. ONNX files are left out (the zip is for nnU-Net); int8 networks
+    stay in (small, and `nnunetv2_recokd predict --precision int8` on the installed folder uses them)."""
     zip_file.parent.mkdir(parents=True, exist_ok=True)
     partial = zip_file.with_name(zip_file.name + ".partial")
     root = model_folder.parent.parent

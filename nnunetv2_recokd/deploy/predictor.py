@@ -28,6 +28,14 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunetv2_recokd.deploy.modelfolder import DeployError, ModelFolder
+from nnunetv2_recokd.deploy.quantize import (
+    CALIBRATION_CASES,
+    calibration_cases,
+    calibration_key,
+    calibration_tiles,
+    exported_int8,
+    require_nncf,
+)
 from nnunetv2_recokd.deploy.runtime import DEFAULT_RUNTIME, compile_network, onnx_cache_file, require_runtime
 
 STAGING = ".recokd_partial"
@@ -50,7 +58,8 @@ class RuntimePredictor(nnUNetPredictor):
 
     def __init__(self, runtime: str = DEFAULT_RUNTIME, threads: Optional[int] = None, tile_step_size: float = 0.5,
                  use_mirroring: bool = True, verbose: bool = False, allow_tqdm: bool = False,
-                 cache_dir: Optional[Path] = None, use_cache: bool = True, precision: str = "f32"):
+                 cache_dir: Optional[Path] = None, use_cache: bool = True, precision: str = "f32",
+                 calibration: Optional[str] = None, calibration_cases: int = CALIBRATION_CASES):
         require_runtime(runtime)  # before anything is loaded: a missing runtime is the first thing said
         with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's note that CPU runs are not "on device"
             super().__init__(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
@@ -61,6 +70,8 @@ class RuntimePredictor(nnUNetPredictor):
         self.cache_dir = cache_dir
         self.use_cache = use_cache
         self.precision = precision
+        self.calibration = calibration  # int8: folder of calibration images (None: the model's training images)
+        self.calibration_cases = calibration_cases
         self.fold_networks: list[torch.nn.Module] = []
         self.compile_seconds = 0.0
 
@@ -78,6 +89,8 @@ class RuntimePredictor(nnUNetPredictor):
         start = time.perf_counter()
         self.fold_networks = []
         folds = [use_folds] if isinstance(use_folds, str) else list(use_folds)
+        int8 = (self._int8_inputs(model_training_output_dir, folds, checkpoint_name) if self.precision == "int8"
+                else None)
         for fold, params in zip(folds, self.list_of_parameters):
             if self.runtime == "torch":
                 self.fold_networks.append(None)  # nnU-Net's own loop loads each fold's weights
@@ -85,9 +98,35 @@ class RuntimePredictor(nnUNetPredictor):
             network.load_state_dict(params)
             checkpoint = Path(model_training_output_dir) / f"fold_{fold}" / checkpoint_name
             cache = onnx_cache_file(checkpoint, input_shape, self.cache_dir) if self.use_cache else None
+            extra = {}
+            if int8 is not None:
+                tiles, key, model = int8
+                extra = {"calibration": tiles, "int8_file": exported_int8(model, fold),
+                         "int8_cache": cache.with_name(f"{cache.stem}.int8-{key}.xml") if cache else None}
             self.fold_networks.append(compile_network(network, input_shape, self.runtime, self.threads, cache,
-                                                      self.precision))
+                                                      self.precision, **extra))
         self.compile_seconds = time.perf_counter() - start
+
+    def _int8_inputs(self, folder: str, folds: list, checkpoint_name: str):
+        """(calibration tiles, computed once on first use; calibration key; model folder) for int8. Calibration
+        cases are resolved only when a fold lacks an exported int8 network."""
+        from nnunetv2_recokd.deploy.modelfolder import open_model_folder
+
+        model = open_model_folder(folder, folds, checkpoint_name)
+        if self.configuration_manager.previous_stage_name is not None:
+            raise DeployError("--precision int8 is not available for a cascade stage (its calibration would need the "
+                              "previous stage's segmentations); use f32")
+        if all(exported_int8(model, fold) is not None for fold in folds):
+            return None, "exported", model
+        require_nncf()
+        cases = calibration_cases(model, self.calibration, self.calibration_cases)
+        memo: list = []
+
+        def tiles():
+            if not memo:
+                memo.append(calibration_tiles(self, cases))
+            return memo[0]
+        return tiles, calibration_key(cases), model
 
     def num_input_channels(self) -> int:
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
@@ -300,10 +339,12 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def build_predictor(model: ModelFolder, runtime: str, use_mirroring: bool, tile_step_size: float,
                     threads: Optional[int] = None, verbose: bool = False, use_cache: bool = True,
-                    cache_dir: Optional[Path] = None, precision: str = "f32") -> RuntimePredictor:
+                    cache_dir: Optional[Path] = None, precision: str = "f32", calibration: Optional[str] = None,
+                    calibration_cases: int = CALIBRATION_CASES) -> RuntimePredictor:
     predictor = RuntimePredictor(runtime=runtime, threads=threads, tile_step_size=tile_step_size,
                                  use_mirroring=use_mirroring, verbose=verbose, use_cache=use_cache,
-                                 cache_dir=cache_dir, precision=precision)
+                                 cache_dir=cache_dir, precision=precision, calibration=calibration,
+                                 calibration_cases=calibration_cases)
     predictor.initialize_from_trained_model_folder(str(model.path), model.folds, model.checkpoint_name)
     return predictor
 

@@ -13,7 +13,10 @@ Runtimes (measured on this project's 2-core CPU, Hippocampus student patch 40x56
     onnxruntime  ONNX Runtime's CPU execution provider.
     torch        no runtime: PyTorch eager, as stock nnUNetv2_predict (for comparisons through one command).
 
-Install the runtimes with ``pip install 'nnunetv2-recokd[deploy]'``.
+Precisions (OpenVINO): f32 (the default), bf16 (opt-in), int8 (opt-in; NNCF post-training quantization calibrated
+on the user's own cases, deploy/quantize.py).
+
+OpenVINO and onnx come with the package; ONNX Runtime and NNCF (int8) with ``pip install 'nnunetv2-recokd[deploy]'``.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ DEFAULT_RUNTIME = "openvino"
 ONNX_OPSET = 17
 INSTALL_HINT = "pip install 'nnunetv2-recokd[deploy]'"
 CACHE_ENV = "RECOKD_CACHE"
-PRECISIONS = ("f32", "bf16")
+PRECISIONS = ("f32", "bf16", "int8")
 
 
 def require_runtime(runtime: str) -> None:
@@ -112,7 +115,9 @@ class CompiledNetwork(nn.Module):
 
 def compile_network(network: nn.Module, input_shape: Sequence[int], runtime: str = DEFAULT_RUNTIME,
                     threads: Optional[int] = None, onnx_cache: Optional[Path] = None,
-                    precision: str = "f32", optimize_graph: bool = True) -> nn.Module:
+                    precision: str = "f32", optimize_graph: bool = True,
+                    calibration: Optional[Callable[[], Sequence[np.ndarray]]] = None,
+                    int8_cache: Optional[Path] = None, int8_file: Optional[Path] = None) -> nn.Module:
     """The network as the runtime runs it (``torch``: the network itself, in eval mode).
 
     Args:
@@ -126,12 +131,25 @@ def compile_network(network: nn.Module, input_shape: Sequence[int], runtime: str
             to PyTorch's to float32 rounding; see the README for its measured parity).
         optimize_graph: apply deploy/graph.py's rewrites to the exported graph (equal to float32 summation order;
             False compiles the plain export, for comparisons).
+        calibration: int8 only: returns the calibration tiles (1, C, *patch); called only when the int8 network is
+            neither given (int8_file) nor cached (int8_cache).
+        int8_cache: int8 only: where the quantized network is cached (an OpenVINO .xml path; None: not cached).
+        int8_file: int8 only: an already quantized network (``export --precision int8``), used as it is.
     """
     require_runtime(runtime)
     if precision not in PRECISIONS or (precision != "f32" and runtime != "openvino"):
-        raise DeployError(f"precision {precision!r} is available for: f32 (every runtime), bf16 (openvino)")
+        raise DeployError(f"precision {precision!r} is available for: f32 (every runtime), bf16 and int8 (openvino)")
     if runtime == "torch":
         return network.eval()
+    if precision == "int8":
+        from nnunetv2_recokd.deploy import quantize
+
+        for ready in (int8_file, int8_cache):  # exported with the model, or quantized before: no export, no NNCF
+            if ready is not None and ready.is_file() and ready.with_suffix(".bin").is_file():
+                return CompiledNetwork(_openvino(ready, threads, "f32"), input_shape, runtime)
+        quantize.require_nncf()
+        if calibration is None:
+            raise DeployError("int8 needs calibration tiles (or an int8 network from export --precision int8)")
     with tempfile.TemporaryDirectory(prefix="recokd_onnx_") as tmp:
         onnx_file = Path(tmp) / "network.onnx"
         if onnx_cache is not None and onnx_cache.is_file():
@@ -143,7 +161,10 @@ def compile_network(network: nn.Module, input_shape: Sequence[int], runtime: str
                 onnx.save(split_concat_convs(onnx.load(str(onnx_file)))[0], str(onnx_file))
             if onnx_cache is not None:
                 _store(onnx_file, onnx_cache)
-        if runtime == "openvino":
+        if runtime == "openvino" and precision == "int8":
+            # int8 layers run in int8; what stays unquantized runs in f32 (not bf16: the f32 hint)
+            run = _openvino(quantize.int8_model(onnx_file, calibration, int8_cache), threads, "f32")
+        elif runtime == "openvino":
             run = _openvino(onnx_file, threads, precision)
         else:
             run = _onnxruntime(onnx_file, threads)
@@ -177,13 +198,16 @@ def _store(source: Path, target: Path) -> None:
         warnings.warn(f"ONNX cache not written ({e}); set {CACHE_ENV} to a writable folder to reuse exports")
 
 
-def _openvino(onnx_file: Path, threads: Optional[int], precision: str) -> Callable[[np.ndarray], np.ndarray]:
+def _openvino(model, threads: Optional[int], precision: str) -> Callable[[np.ndarray], np.ndarray]:
+    """model: an ONNX or OpenVINO IR file, or an openvino.Model."""
     import openvino as ov
 
     config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
-    compiled = ov.Core().compile_model(ov.Core().read_model(str(onnx_file)), "CPU", config)
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(model)) if isinstance(model, (str, Path)) else model, "CPU",
+                                  config)
     request = compiled.create_infer_request()
     output = compiled.output(0)
 

@@ -1,0 +1,209 @@
+"""int8 post-training quantization of a fold's network for OpenVINO's CPU plugin (opt-in: ``--precision int8``).
+
+NNCF's post-training quantization (``nncf.quantize``, the default PERFORMANCE preset: symmetric int8 weights and
+activations) inserts quantize/dequantize pairs around the convolutions of the ONNX export; OpenVINO then runs those
+convolutions with int8 kernels (VNNI/AMX where the CPU has them) and everything else (instance norm, nonlinearity,
+the final 1x1 convolution's output) in float32.
+
+Calibration: the activation ranges come from the sliding-window tiles of a few of the user's own cases, preprocessed
+by the model's own nnU-Net preprocessor, exactly what the network sees at prediction. Which cases:
+``--calibration FOLDER`` (images in nnU-Net's naming), else the training images of the model's raw dataset
+(``$nnUNet_raw/<dataset>/imagesTr``; only the fold's training cases where ``splits_final.json`` is found, so
+held-out cases stay held out). The quantized network is cached beside the ONNX export (keyed by the checkpoint, the
+calibration files and this module's settings); ``export --precision int8`` writes it into the model folder, where
+``predict --precision int8`` uses it without any calibration images.
+
+Judge int8 by Dice against ground truth on held-out cases (within 0.005 of float32 per class is this project's
+bar) and by label agreement with float32: ``nnunetv2_recokd benchmark-predict --precisions f32 int8``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from nnunetv2_recokd.deploy.modelfolder import DeployError, ModelFolder
+
+CALIBRATION_CASES = 8  # cases whose tiles calibrate the activation ranges
+MAX_TILES = 64  # at most this many tiles (evenly spaced over all the cases' tiles): NNCF's statistics converge fast
+INT8_SUFFIX = ".int8.xml"  # fold_<f>/<checkpoint stem>.int8.xml (+ .bin) written by export --precision int8
+INSTALL_HINT = "pip install 'nnunetv2-recokd[deploy]'  (int8 needs NNCF)"
+QUANTIZE_VERSION = 1  # bump when the quantization recipe changes: cached int8 networks are then rebuilt
+
+
+def require_nncf() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("nncf") is None:
+        raise DeployError(f"--precision int8 needs the Python package 'nncf', which is not installed: {INSTALL_HINT}")
+
+
+def exported_int8(model: ModelFolder, fold) -> Optional[Path]:
+    """The fold's int8 network written by ``export --precision int8``, if the model folder has it."""
+    path = model.checkpoint_path(fold)
+    candidate = path.with_name(path.name.rsplit(".", 1)[0] + INT8_SUFFIX)
+    return candidate if candidate.is_file() and candidate.with_suffix(".bin").is_file() else None
+
+
+def calibration_cases(model: ModelFolder, folder: Optional[str] = None,
+                      num_cases: int = CALIBRATION_CASES) -> list[list[str]]:
+    """The channel files of the cases that calibrate int8, evenly spaced over the candidates (sorted by name).
+
+    Raises:
+        DeployError: no folder given and the model's raw training images not found, or a folder whose files do not
+            match the model's channels.
+    """
+    from nnunetv2_recokd.deploy.predictor import check_input_folder
+
+    if folder is None:
+        raw = os.environ.get("nnUNet_raw")
+        candidate = Path(raw) / model.dataset_name / "imagesTr" if raw else None
+        if candidate is None or not candidate.is_dir():
+            raise DeployError("--precision int8 calibrates the network on a few of your own cases: give a folder of "
+                              "training images in nnU-Net's naming with --calibration FOLDER (or set nnUNet_raw so "
+                              f"that {model.dataset_name}/imagesTr is found)")
+        folder = str(candidate)
+        cases = check_input_folder(folder, model.dataset_json)
+        train = _training_cases(model)
+        if train is not None:
+            kept = [c for c in cases if _case_name(c[0], model.dataset_json["file_ending"]) in train]
+            cases = kept or cases
+    else:
+        cases = check_input_folder(folder, model.dataset_json)
+    if num_cases < 1:
+        raise DeployError("--calibration_cases must be at least 1")
+    picks = np.unique(np.linspace(0, len(cases) - 1, min(num_cases, len(cases))).round().astype(int))
+    return [cases[i] for i in picks]
+
+
+def _case_name(first_file: str, ending: str) -> str:
+    return os.path.basename(first_file)[: -len(ending) - 5]
+
+
+def _training_cases(model: ModelFolder) -> Optional[set[str]]:
+    """The training cases of the model's first fold per $nnUNet_preprocessed/<dataset>/splits_final.json (None if
+    not found or the fold is not a split index, e.g. fold 'all')."""
+    pre = os.environ.get("nnUNet_preprocessed")
+    fold = model.folds[0]
+    if not pre or not str(fold).isdigit():
+        return None
+    splits = Path(pre) / model.dataset_name / "splits_final.json"
+    if not splits.is_file():
+        return None
+    folds = json.loads(splits.read_text())
+    return set(folds[int(fold)]["train"]) if int(fold) < len(folds) else None
+
+
+def calibration_tiles(predictor, cases: Sequence[Sequence[str]], max_tiles: int = MAX_TILES) -> list[np.ndarray]:
+    """Sliding-window tiles (1, C, *patch) of the cases, preprocessed and padded as nnU-Net's prediction does,
+    at most max_tiles of them, evenly spaced."""
+    import torch
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+
+    patch = tuple(predictor.configuration_manager.patch_size)
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    tiles = []
+    for files in cases:
+        data, _, _ = preprocessor.run_case(list(files), None, predictor.plans_manager,
+                                           predictor.configuration_manager, predictor.dataset_json)
+        data, _ = pad_nd_image(torch.from_numpy(data), patch, "constant", {"value": 0}, True, None)
+        for slicer in predictor._internal_get_sliding_window_slicers(data.shape[1:]):
+            tiles.append(np.ascontiguousarray(data[slicer][None].numpy(), dtype=np.float32))
+    if len(tiles) > max_tiles:
+        tiles = [tiles[i] for i in np.linspace(0, len(tiles) - 1, max_tiles).round().astype(int)]
+    return tiles
+
+
+def calibration_key(cases: Sequence[Sequence[str]], max_tiles: int = MAX_TILES) -> str:
+    """Identifies a calibration set by its files (path, size, modification time) and the recipe."""
+    import nncf
+
+    parts = [f"v{QUANTIZE_VERSION}", f"nncf {nncf.__version__}", f"tiles {max_tiles}"]
+    for files in cases:
+        for f in files:
+            stat = os.stat(f)
+            parts.append(f"{os.path.abspath(f)}|{stat.st_size}|{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def quantize_onnx(onnx_file: Path, tiles: Sequence[np.ndarray]):
+    """The ONNX network as an OpenVINO model quantized to int8 with NNCF on the calibration tiles."""
+    import logging
+
+    import nncf
+    import openvino as ov
+
+    if not tiles:
+        raise DeployError("no calibration tiles: the calibration cases produced no input")
+    nncf_logger = logging.getLogger("nncf")
+    level = nncf_logger.level
+    nncf_logger.setLevel(logging.ERROR)  # its progress bars and INFO lines are noise in a prediction command
+    try:
+        return nncf.quantize(ov.Core().read_model(str(onnx_file)), nncf.Dataset(list(tiles)),
+                             subset_size=len(tiles), preset=nncf.QuantizationPreset.PERFORMANCE)
+    finally:
+        nncf_logger.setLevel(level)
+
+
+def int8_model(onnx_file: Path, tiles: Callable[[], Sequence[np.ndarray]], cache: Optional[Path] = None):
+    """The quantized OpenVINO model: read from cache (an .xml path) when it exists, else quantized (tiles() is called
+    only then) and written there atomically."""
+    import openvino as ov
+
+    if cache is not None and cache.is_file() and cache.with_suffix(".bin").is_file():
+        return ov.Core().read_model(str(cache))
+    model = quantize_onnx(onnx_file, tiles())
+    if cache is not None:
+        save_int8(model, cache)
+    return model
+
+
+def save_int8(model, target: Path) -> None:
+    """Write the OpenVINO model as target (.xml) and its .bin, both complete or neither (written under temporary
+    names, then renamed: the .bin first, so an .xml is never seen without its weights)."""
+    import openvino as ov
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.stem}.{os.getpid()}.partial.xml")
+    ov.save_model(model, str(partial), compress_to_fp16=False)
+    os.replace(partial.with_suffix(".bin"), target.with_suffix(".bin"))
+    os.replace(partial, target)
+
+
+def write_int8_networks(model: ModelFolder, target_root: Path, calibration: Optional[str] = None,
+                        num_cases: int = CALIBRATION_CASES) -> list[Path]:
+    """Quantize every fold of the model and write ``<target_root>/fold_<f>/<checkpoint stem>.int8.xml`` (+ .bin),
+    which ``predict --precision int8`` then uses without calibration images. Returns the written .xml files."""
+    import tempfile
+
+    import onnx
+
+    from nnunetv2_recokd.deploy.graph import split_concat_convs
+    from nnunetv2_recokd.deploy.predictor import RuntimePredictor
+    from nnunetv2_recokd.deploy.runtime import export_onnx
+
+    require_nncf()
+    reference = RuntimePredictor("torch")
+    reference.initialize_from_trained_model_folder(str(model.path), model.folds, model.checkpoint_name)
+    if reference.configuration_manager.previous_stage_name is not None:
+        raise DeployError("int8 is not available for a cascade stage (its calibration would need the previous "
+                          "stage's segmentations)")
+    tiles = calibration_tiles(reference, calibration_cases(model, calibration, num_cases))
+    network = getattr(reference.network, "_orig_mod", reference.network).eval()
+    shape = (1, reference.num_input_channels(), *reference.configuration_manager.patch_size)
+    written = []
+    for fold, params in zip(model.folds, reference.list_of_parameters):
+        network.load_state_dict(params)
+        with tempfile.TemporaryDirectory(prefix="recokd_int8_") as tmp:
+            onnx_file = Path(tmp) / "network.onnx"
+            export_onnx(network, shape, onnx_file)
+            onnx.save(split_concat_convs(onnx.load(str(onnx_file)))[0], str(onnx_file))
+            target = Path(target_root) / f"fold_{fold}" / (Path(model.checkpoint_name).stem + INT8_SUFFIX)
+            save_int8(quantize_onnx(onnx_file, tiles), target)
+        written.append(target)
+    return written
