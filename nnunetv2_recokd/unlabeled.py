@@ -23,7 +23,9 @@ folders and moved into place at the end.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -267,9 +269,10 @@ def label_cases(inputs: Inputs, output: Path, device: str = "cpu", log: Callable
         import torch
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=inputs.request.tta,
-                                    perform_everything_on_device=True, device=torch.device(device),
-                                    allow_tqdm=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's note on CPU devices, printed for any CPU run
+            predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=inputs.request.tta,
+                                        perform_everything_on_device=True, device=torch.device(device),
+                                        allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(inputs.teacher.path), inputs.teacher.folds,
                                                        inputs.teacher.checkpoint_name)
     counter = iter(range(done + 1, len(inputs.unlabeled_cases) + 1))

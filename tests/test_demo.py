@@ -131,3 +131,20 @@ def test_table_gives_mean_and_sample_spread_over_seeds(tmp_path):
     assert "| 0.700 ± 0.200 | 0.300 ± 0.100 | 0.500 ± 0.132 |" in line
     assert "| 0.900 | 0.800 |" in next(li for li in table.splitlines() if li.startswith("| teacher "))
     assert "1.5 min" in table and "standard deviation" in table
+
+
+def test_the_caption_names_exactly_the_timed_columns(tmp_path):
+    """Seconds per case: the caption lists the commands whose columns are there, and says how to get the runtime's
+    column when it is missing."""
+    both = [{**_row(m, [0.9], [0.8]), "stock_s_per_case": 2.5, "runtime_s_per_case": 0.25} for m in ("a", "b")]
+    demo.write_outputs(both, tmp_path, 60.0)
+    table = (tmp_path / "table.md").read_text()
+    assert "| s / case, nnUNetv2_predict | s / case, openvino |" in table and "| 2.50 | 0.25 |" in table
+    assert "`nnUNetv2_predict -device cpu` and `nnunetv2_recokd predict --runtime openvino` (CPU)" in table
+    assert "not timed" not in table
+    stock_only = [{k: v for k, v in r.items() if k != "runtime_s_per_case"} for r in both]
+    demo.write_outputs(stock_only, tmp_path, 60.0)
+    table = (tmp_path / "table.md").read_text()
+    assert "s / case, openvino" not in table and "--runtime openvino` (CPU)" not in table
+    assert "TTA off, `nnUNetv2_predict -device cpu`. " in table
+    assert "was not timed" in table and "pip install openvino onnx" in table

@@ -513,10 +513,17 @@ def test_benchmark_predict_times_every_command_and_checks_parity(world, tmp_path
                                            sandbox.unet_plans((16, 32, 64), PATCH), sandbox.dataset_json(),
                                            folds=(0, 1))
     result = run(teacher, student, images, tmp_path / "bench", ["openvino"], ["off"], ["0", "1"], None, 1, 1,
-                 "folders", patch_plain_graph=True)
-    rows = {(r["model"], r["runtime"]): r for r in result["rows"]}
-    assert sorted(rows) == [("student", "openvino"), ("student", "torch"), ("teacher", "openvino"),
-                            ("teacher", "torch")]
+                 "folders", patch_plain_graph=True, precisions=("f32", "int8"), calibration=images)
+    rows = {(r["model"], r["runtime"], r["precision"]): r for r in result["rows"]}
+    assert sorted(rows) == [("student", "openvino", "f32"), ("student", "openvino", "int8"),
+                            ("student", "torch", "f32"), ("teacher", "openvino", "f32"), ("teacher", "torch", "f32")]
+    int8 = rows[("student", "openvino", "int8")]
+    assert int8["command"] == "nnunetv2_recokd predict --runtime openvino --precision int8"
+    parity = {(c["model"], c["precision"]): c for c in result["label_parity"]}
+    assert 0.8 < parity[("student", "int8")]["voxel_agreement_vs_pytorch"] < 1.0  # quantized, close
+    assert parity[("student", "f32")]["voxel_agreement_vs_pytorch"] > 0.999
+    assert "student_openvino-int8" in result["first_load_with_onnx_export_s"]
+    rows = {(m, r): row for (m, r, p), row in rows.items() if p == "f32"}
     assert rows[("teacher", "torch")]["ratio_to_teacher_stock"] == 1.0
     for row in rows.values():
         assert row["cases"] == 2 and row["wall_s"] > 0
@@ -524,12 +531,15 @@ def test_benchmark_predict_times_every_command_and_checks_parity(world, tmp_path
     breakdown = rows[("student", "openvino")]["breakdown"]
     assert breakdown["network_s"] > 0 and breakdown["setup_s"] >= breakdown["compile_s"] > 0
     assert {c["model"] for c in result["label_parity"]} == {"teacher", "student"}
-    assert all(c["min_case_dice_vs_pytorch"] >= 0.999 for c in result["label_parity"])
+    assert all(c["min_case_dice_vs_pytorch"] >= 0.999 for c in result["label_parity"] if c["precision"] == "f32")
     assert result["student_logit_parity"]["openvino"]["max_logit_difference_patch"] < 1e-3
-    assert set(result["per_patch_ms"]["student"]) == {"torch", "openvino", "openvino plain"}
+    assert set(result["per_patch_ms"]["student"]) == {"torch", "openvino", "openvino plain", "openvino int8"}
+    assert set(result["per_patch_ms"]["teacher"]) == {"torch", "openvino", "openvino plain"}
     assert all(r["folds"] == [0, 1] for r in result["rows"])
     markdown = to_markdown(result)
     assert "cores" in markdown and "| student | nnunetv2_recokd predict --runtime openvino | off | 0,1 |" in markdown
+    assert "| student | nnunetv2_recokd predict --runtime openvino --precision int8 | off | 0,1 |" in markdown
+    assert "| openvino | openvino plain | openvino int8 | x teacher eager (each) |" in markdown
 
 
 def test_report_times_held_out_cases_on_the_runtime(world, tmp_path, monkeypatch):

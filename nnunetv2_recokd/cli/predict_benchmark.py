@@ -86,9 +86,12 @@ def make_large_workload(root: Path, num_cases: int = 1, seed: int = 0, num_folds
 
 
 def per_patch(folder: Path, checkpoint: str, runtimes: Sequence[str], runs: int,
-              plain_graph: bool = False) -> dict[str, float]:
+              plain_graph: bool = False, precisions: Sequence[str] = ("f32",),
+              calibration: Optional[Path] = None) -> dict[str, float]:
     """ms per forward of one patch (batch 1) of the folder's first fold: PyTorch eager and each runtime (with
-    plain_graph also each runtime on the export without deploy/graph.py's rewrites, key "<runtime> plain")."""
+    plain_graph also each runtime on the export without deploy/graph.py's rewrites, key "<runtime> plain"; with
+    precisions other than f32 also OpenVINO at each of them, key "openvino <precision>", int8 calibrated on the
+    cases of the calibration folder)."""
     import torch
 
     from nnunetv2_recokd.deploy.modelfolder import open_model_folder
@@ -106,15 +109,24 @@ def per_patch(folder: Path, checkpoint: str, runtimes: Sequence[str], runs: int,
     x = torch.randn(1, channels, *patch)
     variants = [(runtime, True) for runtime in runtimes if runtime != "torch"]
     variants += [(runtime, False) for runtime, _ in variants] if plain_graph else []
-    for runtime, optimize in variants:
-        compiled = compile_network(network, x.shape, runtime, optimize_graph=optimize)
+    variants = [(runtime, optimize, "f32") for runtime, optimize in variants]
+    variants += [("openvino", True, p) for p in precisions if p != "f32" and "openvino" in runtimes]
+    for runtime, optimize, precision in variants:
+        extra = {}
+        if precision == "int8":
+            from nnunetv2_recokd.deploy.quantize import calibration_cases, calibration_tiles
+
+            cases = calibration_cases(model, str(calibration) if calibration else None)
+            extra = {"calibration": lambda: calibration_tiles(predictor, cases)}
+        compiled = compile_network(network, x.shape, runtime, optimize_graph=optimize, precision=precision, **extra)
         compiled(x)
         times = []
         for _ in range(runs):
             start = time.perf_counter()
             compiled(x)
             times.append((time.perf_counter() - start) * 1000)
-        out[runtime if optimize else f"{runtime} plain"] = float(np.median(times))
+        key = runtime if optimize else f"{runtime} plain"
+        out[key if precision == "f32" else f"{runtime} {precision}"] = float(np.median(times))
     return out
 
 
@@ -152,7 +164,11 @@ def parity(folder: Path, checkpoint: str, images: Path, runtime: str, num_cases:
 def run(teacher: Path, student: Path, images: Path, out: Path, runtimes: Sequence[str], tta: Sequence[str],
         folds: Optional[Sequence[str]], labels: Optional[Path], patch_runs: int, parity_cases: int,
         workload: str, checkpoints: tuple[str, str] = ("checkpoint_final.pth", "checkpoint_final.pth"),
-        patch_runtimes: Optional[Sequence[str]] = None, patch_plain_graph: bool = False) -> dict:
+        patch_runtimes: Optional[Sequence[str]] = None, patch_plain_graph: bool = False,
+        precisions: Sequence[str] = ("f32",), calibration: Optional[Path] = None) -> dict:
+    """Every row of the benchmark (see the module's docstring). precisions other than f32 add, for the student,
+    `predict --runtime openvino --precision P` rows (int8 calibrated on the calibration folder's cases, default: the
+    model's training images) and per-patch latencies; their Dice against the labels is compared with f32's."""
     from nnunetv2_recokd.deploy.modelfolder import open_model_folder
     from nnunetv2_recokd.deploy.predictor import dice_per_class
 
@@ -167,12 +183,19 @@ def run(teacher: Path, student: Path, images: Path, out: Path, runtimes: Sequenc
     from nnunetv2_recokd.deploy.predictor import build_predictor
 
     first_export_s = {}
+    extra_precisions = [p for p in precisions if p != "f32"] if "openvino" in runtimes else []
+    calibration_args = ["--calibration", str(calibration)] if calibration else []
     for role, model in models.items():
         for runtime in runtimes:
             if runtime != "torch":
                 start = time.perf_counter()
                 build_predictor(model, runtime, True, 0.5, cache_dir=cache)
                 first_export_s[f"{role}_{runtime}"] = time.perf_counter() - start
+    for precision in extra_precisions:  # int8: quantization (cached) outside the timings too
+        start = time.perf_counter()
+        build_predictor(models["student"], "openvino", True, 0.5, cache_dir=cache, precision=precision,
+                        calibration=str(calibration) if calibration else None)
+        first_export_s[f"student_openvino-{precision}"] = time.perf_counter() - start
     label_ids = sorted(v for v in models["student"].dataset_json["labels"].values() if isinstance(v, int) and v > 0)
     rows = []
     for tta_setting in tta:
@@ -185,6 +208,11 @@ def run(teacher: Path, student: Path, images: Path, out: Path, runtimes: Sequenc
                 commands.append((f"nnunetv2_recokd predict --runtime {runtime}", runtime,
                                  [_bin("nnunetv2_recokd"), "predict", "-m", str(model.path), "--runtime", runtime,
                                   "-chk", model.checkpoint_name]))
+            for precision in extra_precisions if role == "student" else []:
+                commands.append((f"nnunetv2_recokd predict --runtime openvino --precision {precision}",
+                                 f"openvino-{precision}",
+                                 [_bin("nnunetv2_recokd"), "predict", "-m", str(model.path), "--runtime", "openvino",
+                                  "-chk", model.checkpoint_name, "--precision", precision, *calibration_args]))
             for label, key, command in commands:
                 tag = f"{role}_{key}_tta-{tta_setting}"
                 target = out / "predictions" / tag
@@ -198,8 +226,9 @@ def run(teacher: Path, student: Path, images: Path, out: Path, runtimes: Sequenc
                     args += ["--timings", str(timings_file)]
                 print(f"== {role}: {label}, TTA {tta_setting}, folds {model.folds}", flush=True)
                 wall = _run(args, out / "logs" / f"{tag}.log", env)
-                row = {"model": role, "command": label, "runtime": "torch" if key == "stock" else key,
-                       "tta": tta_setting, "folds": model.folds, "cases": n_cases, "wall_s": wall,
+                row = {"model": role, "command": label, "runtime": "torch" if key == "stock" else key.split("-")[0],
+                       "precision": key.split("-")[1] if "-" in key else "f32", "tta": tta_setting,
+                       "folds": model.folds, "cases": n_cases, "wall_s": wall,
                        "s_per_case": wall / n_cases, "predictions": str(target)}
                 if key != "stock":
                     detail = json.loads(timings_file.read_text())
@@ -228,11 +257,16 @@ def run(teacher: Path, student: Path, images: Path, out: Path, runtimes: Sequenc
                      and r["command"].startswith("nnUNetv2_predict"))
         a, b = _labels(Path(row["predictions"])), _labels(Path(stock["predictions"]))
         dices = [min(dice_per_class(a[n], b[n], label_ids).values()) for n in a]
-        checks.append({"model": row["model"], "runtime": row["runtime"], "tta": row["tta"],
-                       "min_case_dice_vs_pytorch": float(min(dices)), "cases": len(dices)})
+        checks.append({"model": row["model"], "runtime": row["runtime"], "precision": row["precision"],
+                       "tta": row["tta"], "min_case_dice_vs_pytorch": float(min(dices)), "cases": len(dices),
+                       "voxel_agreement_vs_pytorch": float(np.mean([(a[n] == b[n]).mean() for n in a]))})
+        if row["precision"] != "f32" and "dice" in row:  # reduced precision judged against ground truth
+            f32 = next(r for r in rows if r["model"] == row["model"] and r["tta"] == row["tta"]
+                       and r["command"].startswith("nnUNetv2_predict"))
+            row["dice_minus_f32"] = {k: row["dice"][k] - f32["dice"][k] for k in row["dice"]}
     print("== per patch and logit parity", flush=True)
     patches = {role: per_patch(model.path, model.checkpoint_name, patch_runtimes or runtimes, patch_runs,
-                               patch_plain_graph)
+                               patch_plain_graph, precisions if role == "student" else ("f32",), calibration)
                for role, model in models.items()}
     logit = {}
     if parity_cases > 0:
@@ -272,22 +306,31 @@ def to_markdown(result: dict) -> str:
         lines.append(f"| {r['model']} | {r['command']} | {r['tta']} | {','.join(map(str, r['folds']))} | "
                      f"{r['s_per_case']:.2f} | {r['ratio_to_teacher_stock']:.3f} | " + " | ".join(cells)
                      + f" | {dice} |")
-    lines += ["", "| model | PyTorch eager ms / patch | " + " | ".join(
-        k for k in next(iter(result["per_patch_ms"].values())) if k != "torch") + " | best / teacher eager |",
-        "|---|---|" + "---|" * (len(next(iter(result["per_patch_ms"].values()))) - 1) + "---|"]
+    keys = [k for values in result["per_patch_ms"].values() for k in values if k != "torch"]
+    keys = list(dict.fromkeys(keys))  # every runtime/precision timed, in order, once
+    lines += ["", "| model | PyTorch eager ms / patch | " + " | ".join(keys) + " | x teacher eager (each) |",
+              "|---|---|" + "---|" * len(keys) + "---|"]
     teacher_eager = result["per_patch_ms"]["teacher"]["torch"]
     for role, values in result["per_patch_ms"].items():
-        others = [v for k, v in values.items() if k != "torch"]
-        best = min([values["torch"], *others])
-        lines.append(f"| {role} | {values['torch']:.1f} | " + " | ".join(f"{v:.1f}" for v in others)
-                     + f" | {best / teacher_eager:.3f} |")
+        cells = [f"{values[k]:.1f}" if k in values else "" for k in keys]
+        ratios = " / ".join(f"{k}: {values[k] / teacher_eager:.3f}" for k in ["torch", *keys] if k in values)
+        lines.append(f"| {role} | {values['torch']:.1f} | " + " | ".join(cells) + f" | {ratios} |")
+    reduced = [r for r in result["rows"] if r.get("dice_minus_f32")]
+    if reduced:
+        lines += ["", "| model | command | TTA | Dice per class | minus f32 (stock PyTorch) per class |",
+                  "|---|---|---|---|---|"]
+        for r in reduced:
+            lines.append(f"| {r['model']} | {r['command']} | {r['tta']} | "
+                         + " / ".join(f"{v:.4f}" for v in r["dice"].values()) + " | "
+                         + " / ".join(f"{v:+.4f}" for v in r["dice_minus_f32"].values()) + " |")
     lines.append("")
     for key, seconds in result.get("first_load_with_onnx_export_s", {}).items():
         lines.append(f"- {key.replace('_', ' with ')}: first load including the one-off ONNX export (cached per "
                      f"checkpoint, not in the timings above): {seconds:.1f} s")
     for c in result["label_parity"]:
-        lines.append(f"- {c['model']} {c['runtime']} (TTA {c['tta']}): lowest per-case Dice vs PyTorch over "
-                     f"{c['cases']} cases: {c['min_case_dice_vs_pytorch']:.4f}")
+        lines.append(f"- {c['model']} {c['runtime']} {c.get('precision', 'f32')} (TTA {c['tta']}): lowest per-case "
+                     f"Dice vs PyTorch over {c['cases']} cases: {c['min_case_dice_vs_pytorch']:.4f}; voxels with the "
+                     f"same label: {c.get('voxel_agreement_vs_pytorch', float('nan')):.5f}")
     for runtime, p in result["student_logit_parity"].items():
         lines.append(f"- student {runtime}, max |logit difference| vs PyTorch on {p['cases']} real cases: network "
                      f"alone (one patch per case) {p['max_logit_difference_patch']:.1e}; whole case after nnU-Net's "
@@ -308,7 +351,8 @@ def main(args) -> int:
         tta = args.tta or list(TTA_CHOICES)
     result = run(teacher, student, images, out, args.runtimes, tta, args.f, Path(args.labels) if args.labels else None,
                  args.patch_runs, args.parity_cases, args.workload, (args.teacher_chk, args.student_chk),
-                 args.patch_runtimes, args.patch_plain_graph)
+                 args.patch_runtimes, args.patch_plain_graph, args.precisions,
+                 Path(args.calibration) if args.calibration else (images if args.workload == "large" else None))
     markdown = to_markdown(result)
     print(markdown)
     (out / "benchmark_predict.json").write_text(json.dumps(result, indent=1))
@@ -333,6 +377,10 @@ def add_parser(sub) -> None:
                    help="runtimes timed per patch (default: --runtimes; e.g. openvino onnxruntime to compare them)")
     p.add_argument("--patch-plain-graph", action="store_true",
                    help="also time each patch runtime on the plain ONNX export (no skip-concatenation rewrite)")
+    p.add_argument("--precisions", nargs="+", choices=("f32", "bf16", "int8"), default=["f32"],
+                   help="OpenVINO precisions of the student's rows and patch timings (default f32; e.g. f32 int8)")
+    p.add_argument("--calibration", help="int8: images to calibrate on (default: the model's training images; the "
+                                         "large workload: its own volume)")
     p.add_argument("--tta", nargs="+", choices=TTA_CHOICES,
                    help="TTA settings (default: on and off for folders, off for large)")
     p.add_argument("--large-cases", type=int, default=1, help="volumes of the large workload")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # onnx comes with the [deploy] extra; imported where a graph is rewritten
+if TYPE_CHECKING:  # onnx (a dependency) is imported only where a graph is rewritten
     import onnx
 
 #: bumped whenever the rewrites change, so cached rewritten files are not reused across versions
