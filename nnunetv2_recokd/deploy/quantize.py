@@ -19,7 +19,9 @@ bar) and by label agreement with float32: ``nnunetv2_recokd benchmark-predict --
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -140,12 +142,15 @@ def quantize_onnx(onnx_file: Path, tiles: Sequence[np.ndarray]):
 
     if not tiles:
         raise DeployError("no calibration tiles: the calibration cases produced no input")
+    print(f"int8: quantizing the network on {len(tiles)} calibration tile(s) (NNCF; done once, then cached)",
+          flush=True)
     nncf_logger = logging.getLogger("nncf")
     level = nncf_logger.level
-    nncf_logger.setLevel(logging.ERROR)  # its progress bars and INFO lines are noise in a prediction command
+    nncf_logger.setLevel(logging.ERROR)  # its INFO lines and progress bars are noise in a prediction command
     try:
-        return nncf.quantize(ov.Core().read_model(str(onnx_file)), nncf.Dataset(list(tiles)),
-                             subset_size=len(tiles), preset=nncf.QuantizationPreset.PERFORMANCE)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return nncf.quantize(ov.Core().read_model(str(onnx_file)), nncf.Dataset(list(tiles)),
+                                 subset_size=len(tiles), preset=nncf.QuantizationPreset.PERFORMANCE)
     finally:
         nncf_logger.setLevel(level)
 
