@@ -87,11 +87,11 @@ def make_large_workload(root: Path, num_cases: int = 1, seed: int = 0, num_folds
 
 def per_patch(folder: Path, checkpoint: str, runtimes: Sequence[str], runs: int,
               plain_graph: bool = False, precisions: Sequence[str] = ("f32",),
-              calibration: Optional[Path] = None) -> dict[str, float]:
+              calibration: Optional[Path] = None, cache_dir: Optional[Path] = None) -> dict[str, float]:
     """ms per forward of one patch (batch 1) of the folder's first fold: PyTorch eager and each runtime (with
     plain_graph also each runtime on the export without deploy/graph.py's rewrites, key "<runtime> plain"; with
     precisions other than f32 also OpenVINO at each of them, key "openvino <precision>", int8 calibrated on the
-    cases of the calibration folder)."""
+    cases of the calibration folder; with cache_dir the int8 network quantized by an earlier load is reused)."""
     import torch
 
     from nnunetv2_recokd.deploy.modelfolder import open_model_folder
@@ -114,10 +114,14 @@ def per_patch(folder: Path, checkpoint: str, runtimes: Sequence[str], runs: int,
     for runtime, optimize, precision in variants:
         extra = {}
         if precision == "int8":
-            from nnunetv2_recokd.deploy.quantize import calibration_cases, calibration_tiles
+            from nnunetv2_recokd.deploy.quantize import calibration_cases, calibration_key, calibration_tiles
+            from nnunetv2_recokd.deploy.runtime import onnx_cache_file
 
             cases = calibration_cases(model, str(calibration) if calibration else None)
             extra = {"calibration": lambda: calibration_tiles(predictor, cases)}
+            if cache_dir is not None:  # the predictor's cache name for this fold, checkpoint and calibration
+                onnx_file = onnx_cache_file(model.checkpoint_path(model.folds[0]), x.shape, cache_dir)
+                extra["int8_cache"] = onnx_file.with_name(f"{onnx_file.stem}.int8-{calibration_key(cases)}.xml")
         compiled = compile_network(network, x.shape, runtime, optimize_graph=optimize, precision=precision, **extra)
         compiled(x)
         times = []
@@ -266,7 +270,8 @@ def run(teacher: Path, student: Path, images: Path, out: Path, runtimes: Sequenc
             row["dice_minus_f32"] = {k: row["dice"][k] - f32["dice"][k] for k in row["dice"]}
     print("== per patch and logit parity", flush=True)
     patches = {role: per_patch(model.path, model.checkpoint_name, patch_runtimes or runtimes, patch_runs,
-                               patch_plain_graph, precisions if role == "student" else ("f32",), calibration)
+                               patch_plain_graph, precisions if role == "student" else ("f32",), calibration,
+                               cache)
                for role, model in models.items()}
     logit = {}
     if parity_cases > 0:
