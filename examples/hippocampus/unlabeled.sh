@@ -86,14 +86,18 @@ student() {  # row seed dataset-id fold trainer held-out-dataset-name [extra set
   local row=$1 seed=$2 id=$3 fold=$4 tr=$5 heldout=$6 extra=${7:-}
   local results=$WORK/results_$row/s$seed
   local config=$WORK/config_${row}_s$seed.json
+  # save_every 1: a run killed mid-way resumes from its last epoch (--c below) instead of starting again
   echo "{\"num_epochs\": $EPOCHS, \"num_iterations_per_epoch\": $ITERS, \"num_val_iterations_per_epoch\": 5,"\
-       "\"seed\": $seed${extra:+, $extra}}" > "$config"
+       "\"save_every\": 1, \"seed\": $seed${extra:+, $extra}}" > "$config"
   local name; name=$(basename "$(ls -d "$nnUNet_raw"/Dataset"$(printf %03d "$id")"_*)")
   local model=$results/$name/${tr}__nnUNetPlans__3d_fullres
   if [ ! -f "$model/fold_$fold/checkpoint_final.pth" ]; then
-    echo "== $row seed $seed: train $tr on $name fold $fold ($EPOCHS x $ITERS, $DEVICE)"
+    local resume=()
+    [ -f "$model/fold_$fold/checkpoint_latest.pth" ] && resume=(--c)
+    echo "== $row seed $seed: train $tr on $name fold $fold ($EPOCHS x $ITERS, $DEVICE)${resume:+, resumed}"
     env "${train_env[@]}" nnUNet_results="$results" RECOKD_CONFIG="$config" \
-      nnUNetv2_train "$id" 3d_fullres "$fold" -tr "$tr" -device "$DEVICE" > "$WORK/logs/${row}_s$seed.log" 2>&1
+      nnUNetv2_train "$id" 3d_fullres "$fold" -tr "$tr" -device "$DEVICE" "${resume[@]}" \
+      >> "$WORK/logs/${row}_s$seed.log" 2>&1
   fi
   local pred=$WORK/pred_${row}_s$seed
   if [ ! -f "$pred/summary.json" ]; then
