@@ -41,8 +41,17 @@ def dataset_labels(kind: str = "map") -> dict:
     raise ValueError(f"labels must be one of {LABEL_KINDS}, got {kind!r}")
 
 
-def make_case(rng: np.random.Generator, size: int, lesion_radius: float) -> tuple[np.ndarray, np.ndarray]:
-    """One (image float32, label uint8) pair of shape (size, size, size)."""
+def make_case(rng: np.random.Generator, size: int, lesion_radius: float,
+              varied: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """One (image float32, label uint8) pair of shape (size, size, size).
+
+    varied: a harder set (the demo's few-label story): every case draws its own organ and lesion intensities (the
+    lesion may be brighter or darker than the organ, sometimes barely), noise level, a smooth bias field, 1-4
+    lesions of 0.6-1.4x the radius, and 0-2 lesion-like blobs outside the organ that are background. A model that saw
+    a few cases has seen few of these combinations. False: the original easy cases (same random stream as before
+    the option existed)."""
+    if varied:
+        return _make_varied_case(rng, size, lesion_radius)
     grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), -1).astype(np.float32)
     centre = size / 2 + rng.uniform(-0.08, 0.08, 3) * size
     radii = rng.uniform(0.26, 0.36, 3) * size
@@ -55,6 +64,34 @@ def make_case(rng: np.random.Generator, size: int, lesion_radius: float) -> tupl
         label[((grid - c) ** 2).sum(-1) <= r * r] = 2
     image = np.where(label == 1, 1.0, 0.0) + np.where(label == 2, 2.2, 0.0)
     image = image + rng.normal(0, 0.35, image.shape) + 0.2 * np.sin(grid[..., 0] / size * 3.1)
+    return image.astype(np.float32), label
+
+
+def _make_varied_case(rng: np.random.Generator, size: int, lesion_radius: float) -> tuple[np.ndarray, np.ndarray]:
+    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), -1).astype(np.float32)
+    centre = size / 2 + rng.uniform(-0.1, 0.1, 3) * size
+    radii = rng.uniform(0.24, 0.38, 3) * size
+    organ = (((grid - centre) / radii) ** 2).sum(-1) <= 1.0
+    label = organ.astype(np.uint8)
+    inside = np.argwhere((((grid - centre) / (radii - lesion_radius * size)) ** 2).sum(-1) <= 1.0)
+    lesion_mask = np.zeros(label.shape, bool)
+    for _ in range(int(rng.integers(1, 5))):
+        c = inside[rng.integers(len(inside))]
+        r = lesion_radius * size * rng.uniform(0.6, 1.4)
+        lesion_mask |= ((grid - c) ** 2).sum(-1) <= r * r
+    label[lesion_mask] = 2
+    organ_level = rng.uniform(0.6, 1.4)
+    lesion_level = organ_level + rng.choice([-1, 1]) * rng.uniform(0.5, 1.5)  # darker or brighter than the organ
+    image = np.where(label == 1, organ_level, 0.0) + np.where(label == 2, lesion_level, 0.0)
+    outside = np.argwhere(~organ)
+    for _ in range(int(rng.integers(0, 3))):  # lesion-like blobs in the background: not lesions
+        c = outside[rng.integers(len(outside))]
+        r = lesion_radius * size * rng.uniform(0.6, 1.2)
+        blob = (((grid - c) ** 2).sum(-1) <= r * r) & ~organ
+        image[blob] = lesion_level
+    axis = rng.normal(size=3)
+    bias = 1 + rng.uniform(0.1, 0.4) * np.sin((grid @ (axis / np.linalg.norm(axis))) / size * rng.uniform(2, 5))
+    image = image * bias + rng.normal(0, rng.uniform(0.25, 0.6), image.shape)
     return image.astype(np.float32), label
 
 
@@ -73,12 +110,13 @@ def _write(array: np.ndarray, path: Path) -> None:
 
 def write_dataset(raw_root: Union[str, Path], dataset_id: int = 990, name: str = "SyntheticLesions",
                   num_train: int = 10, num_test: int = 0, size: int = 48, lesion_radius: float = 0.15,
-                  seed: int = 0, channels: int = 1, ct: bool = False, labels: str = "map") -> Path:
+                  seed: int = 0, channels: int = 1, ct: bool = False, labels: str = "map",
+                  varied: bool = False) -> Path:
     """Write Dataset<ID>_<name> in nnU-Net's raw layout (imagesTr, labelsTr, dataset.json; imagesTs,
     labelsTs when num_test > 0) and return its folder. channels=2 adds the weak channel (_0001); one channel
     gives the same cases as before that option existed. labels: "map", "regions" or "ignore" (module docstring);
     the images are the same for every kind, and labelsTs never holds the ignore label (held-out cases are scored
-    against a full annotation)."""
+    against a full annotation). varied: make_case's harder set."""
     if channels not in (1, 2):
         raise ValueError(f"channels must be 1 or 2, got {channels}")
     label_entries = dataset_labels(labels)
@@ -87,7 +125,7 @@ def write_dataset(raw_root: Union[str, Path], dataset_id: int = 990, name: str =
         (folder / sub).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(num_train + num_test):
-        image, label = make_case(rng, size, lesion_radius)
+        image, label = make_case(rng, size, lesion_radius, varied)
         split = "Tr" if i < num_train else "Ts"
         _write(image, folder / f"images{split}" / f"case_{i:03d}_0000.nii.gz")
         if channels == 2:
@@ -102,4 +140,17 @@ def write_dataset(raw_root: Union[str, Path], dataset_id: int = 990, name: str =
                     "file_ending": ".nii.gz", "name": name,
                     "description": "synthetic organ with small lesions (nnunetv2-recokd)"}
     (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    return folder
+
+
+def write_unlabeled_images(folder: Union[str, Path], num: int, size: int = 48, lesion_radius: float = 0.15,
+                           seed: int = 1, varied: bool = False, prefix: str = "scan") -> Path:
+    """num images without labels (<prefix>_NNN_0000.nii.gz, nnU-Net's naming), drawn like write_dataset's cases from
+    their own random stream (seed): new scans, none of them a case of the labelled dataset."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(num):
+        image, _ = make_case(rng, size, lesion_radius, varied)
+        _write(image, folder / f"{prefix}_{i:03d}_0000.nii.gz")
     return folder

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,3 +149,35 @@ def test_the_caption_names_exactly_the_timed_columns(tmp_path):
     assert "s / case, openvino" not in table and "--runtime openvino` (CPU)" not in table
     assert "TTA off, `nnUNetv2_predict -device cpu`. " in table
     assert "was not timed" in table and "pip install openvino onnx" in table
+
+
+def test_the_varied_set_keeps_the_easy_cases_and_varies_what_a_few_cases_cannot_cover(tmp_path):
+    """varied=False draws the original cases (same random stream); varied=True gives each case its own contrast
+    (the lesion brighter or darker than the organ), and unlabeled scans are new images with nnU-Net's names."""
+    from nnunetv2_recokd.synthetic import make_case, write_unlabeled_images
+
+    easy = make_case(np.random.default_rng(0), 24, 0.15)
+    again = make_case(np.random.default_rng(0), 24, 0.15, varied=False)
+    assert np.array_equal(easy[0], again[0]) and np.array_equal(easy[1], again[1])
+    rng = np.random.default_rng(0)
+    signs = set()
+    for _ in range(12):
+        image, label = make_case(rng, 24, 0.15, varied=True)
+        assert set(np.unique(label)) <= {0, 1, 2} and (label == 1).any()
+        if (label == 2).any():
+            signs.add(np.sign(image[label == 2].mean() - image[label == 1].mean()))
+    assert signs == {-1.0, 1.0}  # both contrasts occur
+    folder = write_unlabeled_images(tmp_path / "scans", 3, size=16, varied=True)
+    assert sorted(p.name for p in folder.iterdir()) == [f"scan_{i:03d}_0000.nii.gz" for i in range(3)]
+
+
+def test_few_labels_is_refused_where_it_cannot_run(tmp_path):
+    common = dict(out=str(tmp_path / "d"), device="cpu", teacher_epochs=1, student_epochs=1, iterations=1,
+                  num_test=1)
+    with pytest.raises(SystemExit, match="--few-labels is a story on the synthetic data"):
+        demo.main(dataset="4", num_train=8, few_labels=3, **common)
+    with pytest.raises(SystemExit, match="2..7"):
+        demo.main(dataset=None, num_train=8, few_labels=8, **common)
+    with pytest.raises(SystemExit, match="--unlabeled"):
+        demo.main(dataset=None, num_train=8, few_labels=3, unlabeled=0, **common)
+    assert not (tmp_path / "d").exists()  # refused before anything is written

@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "trainers' own, ReCo-KD's 0.6; 0 = active from the first step)")
     p.add_argument("--results", help="results folder to train into (default: OUT/nnunet/results; never your "
                                      "nnUNet_results unless you name it here)")
+    p.add_argument("--few-labels", type=int, default=0, metavar="K",
+                   help="the unlabeled-scans story (synthetic data, a harder varied set): the teacher trains on the "
+                        "labelled cases and labels --unlabeled new scans; students train on K labelled cases alone "
+                        "(the control) and on those K + the teacher-labelled scans (0: off, every model on all labels)")
+    p.add_argument("--unlabeled", type=int, default=16, metavar="M", help="new scans the teacher labels (--few-labels)")
     p.add_argument("--ensemble", type=int, default=0, metavar="N",
                    help="also train the teacher's folds 1..N-1, distil the N folds into one student "
                         "(nnUNetTrainerLogitKD_ensemble) and add a table on the held-out cases: fold ensemble + TTA "
@@ -116,7 +121,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return demo.main(args.out, args.device, args.dataset, args.teacher_epochs, args.student_epochs,
                          args.iterations, args.num_train, args.num_test, args.seed, args.seeds, args.results,
-                         args.warmup, ensemble=args.ensemble)
+                         args.warmup, ensemble=args.ensemble, few_labels=args.few_labels,
+                         unlabeled=args.unlabeled)
     if args.command == "benchmark":
         from nnunetv2_recokd.cli import benchmark
 

@@ -30,9 +30,10 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from nnunetv2_recokd.synthetic import write_dataset
+from nnunetv2_recokd.synthetic import write_dataset, write_unlabeled_images
 
 SYNTHETIC_ID = 990
+PLANS_DONE = ".recokd_demo_preprocessed"  # marks a dataset the demo preprocessed (beside, not inside, its data)
 TEACHER = "nnUNetTrainerTeacher"
 MODELS = (("teacher", TEACHER), ("student", "nnUNetTrainerStudent"), ("ReCo-KD student", "nnUNetTrainerReCoKD"))
 # the demo's distillation settings on top of the trainers' defaults (the control ignores them); see README
@@ -40,6 +41,12 @@ DEMO_RUNTIME = "openvino"  # the CPU runtime of `nnunetv2_recokd predict` timed 
 # --ensemble: logit KD against the mean of the fold teachers' softened probabilities, i.e. the student is trained
 # towards what the fold ensemble predicts (the inference it replaces), from the first step (no warm-up)
 ENSEMBLE_STUDENT = "nnUNetTrainerLogitKD_ensemble"
+# --few-labels K: the teacher (fold 0 of all labelled cases) labels M new scans; students train on K labelled cases
+# (Dataset991) or on those K + the M teacher-labelled scans (Dataset992, made by `add-unlabeled`), fold "all"
+FEW_LABEL_ID, DERIVED_ID = 991, 992
+FEW_LABEL_STUDENTS = (("student, {k} labels", "nnUNetTrainerStudent", "few"),
+                      ("student, {k} labels + {m} teacher-labelled", "nnUNetTrainerStudent", "derived"),
+                      ("ReCo-KD student, {k} labels + {m} teacher-labelled", "nnUNetTrainerReCoKD", "derived"))
 MAX_FOLDS = 5  # nnU-Net's 5-fold split
 
 
@@ -101,16 +108,30 @@ def student_settings(epochs: int, iterations: int, seed: int, teacher_folder: Pa
 
 def main(out: str, device: str, dataset: Optional[str], teacher_epochs: int, student_epochs: int,
          iterations: int, num_train: int, num_test: int, seed: int = 0, seeds: int = 1,
-         results: Optional[str] = None, warmup: Optional[float] = None, ensemble: int = 0) -> int:
+         results: Optional[str] = None, warmup: Optional[float] = None, ensemble: int = 0,
+         few_labels: int = 0, unlabeled: int = 16) -> int:
     if seeds < 1:
         raise SystemExit("--seeds must be >= 1")
+    if few_labels and dataset is not None:
+        raise SystemExit("--few-labels is a story on the synthetic data; with --dataset use add-unlabeled on your own "
+                         "scans (docs/unlabeled.md)")
+    if few_labels and not 2 <= few_labels < num_train:
+        raise SystemExit(f"--few-labels takes 0 (off) or 2..{num_train - 1} (fewer than --num-train), got {few_labels}")
+    if few_labels and unlabeled < 1:
+        raise SystemExit("--few-labels needs --unlabeled scans (at least 1)")
     if ensemble and not 2 <= ensemble <= MAX_FOLDS:
         raise SystemExit(f"--ensemble takes 0 (off) or a number of fold teachers from 2 to {MAX_FOLDS} (nnU-Net's "
                          f"{MAX_FOLDS}-fold split), got {ensemble}")
     students = [m for m in MODELS if m[1] != TEACHER]
-    # data, planning, teacher training and evaluation, then per seed one training and one evaluation per student
-    progress = Progress(4 + 2 * len(students) * seeds + ensemble_steps(ensemble))
-    setup = prepare(out, device, dataset, num_train, num_test, results, progress)
+    if few_labels:
+        students = [(label.format(k=few_labels, m=unlabeled), trainer, which)
+                    for label, trainer, which in FEW_LABEL_STUDENTS]
+    else:
+        students = [(label, trainer, "labelled") for label, trainer in students]
+    # data, planning, teacher training and evaluation, (few labels: the k-label and the derived dataset,) then per
+    # seed one training and one evaluation per student
+    progress = Progress(4 + (2 if few_labels else 0) + 2 * len(students) * seeds + ensemble_steps(ensemble))
+    setup = prepare(out, device, dataset, num_train, num_test, results, progress, varied=bool(few_labels))
     if ensemble and not setup.evaluation.held_out:
         raise SystemExit(f"--ensemble needs held-out cases: {setup.folder} has no imagesTs and labelsTs (the fold "
                          f"validation of a student distilled from every fold is optimistic)")
@@ -128,23 +149,34 @@ def main(out: str, device: str, dataset: Optional[str], teacher_epochs: int, stu
     runs = {TEACHER: [evaluation.run(TEACHER, teacher_folder, env, seed)]}
     progress.step(f"evaluated the teacher on {runs[TEACHER][0]['evaluated_on']}")
 
+    datasets = {"labelled": (dataset_id, name, "0")}  # where each student trains: id, name, fold
+    if few_labels:
+        datasets.update(few_label_datasets(setup, progress, few_labels, unlabeled))
+
     for k in range(seeds):
         student_seed = seed + k
         seed_env = {**env, "nnUNet_results": str(results_root / f"students_seed{student_seed}")}
-        for label, trainer in students:
-            cfg = out_dir / f"config_{trainer}_seed{student_seed}.json"
+        for label, trainer, which in students:
+            data_id, data_name, fold = datasets[which]
+            tag = f"{trainer}_{which}" if few_labels else trainer
+            cfg = out_dir / f"config_{tag}_seed{student_seed}.json"
             values = student_settings(student_epochs, iterations, student_seed, teacher_folder, warmup)
+            if fold == "all":  # every case trains, none validates: the held-out test cases are the measure; the
+                values.update(allow_leaky_teacher=True, teacher_folds=[0])  # teacher is the demo's fold 0
             cfg.write_text(json.dumps(values))
-            run_logged(["nnUNetv2_train", dataset_id, "3d_fullres", "0", "-tr", trainer, "-device", device],
+            run_logged(["nnUNetv2_train", data_id, "3d_fullres", fold, "-tr", trainer, "-device", device],
                        {**train_env, **seed_env, "RECOKD_CONFIG": str(cfg)},
-                       logs / f"train_{trainer}_seed{student_seed}.log")
+                       logs / f"train_{tag}_seed{student_seed}.log")
             progress.step(f"trained {label} ({trainer}, {student_epochs} x {iterations} iterations, "
                           f"seed {student_seed})")
-            model_folder = Path(seed_env["nnUNet_results"]) / name / f"{trainer}__nnUNetPlans__3d_fullres"
-            runs.setdefault(trainer, []).append(evaluation.run(trainer, model_folder, seed_env, student_seed))
+            model_folder = Path(seed_env["nnUNet_results"]) / data_name / f"{trainer}__nnUNetPlans__3d_fullres"
+            runs.setdefault(label, []).append(evaluation.run(tag, model_folder, seed_env, student_seed, fold,
+                                                             data_id))
             progress.step(f"evaluated {label} (seed {student_seed})")
 
-    rows = [model_row(label, trainer, runs[trainer], device) for label, trainer in MODELS]
+    runs["teacher"] = runs.pop(TEACHER)
+    rows = [model_row(label, trainer, runs[label], device)
+            for label, trainer in [("teacher", TEACHER), *[(label, trainer) for label, trainer, _ in students]]]
     story = (ensemble_story(setup, progress, ensemble, seed, student_epochs, iterations, warmup)
              if ensemble else None)
     write_outputs(rows, out_dir, time.time() - progress.start, story)
@@ -176,7 +208,7 @@ class Setup:
 
 
 def prepare(out: str, device: str, dataset: Optional[str], num_train: int, num_test: int, results: Optional[str],
-            progress: Progress) -> Setup:
+            progress: Progress, varied: bool = False) -> Setup:
     """Environment, data (synthetic, or --dataset) and nnU-Net's planning and preprocessing (skipped when the
     plans exist): the first two steps of the demo."""
     out_dir = Path(out).resolve()
@@ -203,7 +235,7 @@ def prepare(out: str, device: str, dataset: Optional[str], num_train: int, num_t
     if dataset is None:
         dataset_id = str(SYNTHETIC_ID)
         folder = write_dataset(work / "raw", SYNTHETIC_ID, num_train=num_train, num_test=num_test, size=48,
-                               lesion_radius=0.15, seed=0)
+                               lesion_radius=0.15, seed=0, varied=varied)
         progress.step(f"synthetic dataset written: {folder} ({num_train} training, {num_test} held-out cases)")
     else:
         dataset_id = dataset
@@ -225,6 +257,51 @@ def prepare(out: str, device: str, dataset: Optional[str], num_train: int, num_t
         train_env.pop("nnUNet_n_proc_DA")
     evaluation = Evaluation(folder, pre, dataset_id, device, env, logs, out_dir)
     return Setup(out_dir, device, env, train_env, results_root, logs, dataset_id, folder, pre, evaluation)
+
+
+def few_label_datasets(setup: Setup, progress: Progress, k: int, m: int) -> dict:
+    """--few-labels K: Dataset991 = the first K labelled cases (links), preprocessed with the teacher's plans (no
+    re-planning: the student and the teacher must see the same spacing, patch and normalisation); M new scans
+    without labels; `nnunetv2_recokd add-unlabeled` with the teacher's fold 0 makes Dataset992 = the K cases + the
+    M scans labelled by the teacher. Returns {"few": (id, name, fold), "derived": (...)}, fold "all" (K is too few
+    for a validation split; the held-out test cases are the measure). Skipped where already done."""
+    s = setup
+    few = f"Dataset{FEW_LABEL_ID}_{s.name.split('_', 1)[1]}Few{k}"
+    derived = f"Dataset{DERIVED_ID}_{s.name.split('_', 1)[1]}Few{k}Unlabeled{m}"
+    raw, pre = Path(s.env["nnUNet_raw"]), Path(s.env["nnUNet_preprocessed"])
+    for stale in raw.glob(f"Dataset{FEW_LABEL_ID}_*"), raw.glob(f"Dataset{DERIVED_ID}_*"):
+        for folder in stale:  # another K or M from an earlier run in the same output folder
+            if folder.name not in (few, derived):
+                shutil.rmtree(folder)
+                shutil.rmtree(pre / folder.name, ignore_errors=True)
+    if not (pre / few / f"{PLANS_DONE}").is_file():
+        cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (s.folder / "imagesTr").glob("*_0000.nii.gz"))[:k]
+        for sub in ("imagesTr", "labelsTr"):
+            shutil.rmtree(raw / few / sub, ignore_errors=True)
+            (raw / few / sub).mkdir(parents=True)
+        for case in cases:
+            os.symlink(s.folder / "imagesTr" / f"{case}_0000.nii.gz", raw / few / "imagesTr" / f"{case}_0000.nii.gz")
+            os.symlink(s.folder / "labelsTr" / f"{case}.nii.gz", raw / few / "labelsTr" / f"{case}.nii.gz")
+        dataset_json = {**json.loads((s.folder / "dataset.json").read_text()), "numTraining": k}
+        (raw / few / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+        (pre / few).mkdir(parents=True, exist_ok=True)
+        plans = {**json.loads((s.pre / "nnUNetPlans.json").read_text()), "dataset_name": few}
+        (pre / few / "nnUNetPlans.json").write_text(json.dumps(plans, indent=2))
+        (pre / few / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+        run_logged(["nnUNetv2_extract_fingerprint", "-d", str(FEW_LABEL_ID), "-np", "1"], s.env,
+                   s.logs / "fingerprint_few.log")
+        run_logged(["nnUNetv2_preprocess", "-d", str(FEW_LABEL_ID), "-c", "3d_fullres", "-np", "1"], s.env,
+                   s.logs / "preprocess_few.log")
+        (pre / few / PLANS_DONE).touch()
+    progress.step(f"{few}: {k} of the labelled cases, preprocessed with the teacher's plans")
+    if not (pre / derived / "splits_final.json").is_file():
+        scans = write_unlabeled_images(s.out_dir / "nnunet" / "unlabeled", m, size=48, lesion_radius=0.15, seed=1,
+                                       varied=True)
+        run_logged(["nnunetv2_recokd", "add-unlabeled", "-i", str(scans), "-t", str(s.teacher_folder), "-f", "0",
+                    "-d", str(FEW_LABEL_ID), "--id", str(DERIVED_ID), "--name", derived.split("_", 1)[1],
+                    "-device", s.device, "-np", "1"], s.env, s.logs / "add_unlabeled.log")
+    progress.step(f"{derived}: the {k} labelled cases + {m} new scans labelled by the teacher (add-unlabeled)")
+    return {"few": (str(FEW_LABEL_ID), few, "all"), "derived": (str(DERIVED_ID), derived, "all")}
 
 
 def ensemble_steps(n_folds: int) -> int:
@@ -295,8 +372,8 @@ def mirror_passes(checkpoint: Path) -> int:
     return 2 ** len(axes) if axes else 1
 
 
-def build_network(model_folder: Union[str, Path], device: str):
-    """The network nnUNetv2_predict builds for fold 0 of a model folder, and its patch size."""
+def build_network(model_folder: Union[str, Path], device: str, fold: str = "0"):
+    """The network nnUNetv2_predict builds for one fold of a model folder, and its patch size."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -305,7 +382,8 @@ def build_network(model_folder: Union[str, Path], device: str):
     with contextlib.redirect_stdout(io.StringIO()):
         predictor = nnUNetPredictor(device=torch.device(device), perform_everything_on_device=device == "cuda",
                                     verbose=False, verbose_preprocessing=False)
-        predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(0,),
+        use = (fold if fold == "all" else int(fold),)
+        predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=use,
                                                        checkpoint_name="checkpoint_final.pth")
     return predictor.network, predictor.configuration_manager.patch_size
 
@@ -319,18 +397,23 @@ class Evaluation:
         self.pre, self.dataset_id, self.device, self.logs, self.out = pre, dataset_id, device, logs, out
         self.held_out = self.images.is_dir() and self.labels.is_dir()
 
-    def run(self, trainer: str, model_folder: Path, env: dict, seed: Optional[int] = None) -> dict:
-        tag = trainer if seed is None else f"{trainer}_seed{seed}"
+    def run(self, tag: str, model_folder: Path, env: dict, seed: Optional[int] = None, fold: str = "0",
+            dataset_id: Optional[str] = None) -> dict:
+        """Score one trained model (tag: the trainer, or a name for its predictions); dataset_id: the dataset it
+        trained on (default: the demo's)."""
+        trainer = model_folder.name.split("__")[0]
+        tag = tag if seed is None else f"{tag}_seed{seed}"
         if self.held_out:
-            result = self.held_out_scores(tag, trainer, model_folder, env)
+            result = self.held_out_scores(tag, trainer, model_folder, env, (fold,), dataset_id=dataset_id)
         else:
-            summary = model_folder / "fold_0" / "validation" / "summary.json"
-            result = {**read_dice(summary, model_folder), "evaluated_on": "fold 0 validation"}
-        checkpoint = model_folder / "fold_0" / "checkpoint_final.pth"
-        return {**result, "seed": seed, "model_folder": str(model_folder), **training_record(checkpoint)}
+            summary = model_folder / f"fold_{fold}" / "validation" / "summary.json"
+            result = {**read_dice(summary, model_folder), "evaluated_on": f"fold {fold} validation"}
+        checkpoint = model_folder / f"fold_{fold}" / "checkpoint_final.pth"
+        return {**result, "seed": seed, "model_folder": str(model_folder), "fold": fold,
+                **training_record(checkpoint)}
 
-    def held_out_scores(self, tag: str, trainer: str, model_folder: Path, env: dict, folds: Sequence[int] = (0,),
-                        tta: bool = False, runtime: bool = True) -> dict:
+    def held_out_scores(self, tag: str, trainer: str, model_folder: Path, env: dict, folds: Sequence = (0,),
+                        tta: bool = False, runtime: bool = True, dataset_id: Optional[str] = None) -> dict:
         """Predict the held-out cases with nnUNetv2_predict (these folds, TTA on or off), time the whole command
         per case, also time `nnunetv2_recokd predict --runtime openvino` when `runtime` and the deploy extra is
         installed, and score the stock predictions with nnUNetv2_evaluate_folder."""
@@ -339,8 +422,8 @@ class Evaluation:
         no_tta = [] if tta else ["--disable_tta"]
         cases = max(1, len(list(self.images.glob("*_0000.*"))))
         start = time.perf_counter()
-        run_logged(["nnUNetv2_predict", "-i", str(self.images), "-o", str(pred), "-d", self.dataset_id, "-c",
-                    "3d_fullres", "-tr", trainer, "-f", *use, "-device", self.device, *no_tta,
+        run_logged(["nnUNetv2_predict", "-i", str(self.images), "-o", str(pred), "-d", dataset_id or self.dataset_id,
+                    "-c", "3d_fullres", "-tr", trainer, "-f", *use, "-device", self.device, *no_tta,
                     "-npp", "1", "-nps", "1"], env, self.logs / f"predict_{tag}.log")
         timing = {"stock_s_per_case": (time.perf_counter() - start) / cases}
         if runtime and runtime_available(DEMO_RUNTIME):  # the same cases through our predict on the CPU runtime
@@ -386,7 +469,7 @@ def model_row(label: str, trainer: str, runs: list[dict], device: str) -> dict:
     classes = list(runs[0]["dice"])
     per_seed = {c: [r["dice"][c] for r in runs] for c in classes}
     means = [r["mean_dice"] for r in runs]
-    net, patch = build_network(runs[0]["model_folder"], device)
+    net, patch = build_network(runs[0]["model_folder"], device, runs[0].get("fold", "0"))
     return {"model": label, "trainer": trainer, "seeds": [r["seed"] for r in runs],
             "dice": {c: statistics.mean(v) for c, v in per_seed.items()},
             "dice_sd": {c: _spread(v) for c, v in per_seed.items()}, "dice_per_seed": per_seed,
