@@ -253,7 +253,7 @@ def test_bf16_is_openvino_only_and_stays_close():
     # about 0.005 where the CPU computes in bf16; 0 where it has no bf16 units and OpenVINO stays in f32)
     error = (compile_network(network, x.shape, "openvino", precision="bf16")(x) - expected).abs()
     assert error.mean() < 0.02 and error.max() < 0.25
-    with pytest.raises(DeployError, match="bf16 \\(openvino\\)"):
+    with pytest.raises(DeployError, match="bf16 and int8 \\(openvino\\)"):
         compile_network(network, x.shape, "onnxruntime", precision="bf16")
     with pytest.raises(DeployError, match="precision 'fp8'"):
         compile_network(network, x.shape, "openvino", precision="fp8")
