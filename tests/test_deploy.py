@@ -46,14 +46,7 @@ def onnx_cache(tmp_path_factory):
         os.environ["RECOKD_CACHE"] = old
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny test networks are dominated by thread start-up and contention, not arithmetic: one thread is fastest
-    (nnU-Net's predictor never raises the count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

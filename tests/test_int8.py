@@ -30,13 +30,7 @@ PATCH = (16, 16, 16)
 STUDENT = "nnUNetTrainerReCoKD__nnUNetPlans__3d_fullres"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny networks: one thread is fastest, and a busy machine does not stall the test (as tests/test_deploy.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

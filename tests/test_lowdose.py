@@ -29,12 +29,7 @@ CT_PROPS = {"max": 300.0, "mean": 80.0, "median": 70.0, "min": -100.0, "percenti
             "percentile_99_5": 250.0, "std": 50.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def disc_image(n: int, spacing: tuple[float, float], r: float, x0: float, y0: float, ss: int = 8) -> torch.Tensor:
