@@ -13,9 +13,10 @@ import sys
 import pytest
 import torch
 
-# the smallest setting of the README's demo command; --num-train 10 / --num-test 2 are the end-to-end tests' cases
+# the smallest setting of the README's demo command (its default story: 2 labelled cases, here 2 teacher-labelled
+# scans); --num-train 10 / --num-test 2 are the end-to-end tests' cases
 SMALLEST = ["--device", "cpu", "--teacher-epochs", "1", "--student-epochs", "1", "--iterations", "4", "--num-train",
-            "10", "--num-test", "2", "--warmup", "0"]
+            "10", "--num-test", "2", "--unlabeled", "2", "--warmup", "0"]
 
 
 @pytest.fixture(scope="session")

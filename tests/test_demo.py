@@ -16,11 +16,19 @@ from nnunetv2_recokd.cli import demo
 def test_demo_smallest_setting_writes_table_and_figure(smallest_demo):
     out, proc = smallest_demo
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[1/8 " in proc.stdout and "[8/8 " in proc.stdout  # progress from the first to the last step
+    assert "[1/12 " in proc.stdout and "[12/12 " in proc.stdout  # progress from the first to the last step
     assert str(out / "nnunet" / "results") in proc.stdout  # where it trains, said up front
     rows = json.loads((out / "table.json").read_text())["rows"]
-    assert [r["trainer"] for r in rows] == ["nnUNetTrainerTeacher", "nnUNetTrainerStudent", "nnUNetTrainerReCoKD"]
-    teacher, student, distilled = rows
+    # the default story: a control on 2 labelled cases, the control trainer and ReCo-KD on those 2 + 2 scans the
+    # teacher labelled
+    assert [(r["model"], r["trainer"]) for r in rows] == [
+        ("teacher", "nnUNetTrainerTeacher"), ("student, 2 labels", "nnUNetTrainerStudent"),
+        ("student, 2 labels + 2 teacher-labelled", "nnUNetTrainerStudent"),
+        ("ReCo-KD student, 2 labels + 2 teacher-labelled", "nnUNetTrainerReCoKD")]
+    teacher, student, pseudo, distilled = rows
+    derived = out / "nnunet" / "raw" / "Dataset992_SyntheticLesionsFew2Unlabeled2"
+    assert len(list((derived / "labelsTr").iterdir())) == 4  # 2 real + 2 teacher-labelled
+    assert len(list((out / "nnunet" / "raw" / "Dataset991_SyntheticLesionsFew2" / "labelsTr").iterdir())) == 2
     assert 12 < teacher["params"] / student["params"] < 20 and student["params"] == distilled["params"]
     assert teacher["gflops_per_patch"] > 8 * student["gflops_per_patch"]
     for r in rows:
@@ -31,9 +39,9 @@ def test_demo_smallest_setting_writes_table_and_figure(smallest_demo):
         assert r["stock_s_per_case"] > 0 and r["runtime_s_per_case"] > 0
     # distillation really added to the ReCo-KD student's loss; the control has no such term
     assert distilled["kd_weighted_per_epoch"][0] and min(distilled["kd_weighted_per_epoch"][0]) > 0
-    assert student["kd_weighted_per_epoch"] == [[]]
-    config = json.loads((out / "config_nnUNetTrainerReCoKD_seed0.json").read_text())
-    assert config["seed"] == 0 and config["reco_warmup"] == 0.0
+    assert student["kd_weighted_per_epoch"] == pseudo["kd_weighted_per_epoch"] == [[]]
+    config = json.loads((out / "config_nnUNetTrainerReCoKD_derived_seed0.json").read_text())
+    assert config["seed"] == 0 and config["reco_warmup"] == 0.0 and config["teacher_folds"] == [0]
     table = (out / "table.md").read_text()
     assert f"{teacher['params'] / 1e6:.3f}" in table and "`nnUNetTrainerReCoKD`" in table
     assert "s / case, nnUNetv2_predict | s / case, openvino |" in table
@@ -69,7 +77,7 @@ def test_demo_ensemble_story_on_the_smallest_demo(smallest_demo, monkeypatch):
 
     monkeypatch.setattr(demo.Evaluation, "held_out_scores", scores)
     progress = demo.Progress(2 + demo.ensemble_steps(2))
-    setup = demo.prepare(str(out), "cpu", None, 10, 2, None, progress)  # same data; planning is skipped
+    setup = demo.prepare(str(out), "cpu", None, 10, 2, None, progress, varied=True)  # same data: no re-planning
     story = demo.ensemble_story(setup, progress, 2, seed=0, student_epochs=1, iterations=4, warmup=0.0)
     main = json.loads((out / "table.json").read_text())
     demo.write_outputs(main["rows"], out, main["minutes"] * 60, story)
@@ -181,3 +189,27 @@ def test_few_labels_is_refused_where_it_cannot_run(tmp_path):
     with pytest.raises(SystemExit, match="--unlabeled"):
         demo.main(dataset=None, num_train=8, few_labels=3, unlabeled=0, **common)
     assert not (tmp_path / "d").exists()  # refused before anything is written
+
+
+def test_each_story_has_its_own_defaults_and_the_user_overrides_them():
+    assert demo.story_defaults(None, None, None, None) == (2, 8, 20)  # synthetic: the few-label story
+    assert demo.story_defaults("4", None, None, None) == (0, 3, 4)  # --dataset: every model on all labels
+    assert demo.story_defaults(None, 0, None, None) == (0, 3, 4)  # --few-labels 0: the easy set
+    assert demo.story_defaults(None, 3, 1, None) == (3, 1, 20)
+    assert demo.SIZE == {True: 32, False: 48}
+
+
+def test_a_reused_output_folder_with_another_synthetic_set_is_planned_again(tmp_path):
+    """Dataset990 (and the few-label datasets made from it) of another set are removed before the new set is
+    written, so nnU-Net's planning runs again; the same set keeps its preprocessed data."""
+    work = tmp_path / "nnunet"
+    folders = [work / root / f"Dataset{i}_X" for root in ("raw", "preprocessed") for i in (990, 991, 992)]
+    for f in folders + [work / "raw" / "Dataset004_Other"]:
+        f.mkdir(parents=True)
+    easy = {"varied": False, "size": 48, "num_train": 10, "num_test": 4}
+    (work / demo.SYNTHETIC_SET).write_text(json.dumps(easy))
+    demo.drop_stale_synthetic(work, easy)
+    assert all(f.is_dir() for f in folders)  # same set: kept
+    demo.drop_stale_synthetic(work, {**easy, "varied": True, "size": 32})
+    assert not any(f.exists() for f in folders) and (work / "raw" / "Dataset004_Other").is_dir()
+    assert not (work / demo.SYNTHETIC_SET).exists()

@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from nnunetv2_recokd.cli import deploy, plugin, predict_benchmark
+from nnunetv2_recokd.cli import demo, deploy, plugin, predict_benchmark
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,13 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-tr", "--trainer", default="nnUNetTrainerLogitKD", help="whose settings to resolve")
     p.add_argument("-p", "--plans", default="nnUNetPlans")
 
-    p = sub.add_parser("demo", help="the whole protocol on a synthetic dataset (or --dataset): plan, train teacher, "
-                                    "student and ReCo-KD student, predict, evaluate, table and figure")
+    p = sub.add_parser("demo", help="the whole protocol on a synthetic dataset (or --dataset): plan, train the "
+                                    "teacher, a control on 2 labelled cases and students on those 2 + 12 scans the "
+                                    "teacher labels (--few-labels 0: all labels), predict, evaluate, table and figure")
     p.add_argument("--out", default="recokd_demo", help="output folder (table.md, table.json, figure.png, logs)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dataset", help="run on this existing nnU-Net dataset (name or ID) instead of synthetic data")
-    p.add_argument("--teacher-epochs", type=int, default=3)
-    p.add_argument("--student-epochs", type=int, default=4)
+    p.add_argument("--teacher-epochs", type=int, default=None,
+                   help=f"default {demo.TEACHER_EPOCHS[True]} (--few-labels story), "
+                        f"{demo.TEACHER_EPOCHS[False]} (--few-labels 0 or --dataset)")
+    p.add_argument("--student-epochs", type=int, default=None,
+                   help=f"default {demo.STUDENT_EPOCHS[True]} (--few-labels story), "
+                        f"{demo.STUDENT_EPOCHS[False]} (--few-labels 0 or --dataset)")
     p.add_argument("--iterations", type=int, default=20, help="iterations per epoch")
     p.add_argument("--num-train", type=int, default=10, help="synthetic training cases")
     p.add_argument("--num-test", type=int, default=4, help="synthetic held-out cases")
@@ -45,11 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "trainers' own, ReCo-KD's 0.6; 0 = active from the first step)")
     p.add_argument("--results", help="results folder to train into (default: OUT/nnunet/results; never your "
                                      "nnUNet_results unless you name it here)")
-    p.add_argument("--few-labels", type=int, default=0, metavar="K",
-                   help="the unlabeled-scans story (synthetic data, a harder varied set): the teacher trains on the "
-                        "labelled cases and labels --unlabeled new scans; students train on K labelled cases alone "
-                        "(the control) and on those K + the teacher-labelled scans (0: off, every model on all labels)")
-    p.add_argument("--unlabeled", type=int, default=16, metavar="M", help="new scans the teacher labels (--few-labels)")
+    p.add_argument("--few-labels", type=int, default=None, metavar="K",
+                   help=f"the unlabeled-scans story (synthetic data, a harder varied set; default K = "
+                        f"{demo.FEW_LABELS}): the teacher trains on the labelled cases and labels --unlabeled "
+                        "new scans; students train on K labelled cases alone (the control) and on those K + the "
+                        "teacher-labelled scans. 0: the easy set, every model on all labels (the default with "
+                        "--dataset)")
+    p.add_argument("--unlabeled", type=int, default=demo.UNLABELED, metavar="M",
+                   help="new scans the teacher labels (--few-labels)")
     p.add_argument("--ensemble", type=int, default=0, metavar="N",
                    help="also train the teacher's folds 1..N-1, distil the N folds into one student "
                         "(nnUNetTrainerLogitKD_ensemble) and add a table on the held-out cases: fold ensemble + TTA "
@@ -117,8 +125,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "doctor":
         return plugin.doctor(args.dataset, args.configuration, args.fold, args.trainer, args.plans)
     if args.command == "demo":
-        from nnunetv2_recokd.cli import demo
-
         return demo.main(args.out, args.device, args.dataset, args.teacher_epochs, args.student_epochs,
                          args.iterations, args.num_train, args.num_test, args.seed, args.seeds, args.results,
                          args.warmup, ensemble=args.ensemble, few_labels=args.few_labels,

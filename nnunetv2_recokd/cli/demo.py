@@ -34,6 +34,7 @@ from nnunetv2_recokd.synthetic import write_dataset, write_unlabeled_images
 
 SYNTHETIC_ID = 990
 PLANS_DONE = ".recokd_demo_preprocessed"  # marks a dataset the demo preprocessed (beside, not inside, its data)
+SYNTHETIC_SET = "synthetic_set.json"  # in OUT/nnunet: which synthetic set Dataset990 holds (story, size, cases)
 TEACHER = "nnUNetTrainerTeacher"
 MODELS = (("teacher", TEACHER), ("student", "nnUNetTrainerStudent"), ("ReCo-KD student", "nnUNetTrainerReCoKD"))
 # the demo's distillation settings on top of the trainers' defaults (the control ignores them); see README
@@ -48,6 +49,15 @@ FEW_LABEL_STUDENTS = (("student, {k} labels", "nnUNetTrainerStudent", "few"),
                       ("student, {k} labels + {m} teacher-labelled", "nnUNetTrainerStudent", "derived"),
                       ("ReCo-KD student, {k} labels + {m} teacher-labelled", "nnUNetTrainerReCoKD", "derived"))
 MAX_FOLDS = 5  # nnU-Net's 5-fold split
+# The default story (synthetic data): K = 2 labelled cases, M = 12 new scans the teacher labels, on the varied set of
+# 32^3 cases (a 32^3 patch costs a third of a 48^3 one, so the teacher gets the 160 iterations the harder set needs
+# and the whole run stays under 10 minutes on 2 CPU cores). --few-labels 0 (or --dataset): the easy 48^3 set, every
+# model on all labels, the shorter schedules. Tuned on 2 CPU cores (docs/usage.md#the-demo): with 4 x 20 / 5 x 20
+# student iterations neither student learned the lesion at all; 20 x 20 separates them.
+FEW_LABELS, UNLABELED = 2, 12
+SIZE = {True: 32, False: 48}  # keyed by "the few-label story"
+TEACHER_EPOCHS = {True: 8, False: 3}
+STUDENT_EPOCHS = {True: 20, False: 4}
 
 
 def runtime_available(runtime: str) -> bool:
@@ -106,10 +116,23 @@ def student_settings(epochs: int, iterations: int, seed: int, teacher_folder: Pa
     return values
 
 
-def main(out: str, device: str, dataset: Optional[str], teacher_epochs: int, student_epochs: int,
-         iterations: int, num_train: int, num_test: int, seed: int = 0, seeds: int = 1,
+def story_defaults(dataset: Optional[str], few_labels: Optional[int], teacher_epochs: Optional[int],
+                   student_epochs: Optional[int]) -> tuple[int, int, int]:
+    """(K, teacher epochs, student epochs) with None replaced: K = FEW_LABELS on synthetic data and 0 with --dataset;
+    the epochs of that story (TEACHER_EPOCHS / STUDENT_EPOCHS)."""
+    if few_labels is None:
+        few_labels = FEW_LABELS if dataset is None else 0
+    story = bool(few_labels)
+    return (few_labels, TEACHER_EPOCHS[story] if teacher_epochs is None else teacher_epochs,
+            STUDENT_EPOCHS[story] if student_epochs is None else student_epochs)
+
+
+def main(out: str, device: str, dataset: Optional[str], teacher_epochs: Optional[int],
+         student_epochs: Optional[int], iterations: int, num_train: int, num_test: int, seed: int = 0, seeds: int = 1,
          results: Optional[str] = None, warmup: Optional[float] = None, ensemble: int = 0,
-         few_labels: int = 0, unlabeled: int = 16) -> int:
+         few_labels: Optional[int] = None, unlabeled: int = UNLABELED) -> int:
+    """The demo (module docstring); None takes the story's default (story_defaults)."""
+    few_labels, teacher_epochs, student_epochs = story_defaults(dataset, few_labels, teacher_epochs, student_epochs)
     if seeds < 1:
         raise SystemExit("--seeds must be >= 1")
     if few_labels and dataset is not None:
@@ -234,8 +257,12 @@ def prepare(out: str, device: str, dataset: Optional[str], num_train: int, num_t
 
     if dataset is None:
         dataset_id = str(SYNTHETIC_ID)
-        folder = write_dataset(work / "raw", SYNTHETIC_ID, num_train=num_train, num_test=num_test, size=48,
-                               lesion_radius=0.15, seed=0, varied=varied)
+        drop_stale_synthetic(work, {"varied": varied, "size": SIZE[varied], "num_train": num_train,
+                                    "num_test": num_test})
+        folder = write_dataset(work / "raw", SYNTHETIC_ID, num_train=num_train, num_test=num_test,
+                               size=SIZE[varied], lesion_radius=0.15, seed=0, varied=varied)
+        (work / SYNTHETIC_SET).write_text(json.dumps({"varied": varied, "size": SIZE[varied], "num_train": num_train,
+                                                      "num_test": num_test}))
         progress.step(f"synthetic dataset written: {folder} ({num_train} training, {num_test} held-out cases)")
     else:
         dataset_id = dataset
@@ -257,6 +284,20 @@ def prepare(out: str, device: str, dataset: Optional[str], num_train: int, num_t
         train_env.pop("nnUNet_n_proc_DA")
     evaluation = Evaluation(folder, pre, dataset_id, device, env, logs, out_dir)
     return Setup(out_dir, device, env, train_env, results_root, logs, dataset_id, folder, pre, evaluation)
+
+
+def drop_stale_synthetic(work: Path, wanted: dict) -> None:
+    """An output folder reused with another synthetic set (the other story, other --num-train/--num-test): remove
+    the old set's raw and preprocessed folders, so planning runs again instead of reusing plans and data of other
+    cases (the models are retrained by every run anyway)."""
+    marker = work / SYNTHETIC_SET
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        return
+    for root in ("raw", "preprocessed"):
+        for data_id in (SYNTHETIC_ID, FEW_LABEL_ID, DERIVED_ID):  # and the few-label datasets made from it
+            for folder in (work / root).glob(f"Dataset{data_id}_*"):
+                shutil.rmtree(folder)
+    marker.unlink(missing_ok=True)
 
 
 def few_label_datasets(setup: Setup, progress: Progress, k: int, m: int) -> dict:
@@ -295,8 +336,9 @@ def few_label_datasets(setup: Setup, progress: Progress, k: int, m: int) -> dict
         (pre / few / PLANS_DONE).touch()
     progress.step(f"{few}: {k} of the labelled cases, preprocessed with the teacher's plans")
     if not (pre / derived / "splits_final.json").is_file():
-        scans = write_unlabeled_images(s.out_dir / "nnunet" / "unlabeled", m, size=48, lesion_radius=0.15, seed=1,
-                                       varied=True)
+        shutil.rmtree(s.out_dir / "nnunet" / "unlabeled", ignore_errors=True)  # no scans of an earlier, larger M
+        scans = write_unlabeled_images(s.out_dir / "nnunet" / "unlabeled", m, size=SIZE[True], lesion_radius=0.15,
+                                       seed=1, varied=True)
         run_logged(["nnunetv2_recokd", "add-unlabeled", "-i", str(scans), "-t", str(s.teacher_folder), "-f", "0",
                     "-d", str(FEW_LABEL_ID), "--id", str(DERIVED_ID), "--name", derived.split("_", 1)[1],
                     "-device", s.device, "-np", "1"], s.env, s.logs / "add_unlabeled.log")
