@@ -170,3 +170,28 @@ def test_a_teacher_of_other_labels_and_a_taken_id_are_refused(tmp_path, monkeypa
     with pytest.raises(UnlabeledError, match="dataset id 991 is taken"):
         check_inputs(teacher, images, 991, "Derived")
     assert not (raw.parent / STAGING).exists()
+
+
+def test_headline_pairs_the_rows_by_seed_with_hand_computed_numbers(tmp_path):
+    """examples/hippocampus/headline.py: (a) 0.80, 0.82, 0.81 and (c) 0.83, 0.86 on seeds 0-2 / 0-1 -> pairs seeds 0
+    and 1 only: differences +0.03 and +0.04, mean +0.035, sample sd 0.00707; seed 2 listed, not paired."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "hippocampus" / "headline.py"
+    spec = importlib.util.spec_from_file_location("_headline_under_test", path)
+    headline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(headline)
+    for row, values in (("a", [0.80, 0.82, 0.81]), ("c_recokd", [0.83, 0.86])):
+        for seed, dice in enumerate(values):
+            (tmp_path / f"{row}_s{seed}.json").write_text(json.dumps({"row": row, "seed": seed, "dice_mean": dice}))
+    (tmp_path / "a_extra_s0.json").write_text(json.dumps({"row": "a_extra", "seed": 0, "dice_mean": 0.1}))  # not a
+    control, treated = headline.load(tmp_path, "a"), headline.load(tmp_path, "c_recokd")
+    assert control == {0: 0.80, 1: 0.82, 2: 0.81}
+    result = headline.paired(control, treated)
+    assert result["seeds"] == [0, 1]
+    assert result["difference"]["mean"] == pytest.approx(0.035)
+    assert result["difference"]["sd"] == pytest.approx(0.0070711, abs=1e-6)
+    assert result["control"]["mean"] == pytest.approx(0.81) and result["treated"]["mean"] == pytest.approx(0.845)
+    table = headline.to_markdown("a", "c_recokd", control, treated)
+    assert "| a | 0.8000 | 0.8200 | 0.8100 | 0.8100 ± 0.0141 (n = 2) |" in table
+    assert "| c_recokd - a | +0.0300 | +0.0400 | - | +0.0350 ± 0.0071 (n = 2) |" in table
