@@ -1,18 +1,25 @@
 """`nnunetv2_recokd demo`: the whole protocol with nnU-Net's own commands, on data that needs no download.
 
-1. a synthetic dataset (organ with small lesions; or --dataset ID, an existing nnU-Net dataset)
+Default story (synthetic data, --few-labels 2 --unlabeled 12): can a teacher make up for missing labels?
+1. a synthetic dataset (the varied set: organ with small lesions, each case its own contrast; 10 labelled training
+   cases, 4 held-out test cases)
 2. nnUNetv2_plan_and_preprocess
-3. nnUNetv2_train: the teacher (full width), then per seed the plain student control and the ReCo-KD student
-   (short schedules, seeded: the same command gives the same table), into a results folder of the demo's own
+3. nnUNetv2_train: the teacher (full width, fold 0 of the labelled cases), into a results folder of the demo's own
    (the user's nnUNet_results is never touched unless --results points there)
-4. nnUNetv2_predict on held-out cases and nnUNetv2_evaluate_folder (synthetic: the generated test cases;
-   --dataset: imagesTs/labelsTs when the dataset has them, else nnU-Net's fold validation)
-5. a table (Markdown and JSON) of per-class Dice (mean and spread over the seeds), parameters, GFLOPs per
-   patch and inference latency, and a figure (Dice per class and latency side by side)
-6. with --ensemble N (off by default): the teacher's folds 1..N-1 (same schedule), ONE student distilled from the
-   fold ensemble (nnUNetTrainerLogitKD_ensemble) and an extra table on the held-out cases: the fold ensemble with
-   TTA (nnU-Net's default inference), one teacher fold with TTA, and the student (TTA off and on; also through
-   `nnunetv2_recokd predict --runtime openvino` when the deploy extra is installed): Dice per class, seconds per case
+4. Dataset991 = K of the labelled cases; `nnunetv2_recokd add-unlabeled`: the teacher labels M new scans into
+   Dataset992 = those K + the M teacher-labelled scans
+5. per seed (seeded: the same command gives the same table): the plain student on Dataset991 (the control), the same
+   control trainer on Dataset992 (pseudo-labels alone) and the ReCo-KD student on Dataset992, fold "all"
+6. nnUNetv2_predict on the held-out cases and nnUNetv2_evaluate_folder
+7. a table (Markdown and JSON) of per-class Dice (mean and spread over the seeds), parameters, GFLOPs per patch,
+   inference latency and seconds per case (stock nnU-Net; `nnunetv2_recokd predict` on OpenVINO), and a figure
+--few-labels 0 (and --dataset ID, an existing nnU-Net dataset): the earlier story on the easy set, the teacher, the
+plain student control and the ReCo-KD student all on the labelled cases (fold 0; --dataset: scored on
+imagesTs/labelsTs when the dataset has them, else nnU-Net's fold validation).
+--ensemble N (off by default): the teacher's folds 1..N-1 (same schedule), ONE student distilled from the fold
+ensemble (nnUNetTrainerLogitKD_ensemble, on the labelled cases) and an extra table on the held-out cases: the fold
+ensemble with TTA (nnU-Net's default inference), one teacher fold with TTA, and the student (TTA off and on; also
+through `nnunetv2_recokd predict --runtime openvino`): Dice per class, seconds per case
 """
 
 from __future__ import annotations
