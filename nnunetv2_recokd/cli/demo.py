@@ -556,7 +556,8 @@ def write_outputs(rows: list[dict], out_dir: Path, seconds: float, ensemble: Opt
     note = (f"\nDice from nnU-Net's evaluation on {rows[0]['evaluated_on']} ({rows[0]['cases']} cases).{spread} "
             f"Latency: one forward of one {rows[0]['patch_size']} patch on {rows[0]['device']}, median of 5. "
             + (f"Seconds per case: the whole command's wall time over the held-out cases, TTA off, "
-               f"{' and '.join(commands[key] for key in timed)}. " if timed else "") +
+               f"{' and '.join(commands[key] for key in timed)}; on cases this small the commands' start-up "
+               f"dominates (per case on real volumes: docs/benchmarks.md). " if timed else "") +
             ("" if "runtime_s_per_case" in timed else
              f"The student's fast CPU path was not timed: {DEMO_RUNTIME} is not importable here (it comes with this "
              f"package: `pip install openvino onnx` repairs it). ") +
