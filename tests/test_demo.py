@@ -155,7 +155,7 @@ def test_the_caption_names_exactly_the_timed_columns(tmp_path):
     demo.write_outputs(stock_only, tmp_path, 60.0)
     table = (tmp_path / "table.md").read_text()
     assert "s / case, openvino" not in table and "--runtime openvino` (CPU)" not in table
-    assert "TTA off, `nnUNetv2_predict -device cpu`; on cases this small" in table
+    assert "TTA off, `nnUNetv2_predict -device cpu`; on small cases (the synthetic ones)" in table
     assert "was not timed" in table and "pip install openvino onnx" in table
 
 

@@ -264,12 +264,11 @@ def prepare(out: str, device: str, dataset: Optional[str], num_train: int, num_t
 
     if dataset is None:
         dataset_id = str(SYNTHETIC_ID)
-        drop_stale_synthetic(work, {"varied": varied, "size": SIZE[varied], "num_train": num_train,
-                                    "num_test": num_test})
+        synthetic_set = {"varied": varied, "size": SIZE[varied], "num_train": num_train, "num_test": num_test}
+        drop_stale_synthetic(work, synthetic_set)
         folder = write_dataset(work / "raw", SYNTHETIC_ID, num_train=num_train, num_test=num_test,
                                size=SIZE[varied], lesion_radius=0.15, seed=0, varied=varied)
-        (work / SYNTHETIC_SET).write_text(json.dumps({"varied": varied, "size": SIZE[varied], "num_train": num_train,
-                                                      "num_test": num_test}))
+        (work / SYNTHETIC_SET).write_text(json.dumps(synthetic_set))
         progress.step(f"synthetic dataset written: {folder} ({num_train} training, {num_test} held-out cases)")
     else:
         dataset_id = dataset
@@ -556,8 +555,8 @@ def write_outputs(rows: list[dict], out_dir: Path, seconds: float, ensemble: Opt
     note = (f"\nDice from nnU-Net's evaluation on {rows[0]['evaluated_on']} ({rows[0]['cases']} cases).{spread} "
             f"Latency: one forward of one {rows[0]['patch_size']} patch on {rows[0]['device']}, median of 5. "
             + (f"Seconds per case: the whole command's wall time over the held-out cases, TTA off, "
-               f"{' and '.join(commands[key] for key in timed)}; on cases this small the commands' start-up "
-               f"dominates (per case on real volumes: docs/benchmarks.md). " if timed else "") +
+               f"{' and '.join(commands[key] for key in timed)}; on small cases (the synthetic ones) the commands' "
+               f"start-up dominates (per case on real volumes: docs/benchmarks.md). " if timed else "") +
             ("" if "runtime_s_per_case" in timed else
              f"The student's fast CPU path was not timed: {DEMO_RUNTIME} is not importable here (it comes with this "
              f"package: `pip install openvino onnx` repairs it). ") +
