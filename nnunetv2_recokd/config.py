@@ -43,6 +43,10 @@ class DistillSettings:
     # True: on the first step of every epoch, log the gradient norm of the seg loss and of each weighted
     # distillation part w.r.t. the student and the distillation modules (one extra backward per part)
     log_term_gradients: bool
+    # torch threads of a training on the CPU (None: nnU-Net's choice, every core). nnUNetv2_train -device cpu sets
+    # torch to os.cpu_count() threads whatever OMP_NUM_THREADS says, so two trainings side by side oversubscribe
+    # the cores (measured: a 100-iteration Hippocampus epoch 568 s instead of ~83 s); 1 each runs them in parallel
+    cpu_threads: Optional[int]
     # teacher: None = nnUNet_results/<dataset>/<teacher_trainer>__<teacher_plans>__<configuration>/fold_<fold>;
     # a path (model folder, fold folder, checkpoint) or a list of paths: several teachers, one student
     teacher: Optional[Union[str, list[str]]]
@@ -156,6 +160,8 @@ class DistillSettings:
         if not self.lowdose_i0 > 0 or self.lowdose_electronic_noise < 0 or self.lowdose_extra_water_mm < 0:
             raise SettingsError("settings 'lowdose_i0' must be > 0, 'lowdose_electronic_noise' and "
                                 "'lowdose_extra_water_mm' >= 0")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise SettingsError(f"setting 'cpu_threads' must be null or >= 1, got {self.cpu_threads!r}")
         if not 0 <= self.modality_dropout < 1:
             raise SettingsError(f"setting 'modality_dropout' is a probability in [0, 1), got {self.modality_dropout!r}")
         if self.graph_gw_solver not in ("exact", "entropic"):

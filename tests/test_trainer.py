@@ -345,3 +345,25 @@ def test_the_control_never_looks_for_a_teacher(tiny, tmp_path, monkeypatch):
     trainer.initialize()
     assert trainer.teachers == [] and trainer.distiller is None
     assert set(trainer.train_step(tiny_batch())) == {"loss"}
+
+
+def test_cpu_threads_overrides_nnunets_every_core_on_the_cpu_only(tiny, tmp_path, monkeypatch):
+    """nnUNetv2_train -device cpu sets torch to os.cpu_count() threads before building the trainer; cpu_threads
+    sets the trainer's own count after that (two trainings side by side on 2 cores: 1 each)."""
+    cfg = tmp_path / "cfg.json"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # what nnUNetv2_train does on a 2-core machine
+        cfg.write_text(json.dumps({"cpu_threads": 1}))
+        monkeypatch.setenv("RECOKD_CONFIG", str(cfg))
+        make_trainer(nnUNetTrainerStudent, *tiny)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        cfg.write_text(json.dumps({}))  # default: nnU-Net's choice stays
+        make_trainer(nnUNetTrainerStudent, *tiny)
+        assert torch.get_num_threads() == 2
+        cfg.write_text(json.dumps({"cpu_threads": 0}))
+        with pytest.raises(SettingsError, match="cpu_threads"):
+            make_trainer(nnUNetTrainerStudent, *tiny)
+    finally:
+        torch.set_num_threads(threads)

@@ -25,11 +25,13 @@
 #
 # Environment: WORK (default ./hippocampus_unlabeled), SHARED (default ../shared beside the repository), ROWS
 # (default: every row), SEEDS (default 0), K (20), EPOCHS (15), ITERS (100), DEVICE (cpu|cuda; default cpu),
-# THREADS (torch threads per training, default 1 on cpu: two trainings share a 2-core machine), PARALLEL (1: the
-# rows of a seed train side by side, one thread each; for the headline pair on 2 cores:
-#   ROWS="a c_recokd" PARALLEL=1 bash examples/hippocampus/unlabeled.sh
-# measured side by side on 2 cores: control 15 x ~130 s, ReCo-KD 15 x ~235 s per epoch, i.e. about 60 minutes after
-# the teacher has labelled the 146 scans (about 9 s per scan with TTA beside another job; --disable_tta is faster)).
+# THREADS (torch threads per training on the cpu, the trainers' cpu_threads setting; default: 1 with PARALLEL=1, else
+# nnU-Net's choice, every core), PARALLEL (1: the rows of a seed train side by side,
+# THREADS each; for the headline pair on 2 cores: ROWS="a c_recokd" PARALLEL=1 bash examples/hippocampus/unlabeled.sh).
+# Before cpu_threads existed, nnUNetv2_train gave every training all cores whatever OMP_NUM_THREADS said: two side by
+# side took 568 s per 100-iteration epoch of the control; alone with 2 threads the control takes about 83 s and
+# ReCo-KD about 145 s per epoch, so the pair one after the other takes about 57 minutes of training after the teacher
+# has labelled the 146 scans (about 9 s per scan with TTA beside another job; --disable_tta is faster).
 # Results: $WORK/table.md and table.json (one line per row and seed), and each model's summary.json.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -41,17 +43,22 @@ K=${K:-20}
 EPOCHS=${EPOCHS:-15}
 ITERS=${ITERS:-100}
 DEVICE=${DEVICE:-cpu}
-THREADS=${THREADS:-1}
 PARALLEL=${PARALLEL:-0}
+THREADS=${THREADS:-$([ "$PARALLEL" = 1 ] && echo 1)}  # empty: nnU-Net's choice (every core)
 SOURCE=$SHARED/data/Dataset004_Hippocampus
 TEACHER=$SHARED/teachers/Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres
 
 export nnUNet_raw=$WORK/raw nnUNet_preprocessed=$WORK/preprocessed nnUNet_results=$WORK/results
 mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results" "$WORK/logs" "$WORK/scores"
 train_env=()
+cpu_threads=""  # nnUNetv2_train -device cpu ignores OMP_NUM_THREADS for torch: the trainers' cpu_threads setting does it
 if [ "$DEVICE" = cpu ]; then
   export nnUNet_def_n_proc=1 nnUNet_compile=f nnUNet_npp=0 nnUNet_nps=0
-  train_env=(nnUNet_n_proc_DA=0 OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS")
+  train_env=(nnUNet_n_proc_DA=0)
+  if [ -n "$THREADS" ]; then
+    cpu_threads=", \"cpu_threads\": $THREADS"
+    train_env+=(OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS")
+  fi
 fi
 
 # a dataset of raw links preprocessed with the teacher's plans (no re-planning: the teacher's spacing and patch)
@@ -93,7 +100,7 @@ student() {  # row seed dataset-id fold trainer held-out-dataset-name [extra set
   local config=$WORK/config_${row}_s$seed.json
   # save_every 1: a run killed mid-way resumes from its last epoch (--c below) instead of starting again
   echo "{\"num_epochs\": $EPOCHS, \"num_iterations_per_epoch\": $ITERS, \"num_val_iterations_per_epoch\": 5,"\
-       "\"save_every\": 1, \"seed\": $seed${extra:+, $extra}}" > "$config"
+       "\"save_every\": 1, \"seed\": $seed$cpu_threads${extra:+, $extra}}" > "$config"
   local name; name=$(basename "$(ls -d "$nnUNet_raw"/Dataset"$(printf %03d "$id")"_*)")
   local model=$results/$name/${tr}__nnUNetPlans__3d_fullres
   if [ ! -f "$model/fold_$fold/checkpoint_final.pth" ]; then

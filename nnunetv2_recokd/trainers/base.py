@@ -94,6 +94,8 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.settings: DistillSettings = resolve_settings(type(self))
         s = self.settings
+        if s.cpu_threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(s.cpu_threads)  # after nnUNetv2_train's set_num_threads(os.cpu_count())
         self.num_epochs = s.num_epochs
         self.num_iterations_per_epoch = s.num_iterations_per_epoch
         self.num_val_iterations_per_epoch = s.num_val_iterations_per_epoch
