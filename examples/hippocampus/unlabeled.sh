@@ -26,8 +26,8 @@
 # Environment: WORK (default ./hippocampus_unlabeled), SHARED (default ../shared beside the repository), ROWS
 # (default: every row), SEEDS (default 0), K (20), EPOCHS (15), ITERS (100), DEVICE (cpu|cuda; default cpu),
 # THREADS (torch threads per training on the cpu, the trainers' cpu_threads setting; default: 1 with PARALLEL=1, else
-# nnU-Net's choice, every core), PARALLEL (1: the rows of a seed train side by side,
-# THREADS each; for the headline pair on 2 cores: ROWS="a c_recokd" PARALLEL=1 bash examples/hippocampus/unlabeled.sh).
+# nnU-Net's choice, every core), PARALLEL (1: the rows of a seed train side by side, THREADS each; not yet timed
+# against one after the other).
 # Before cpu_threads existed, nnUNetv2_train gave every training all cores whatever OMP_NUM_THREADS said: two side by
 # side took 568 s per 100-iteration epoch of the control; alone with 2 threads the control takes about 83 s and
 # ReCo-KD about 145 s per epoch, so the pair one after the other takes about 57 minutes of training after the teacher
