@@ -29,9 +29,10 @@
 # nnU-Net's choice, every core), PARALLEL (1: the rows of a seed train side by side, THREADS each; not yet timed
 # against one after the other).
 # Before cpu_threads existed, nnUNetv2_train gave every training all cores whatever OMP_NUM_THREADS said: two side by
-# side took 568 s per 100-iteration epoch of the control; alone with 2 threads the control takes about 83 s and
-# ReCo-KD about 145 s per epoch, so the pair one after the other takes about 57 minutes of training after the teacher
-# has labelled the 146 scans (about 9 s per scan with TTA beside another job; --disable_tta is faster).
+# side took 568 s per 100-iteration epoch of the control. Alone with 2 threads the control takes about 140 s per epoch
+# (seed 2) and ReCo-KD about 1.6x that, so the headline pair one after the other takes about 90 minutes of training,
+# plus the teacher's labelling of the 146 scans (about 9 s per scan with TTA beside another job; --disable_tta is
+# faster): over the issue's 75 minutes on the 2-core machine.
 # Results: $WORK/table.md and table.json (one line per row and seed), and each model's summary.json.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
