@@ -45,7 +45,7 @@ class DistillSettings:
     log_term_gradients: bool
     # torch threads of a training on the CPU (None: nnU-Net's choice, every core). nnUNetv2_train -device cpu sets
     # torch to os.cpu_count() threads whatever OMP_NUM_THREADS says, so two trainings side by side oversubscribe
-    # the cores (measured: a 100-iteration Hippocampus epoch 568 s instead of ~130 s alone); 1 each runs them in parallel
+    # the cores (measured: a 100-iteration Hippocampus epoch 568 s instead of ~130 s alone); 1 each for two
     cpu_threads: Optional[int]
     # teacher: None = nnUNet_results/<dataset>/<teacher_trainer>__<teacher_plans>__<configuration>/fold_<fold>;
     # a path (model folder, fold folder, checkpoint) or a list of paths: several teachers, one student
