@@ -193,5 +193,11 @@ def test_headline_pairs_the_rows_by_seed_with_hand_computed_numbers(tmp_path):
     assert result["difference"]["sd"] == pytest.approx(0.0070711, abs=1e-6)
     assert result["control"]["mean"] == pytest.approx(0.81) and result["treated"]["mean"] == pytest.approx(0.845)
     table = headline.to_markdown("a", "c_recokd", control, treated)
-    assert "| a | 0.8000 | 0.8200 | 0.8100 | 0.8100 ± 0.0141 (n = 2) |" in table
-    assert "| c_recokd - a | +0.0300 | +0.0400 | - | +0.0350 ± 0.0071 (n = 2) |" in table
+    assert "| (a) control, 20 labels | 0.8000 | 0.8200 | 0.8100 | 0.8100 ± 0.0141 (n = 2) |" in table
+    assert "| (c) - (a), paired | +0.0300 | +0.0400 | - | +0.0350 ± 0.0071 (n = 2) |" in table
+    page = tmp_path / "page.md"  # --update: only the lines between the marks change
+    page.write_text(f"before\n{headline.MARK_START}\nold table\n{headline.MARK_END}\nafter\n")
+    headline.update(page, table)
+    assert page.read_text() == f"before\n{headline.MARK_START}\n{table}{headline.MARK_END}\nafter\n"
+    with pytest.raises(SystemExit, match="no <!-- headline:start -->"):
+        headline.update(tmp_path / "a_s0.json", table)
