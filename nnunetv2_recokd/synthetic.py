@@ -41,6 +41,19 @@ def dataset_labels(kind: str = "map") -> dict:
     raise ValueError(f"labels must be one of {LABEL_KINDS}, got {kind!r}")
 
 
+def _organ(rng: np.random.Generator, size: int, lesion_radius: float, shift: float,
+           radii: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(voxel grid (size, size, size, 3), organ mask, voxels where a lesion centre keeps the lesion inside): an
+    ellipsoid centred within +-shift of the middle with semi-axes in `radii`, all as fractions of size (two draws
+    from rng, in this order: make_case's random stream)."""
+    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), -1).astype(np.float32)
+    centre = size / 2 + rng.uniform(-shift, shift, 3) * size
+    axes = rng.uniform(*radii, 3) * size
+    organ = (((grid - centre) / axes) ** 2).sum(-1) <= 1.0
+    inside = np.argwhere((((grid - centre) / (axes - lesion_radius * size)) ** 2).sum(-1) <= 1.0)
+    return grid, organ, inside
+
+
 def make_case(rng: np.random.Generator, size: int, lesion_radius: float,
               varied: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """One (image float32, label uint8) pair of shape (size, size, size).
@@ -52,12 +65,8 @@ def make_case(rng: np.random.Generator, size: int, lesion_radius: float,
     the option existed)."""
     if varied:
         return _make_varied_case(rng, size, lesion_radius)
-    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), -1).astype(np.float32)
-    centre = size / 2 + rng.uniform(-0.08, 0.08, 3) * size
-    radii = rng.uniform(0.26, 0.36, 3) * size
-    organ = (((grid - centre) / radii) ** 2).sum(-1) <= 1.0
+    grid, organ, inside = _organ(rng, size, lesion_radius, shift=0.08, radii=(0.26, 0.36))
     label = organ.astype(np.uint8)
-    inside = np.argwhere((((grid - centre) / (radii - lesion_radius * size)) ** 2).sum(-1) <= 1.0)
     for _ in range(int(rng.integers(1, 3))):
         c = inside[rng.integers(len(inside))]
         r = lesion_radius * size * rng.uniform(0.9, 1.1)
@@ -68,12 +77,8 @@ def make_case(rng: np.random.Generator, size: int, lesion_radius: float,
 
 
 def _make_varied_case(rng: np.random.Generator, size: int, lesion_radius: float) -> tuple[np.ndarray, np.ndarray]:
-    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), -1).astype(np.float32)
-    centre = size / 2 + rng.uniform(-0.1, 0.1, 3) * size
-    radii = rng.uniform(0.24, 0.38, 3) * size
-    organ = (((grid - centre) / radii) ** 2).sum(-1) <= 1.0
+    grid, organ, inside = _organ(rng, size, lesion_radius, shift=0.1, radii=(0.24, 0.38))
     label = organ.astype(np.uint8)
-    inside = np.argwhere((((grid - centre) / (radii - lesion_radius * size)) ** 2).sum(-1) <= 1.0)
     lesion_mask = np.zeros(label.shape, bool)
     for _ in range(int(rng.integers(1, 5))):
         c = inside[rng.integers(len(inside))]
