@@ -201,3 +201,19 @@ def test_headline_pairs_the_rows_by_seed_with_hand_computed_numbers(tmp_path):
     assert page.read_text() == f"before\n{headline.MARK_START}\n{table}{headline.MARK_END}\nafter\n"
     with pytest.raises(SystemExit, match="no <!-- headline:start -->"):
         headline.update(tmp_path / "a_s0.json", table)
+
+
+@pytest.mark.parametrize("parallel, threads", [("0", "every core"), ("1", "1")])
+def test_the_hippocampus_script_runs_past_its_settings(tmp_path, parallel, threads):
+    """examples/hippocampus/unlabeled.sh under `set -e`: without PARALLEL=1 it once stopped silently at its THREADS
+    line (a failing `[ ]` inside the assignment). PLAN=1 prints the resolved settings and writes nothing."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "hippocampus" / "unlabeled.sh"
+    env = {"PATH": "/usr/bin:/bin", "PLAN": "1", "PARALLEL": parallel, "SHARED": str(tmp_path / "shared"),
+           "WORK": str(tmp_path / "work"), "ROWS": "a c_recokd"}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"rows: a c_recokd | seeds: 0 | k 20 | 15 x 100 iterations | device cpu | parallel {parallel} |" \
+           f" torch threads per training: {threads} |" in done.stdout
+    assert not (tmp_path / "work").exists()

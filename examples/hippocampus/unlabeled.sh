@@ -27,7 +27,7 @@
 # (default: every row), SEEDS (default 0), K (20), EPOCHS (15), ITERS (100), DEVICE (cpu|cuda; default cpu),
 # THREADS (torch threads per training on the cpu, the trainers' cpu_threads setting; default: 1 with PARALLEL=1, else
 # nnU-Net's choice, every core), PARALLEL (1: the rows of a seed train side by side, THREADS each; not yet timed
-# against one after the other).
+# against one after the other), PLAN (1: print the settings and stop).
 # Before cpu_threads existed, nnUNetv2_train gave every training all cores whatever OMP_NUM_THREADS said: two side by
 # side took 568 s per 100-iteration epoch of the control. Alone with 2 threads the control takes about 140 s per epoch
 # (seed 2) and ReCo-KD about 1.6x that, so the headline pair one after the other takes about 90 minutes of training,
@@ -45,10 +45,15 @@ EPOCHS=${EPOCHS:-15}
 ITERS=${ITERS:-100}
 DEVICE=${DEVICE:-cpu}
 PARALLEL=${PARALLEL:-0}
-THREADS=${THREADS:-$([ "$PARALLEL" = 1 ] && echo 1)}  # empty: nnU-Net's choice (every core)
+if [ "$PARALLEL" = 1 ]; then THREADS=${THREADS:-1}; else THREADS=${THREADS:-}; fi  # empty: nnU-Net's choice
 SOURCE=$SHARED/data/Dataset004_Hippocampus
 TEACHER=$SHARED/teachers/Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres
 
+if [ "${PLAN:-0}" = 1 ]; then  # PLAN=1: print what would run and stop (writes nothing)
+  echo "rows: $ROWS | seeds: $SEEDS | k $K | $EPOCHS x $ITERS iterations | device $DEVICE |"\
+       "parallel $PARALLEL | torch threads per training: ${THREADS:-every core} | work: $WORK"
+  exit 0
+fi
 export nnUNet_raw=$WORK/raw nnUNet_preprocessed=$WORK/preprocessed nnUNet_results=$WORK/results
 mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results" "$WORK/logs" "$WORK/scores"
 train_env=()
