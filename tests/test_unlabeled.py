@@ -203,6 +203,36 @@ def test_headline_pairs_the_rows_by_seed_with_hand_computed_numbers(tmp_path):
         headline.update(tmp_path / "a_s0.json", table)
 
 
+def test_headline_imports_the_scripts_scores_and_tables_every_row(tmp_path):
+    """--import copies WORK/scores (an empty file of an interrupted scoring skipped, the teacher's absolute path made
+    relative to the shared folder); the table of every row sits between its own marks, sorted by row and seed."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "hippocampus" / "headline.py"
+    spec = importlib.util.spec_from_file_location("_headline_rows_under_test", path)
+    headline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(headline)
+    work, scores = tmp_path / "work_scores", tmp_path / "scores"
+    work.mkdir(), scores.mkdir()
+    for row, seed, dice in (("c_recokd", 0, 0.84), ("a", 1, 0.82), ("a", 0, 0.8256)):
+        (work / f"{row}_s{seed}.json").write_text(json.dumps({
+            "row": row, "seed": seed, "dice_mean": dice, "dice_per_class": {"1": dice + 0.01, "2": dice - 0.01},
+            "held_out_cases": 42, "training_cases": {"real": 20, "teacher": "/work/shared/teachers/T/F"}}))
+    (work / "u_c_s0.json").write_text("")
+    assert headline.import_scores(work, scores) == ["a_s0.json", "a_s1.json", "c_recokd_s0.json"]
+    assert json.loads((scores / "a_s0.json").read_text())["training_cases"]["teacher"] == "../shared/teachers/T/F"
+    rows = headline.rows_markdown(scores).splitlines()
+    assert len(rows) == 5 and rows[2].startswith("| a | 0 | control") and rows[4].startswith("| c_recokd | 0 |")
+    assert "| 0.8256 | 1: 0.8356, 2: 0.8156 | 42 |" in rows[2]
+    page = tmp_path / "page.md"
+    page.write_text(f"{headline.MARK_START}\nold\n{headline.MARK_END}\nmid\n{headline.ROWS_START}\nold\n"
+                    f"{headline.ROWS_END}\nend\n")
+    assert headline.main([str(scores), "--update", str(page)]) == 0
+    text = page.read_text()
+    assert "old" not in text and "| (c) - (a), paired | +0.0144 | - |" in text
+    assert f"{headline.ROWS_START}\n{headline.rows_markdown(scores)}{headline.ROWS_END}\nend\n" in text
+
+
 @pytest.mark.parametrize("parallel, threads", [("0", "every core"), ("1", "1")])
 def test_the_hippocampus_script_runs_past_its_settings(tmp_path, parallel, threads):
     """examples/hippocampus/unlabeled.sh under `set -e`: without PARALLEL=1 it once stopped silently at its THREADS

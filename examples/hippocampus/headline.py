@@ -1,26 +1,43 @@
 """The headline of examples/hippocampus/unlabeled.sh: two rows paired by seed, mean ± sample sd and the paired
 difference, as Markdown (and JSON with --json).
 
-    python examples/hippocampus/headline.py WORK/scores [--control a] [--treated c_recokd] [--json out.json]
-        [--update README.md docs/results.md ...]
+    python examples/hippocampus/headline.py SCORES [--control a] [--treated c_recokd] [--json out.json]
+        [--import WORK/scores] [--update README.md docs/results.md ...]
 
 Reads the per-row score files the script writes (<row>_s<seed>.json: mean foreground Dice on the held-out cases)
-and pairs the rows on the seeds both have; a seed only one of them has is listed but not paired. --update rewrites
-the table between the lines MARK_START and MARK_END of each file named (the README and the results pages).
+and pairs the rows on the seeds both have; a seed only one of them has is listed but not paired. --import first
+copies the script's score files into SCORES (the teacher's path made relative to the shared folder, as committed).
+--update rewrites the table between the lines MARK_START and MARK_END of each file named (the README and the
+results pages), and the table of every row and seed between ROWS_START and ROWS_END where a file has those lines.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
 
 MARK_START, MARK_END = "<!-- headline:start -->", "<!-- headline:end -->"
+ROWS_START, ROWS_END = "<!-- rows:start -->", "<!-- rows:end -->"
 # how the pages name the script's rows
 ROW_NAMES = {"a": "(a) control, 20 labels", "c_recokd": "(c) ReCo-KD, 20 labels + 146 teacher-labelled",
              "c_student": "(c) pseudo-labels alone, 20 labels + 146 teacher-labelled"}
+# what each row's student is, for the table of every row (unlabeled.sh's header says how each is made)
+ROW_STUDENTS = {
+    "a": "control (`nnUNetTrainerStudent`), 20 labelled cases (Dataset104)",
+    "b": "`nnUNetTrainerReCoKD`, the 20 labelled cases only (Dataset104)",
+    "c_student": "control trainer on Dataset204: 20 labelled + 146 teacher-labelled (pseudo-labels alone)",
+    "c_recokd": "`nnUNetTrainerReCoKD` on Dataset204 (pseudo-labels + MS-SARD/MS-CA with the teacher)",
+    "c_logitkd": "`nnUNetTrainerLogitKD` on Dataset204 (pseudo-labels + logit KD)",
+    "d": "zero labels: all 166 fold-0 training cases teacher-labelled (Dataset304, fold all)",
+    "e": "control, all 166 labelled cases (Dataset004)",
+    "u_a": "control, 20 labelled cases (Dataset105; held out: 21 of fold 0's validation cases)",
+    "u_c": "control trainer on Dataset205: 20 labelled + 21 scans the teacher never saw, teacher-labelled",
+    "w8_a": "control, width 1/8, 20 labelled cases (Dataset104)",
+    "w8_c": "control trainer, width 1/8, on Dataset204 (pseudo-labels alone)"}
 
 
 def load(scores: Path, row: str) -> dict[int, float]:
@@ -71,29 +88,65 @@ def to_markdown(control_row: str, treated_row: str, control: dict[int, float], t
     return "\n".join(lines) + "\n"
 
 
-def update(path: Path, table: str) -> None:
-    """Replace the lines between MARK_START and MARK_END in `path` by `table`."""
+def rows_markdown(scores: Path) -> str:
+    """Every row and seed of the score files: mean and per-class Dice, held-out cases."""
+    records = [json.loads(p.read_text()) for p in scores.glob("*_s*.json")]
+    lines = ["| row | seed | student | mean Dice | Dice per class (1 anterior, 2 posterior) | held-out cases |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["row"], r["seed"])):
+        per = ", ".join(f"{k}: {v:.4f}" for k, v in r["dice_per_class"].items())
+        lines.append(f"| {r['row']} | {r['seed']} | {ROW_STUDENTS.get(r['row'], r['row'])} | {r['dice_mean']:.4f} "
+                     f"| {per} | {r['held_out_cases']} |")
+    return "\n".join(lines) + "\n"
+
+
+def import_scores(source: Path, scores: Path) -> list[str]:
+    """Copy unlabeled.sh's score files into `scores`, the teacher's path relative to the shared folder."""
+    copied = []
+    for path in sorted(source.glob("*_s*.json")):
+        if not path.read_text().strip():
+            continue  # a row whose scoring was interrupted
+        record = json.loads(path.read_text())
+        cases = record.get("training_cases") or {}
+        if cases.get("teacher"):
+            cases["teacher"] = re.sub(r"^.*/shared/", "../shared/", cases["teacher"])
+        (scores / path.name).write_text(json.dumps(record) + "\n")
+        copied.append(path.name)
+    return copied
+
+
+def update(path: Path, table: str, start: str = MARK_START, end: str = MARK_END, required: bool = True) -> None:
+    """Replace the lines between `start` and `end` in `path` by `table` (a file without them: an error if
+    `required`, else unchanged)."""
     text = path.read_text()
-    if MARK_START not in text or MARK_END not in text:
-        raise SystemExit(f"{path}: no {MARK_START} ... {MARK_END} lines to put the table between")
-    head, rest = text.split(MARK_START, 1)
-    _, tail = rest.split(MARK_END, 1)
-    path.write_text(f"{head}{MARK_START}\n{table}{MARK_END}{tail}")
+    if start not in text or end not in text:
+        if required:
+            raise SystemExit(f"{path}: no {start} ... {end} lines to put the table between")
+        return
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{table}{end}{tail}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scores", type=Path, help="WORK/scores of unlabeled.sh")
+    parser.add_argument("scores", type=Path, help="score files (unlabeled.sh's or the committed copy)")
+    parser.add_argument("--import", dest="source", type=Path, help="first copy unlabeled.sh's WORK/scores into SCORES")
     parser.add_argument("--control", default="a")
     parser.add_argument("--treated", default="c_recokd")
     parser.add_argument("--json", type=Path, help="also write the paired numbers here")
     parser.add_argument("--update", type=Path, nargs="+", default=[], help="put the table into these Markdown files")
     args = parser.parse_args(argv)
+    if args.source:
+        args.scores.mkdir(parents=True, exist_ok=True)
+        print(f"imported {len(import_scores(args.source, args.scores))} score files from {args.source}")
     control, treated = load(args.scores, args.control), load(args.scores, args.treated)
     table = to_markdown(args.control, args.treated, control, treated)
     print(table, end="")
+    every_row = rows_markdown(args.scores)
     for path in args.update:
         update(path, table)
+        update(path, every_row, ROWS_START, ROWS_END, required=False)
     if args.json:
         args.json.write_text(json.dumps({"control": args.control, "treated": args.treated,
                                          **paired(control, treated)}, indent=1))
