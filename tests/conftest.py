@@ -3,7 +3,12 @@
 one_torch_thread: tiny networks run fastest on one thread (thread start-up and contention dominate), and a busy
 machine does not stall them. smallest_demo: the smallest demo, run once per session, is also the trained workspace
 of the end-to-end tests (its synthetic Dataset990, nnU-Net's plans and preprocessing, and its trained teacher), so
-the suite plans and trains that teacher once (suite time)."""
+the suite plans and trains that teacher once (suite time).
+
+Under `-n 2` (the README's test command, pytest-xdist; pyproject sets --dist loadgroup): each module is one group,
+so its module fixtures are built once, on one worker; the modules on the smallest demo's workspace are one group,
+run first: the longest (about half the suite's serial time), it starts at once while the other worker takes the
+rest."""
 
 from __future__ import annotations
 
@@ -17,6 +22,20 @@ import torch
 # scans); --num-train 10 / --num-test 2 are the end-to-end tests' cases
 SMALLEST = ["--device", "cpu", "--teacher-epochs", "1", "--student-epochs", "1", "--iterations", "4", "--num-train",
             "10", "--num-test", "2", "--unlabeled", "2", "--warmup", "0"]
+
+
+DEMO_GROUP = "smallest_demo"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    """One xdist group per module, the smallest demo's modules together and first (see the module docstring)."""
+    def group(item) -> str:
+        return DEMO_GROUP if DEMO_GROUP in item.fixturenames else item.nodeid.split("::")[0]
+
+    items.sort(key=lambda item: group(item) != DEMO_GROUP)  # stable: collection order otherwise
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
 
 
 @pytest.fixture(scope="session")

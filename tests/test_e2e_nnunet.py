@@ -201,29 +201,33 @@ def test_fold_ensemble_student_trains_predicts_and_is_marked_optimistic(workspac
 
 
 
-def test_fold_all_teacher_is_refused_with_or_without_its_validation_summary(workspace):
+def test_fold_all_teacher_is_refused_before_training(workspace):
     """nnUNetv2_train D C all validates on its own training cases and writes their summary: a student distilled
-    from it has no held-out validation, so the run stops before training either way."""
+    from it has no held-out validation, so nnUNetv2_train stops before training. The fold_all teacher is the
+    fixture's fold-0 teacher re-saved as nnU-Net saves fold all (init_args fold 'all', the folder fold_all, a
+    validation summary naming every training case): the refusal reads only those, and training one costs the suite
+    a training plus a validation of every case. Without the summary: tests/test_consistency.py."""
     root, env = workspace
-    (root / "teacher_all.json").write_text(json.dumps({"num_epochs": 1, "num_iterations_per_epoch": 2,
-                                                       "num_val_iterations_per_epoch": 1, "seed": 0}))
-    _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "all", "-tr", "nnUNetTrainerTeacher", "-device", "cpu"],
-         {**env, "RECOKD_CONFIG": str(root / "teacher_all.json")}, root / "teacher_all.log")
-    fold_all = root / "res" / DATASET / TEACHER_FOLDER / "fold_all"
-    summary = fold_all / "validation" / "summary.json"
-    assert summary.is_file()
-    student_env = {**env, "RECOKD_TEACHER": str(fold_all)}
-    for attempt in ("with summary", "without summary"):
-        log = root / f"student_of_fold_all_{attempt.replace(' ', '_')}.log"
-        with open(log, "w") as f:
-            proc = subprocess.run([nnunet_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr",
-                                   "nnUNetTrainerLogitKD", "-device", "cpu"], env=student_env, stdout=f,
-                                  stderr=subprocess.STDOUT, timeout=300)
-        text = log.read_text()
-        assert proc.returncode != 0, (attempt, text[-2000:])
-        assert "the teacher (fold all) was trained on 2 of the student's 2 validation cases" in text, attempt
-        assert "fold_all (trained on every case)" in text and "Epoch 0" not in text, attempt
-        summary.unlink(missing_ok=True)
+    teacher = root / "res" / DATASET / TEACHER_FOLDER
+    fold_all = teacher / "fold_all"
+    (fold_all / "validation").mkdir(parents=True, exist_ok=True)
+    checkpoint = torch.load(teacher / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    checkpoint["init_args"]["fold"] = "all"
+    torch.save(checkpoint, fold_all / "checkpoint_final.pth")
+    training = sorted(p.name for p in (root / "raw" / DATASET / "labelsTr").glob("*.nii.gz"))
+    (fold_all / "validation" / "summary.json").write_text(json.dumps({"metric_per_case": [
+        {"reference_file": str(root / "pre" / DATASET / "gt_segmentations" / name), "metrics": {}}
+        for name in training]}))
+    log = root / "student_of_fold_all.log"
+    with open(log, "w") as f:
+        proc = subprocess.run([nnunet_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr",
+                               "nnUNetTrainerLogitKD", "-device", "cpu"], env={**env, "RECOKD_TEACHER": str(fold_all)},
+                              stdout=f, stderr=subprocess.STDOUT, timeout=300)
+    text = log.read_text()
+    assert proc.returncode != 0, text[-2000:]
+    assert "the teacher (fold all) was trained on 2 of the student's 2 validation cases" in text
+    assert "fold_all (trained on every case)" in text and "Epoch 0" not in text
+    shutil.rmtree(fold_all)  # the other tests of this workspace see fold 0 (and 1) only
 
 
 def test_unlabeled_scans_through_nnunets_commands(workspace):

@@ -335,8 +335,10 @@ def few_label_datasets(setup: Setup, progress: Progress, k: int, m: int) -> dict
         plans = {**json.loads((s.pre / "nnUNetPlans.json").read_text()), "dataset_name": few}
         (pre / few / "nnUNetPlans.json").write_text(json.dumps(plans, indent=2))
         (pre / few / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
-        run_logged(["nnUNetv2_extract_fingerprint", "-d", str(FEW_LABEL_ID), "-np", "1"], s.env,
-                   s.logs / "fingerprint_few.log")
+        # no fingerprint extraction (only planning reads it, nothing is planned here): the source dataset's, beside
+        fingerprint = s.pre / "dataset_fingerprint.json"
+        if fingerprint.is_file():
+            shutil.copy(fingerprint, pre / few / "dataset_fingerprint.json")
         run_logged(["nnUNetv2_preprocess", "-d", str(FEW_LABEL_ID), "-c", "3d_fullres", "-np", "1"], s.env,
                    s.logs / "preprocess_few.log")
         (pre / few / PLANS_DONE).touch()
