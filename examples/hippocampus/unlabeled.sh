@@ -195,11 +195,10 @@ PY
   fi
   if wants u_a || wants u_c; then
     few_label_dataset 105 HippoK20Half "$WORK/unlabeled_valhalf" val-half
-    wants u_a && student u_a "$seed" 105 0 nnUNetTrainerStudent Dataset105_HippoK20Half
-    if wants u_c; then
-      derived 205 105 "$WORK/unlabeled_valhalf" HippoK20HalfUnlabeled
-      student u_c "$seed" 205 0 nnUNetTrainerStudent Dataset105_HippoK20Half
-    fi
+    wants u_c && derived 205 105 "$WORK/unlabeled_valhalf" HippoK20HalfUnlabeled
+    held_out_images Dataset105_HippoK20Half > /dev/null
+    wants u_a && row u_a "$seed" 105 0 nnUNetTrainerStudent Dataset105_HippoK20Half
+    wants u_c && row u_c "$seed" 205 0 nnUNetTrainerStudent Dataset105_HippoK20Half
   fi
   wait
 done
