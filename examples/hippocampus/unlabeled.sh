@@ -26,8 +26,8 @@
 # Environment: WORK (default ./hippocampus_unlabeled), SHARED (default ../shared beside the repository), ROWS
 # (default: every row), SEEDS (default 0), K (20), EPOCHS (15), ITERS (100), DEVICE (cpu|cuda; default cpu),
 # THREADS (torch threads per training on the cpu, the trainers' cpu_threads setting; default: 1 with PARALLEL=1, else
-# nnU-Net's choice, every core), PARALLEL (1: the rows of a seed train side by side, THREADS each; not yet timed
-# against one after the other), PLAN (1: print the settings and stop).
+# nnU-Net's choice, every core), PARALLEL (1: the rows of a seed train side by side, THREADS each: two
+# control trainings took 170-190 s per epoch each, one alone with 2 threads ~140 s), PLAN (1: print the settings, stop).
 # Before cpu_threads existed, nnUNetv2_train gave every training all cores whatever OMP_NUM_THREADS said: two side by
 # side took 568 s per 100-iteration epoch of the control. Alone with 2 threads the control takes about 140 s per epoch
 # (seed 2) and ReCo-KD about 1.6x that, so the headline pair one after the other takes about 90 minutes of training,
