@@ -172,15 +172,21 @@ def test_a_teacher_of_other_labels_and_a_taken_id_are_refused(tmp_path, monkeypa
     assert not (raw.parent / STAGING).exists()
 
 
-def test_headline_pairs_the_rows_by_seed_with_hand_computed_numbers(tmp_path):
-    """examples/hippocampus/headline.py: (a) 0.80, 0.82, 0.81 and (c) 0.83, 0.86 on seeds 0-2 / 0-1 -> pairs seeds 0
-    and 1 only: differences +0.03 and +0.04, mean +0.035, sample sd 0.00707; seed 2 listed, not paired."""
+def _headline():
+    """examples/hippocampus/headline.py, loaded from its file (examples/ is not a package)."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "examples" / "hippocampus" / "headline.py"
     spec = importlib.util.spec_from_file_location("_headline_under_test", path)
     headline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(headline)
+    return headline
+
+
+def test_headline_pairs_the_rows_by_seed_with_hand_computed_numbers(tmp_path):
+    """examples/hippocampus/headline.py: (a) 0.80, 0.82, 0.81 and (c) 0.83, 0.86 on seeds 0-2 / 0-1 -> pairs seeds 0
+    and 1 only: differences +0.03 and +0.04, mean +0.035, sample sd 0.00707; seed 2 listed, not paired."""
+    headline = _headline()
     for row, values in (("a", [0.80, 0.82, 0.81]), ("c_recokd", [0.83, 0.86])):
         for seed, dice in enumerate(values):
             (tmp_path / f"{row}_s{seed}.json").write_text(json.dumps({"row": row, "seed": seed, "dice_mean": dice}))
@@ -206,12 +212,7 @@ def test_headline_pairs_the_rows_by_seed_with_hand_computed_numbers(tmp_path):
 def test_headline_imports_the_scripts_scores_and_tables_every_row(tmp_path):
     """--import copies WORK/scores (an empty file of an interrupted scoring skipped, the teacher's absolute path made
     relative to the shared folder); the table of every row sits between its own marks, sorted by row and seed."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "hippocampus" / "headline.py"
-    spec = importlib.util.spec_from_file_location("_headline_rows_under_test", path)
-    headline = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(headline)
+    headline = _headline()
     work, scores = tmp_path / "work_scores", tmp_path / "scores"
     work.mkdir(), scores.mkdir()
     for row, seed, dice in (("c_recokd", 0, 0.84), ("a", 1, 0.82), ("a", 0, 0.8256)):

@@ -104,9 +104,10 @@ def import_scores(source: Path, scores: Path) -> list[str]:
     """Copy unlabeled.sh's score files into `scores`, the teacher's path relative to the shared folder."""
     copied = []
     for path in sorted(source.glob("*_s*.json")):
-        if not path.read_text().strip():
+        text = path.read_text()
+        if not text.strip():
             continue  # a row whose scoring was interrupted
-        record = json.loads(path.read_text())
+        record = json.loads(text)
         cases = record.get("training_cases") or {}
         if cases.get("teacher"):
             cases["teacher"] = re.sub(r"^.*/shared/", "../shared/", cases["teacher"])
