@@ -30,9 +30,12 @@
 # control trainings took 170-190 s per epoch each, one alone with 2 threads ~140 s), PLAN (1: print the settings, stop).
 # Before cpu_threads existed, nnUNetv2_train gave every training all cores whatever OMP_NUM_THREADS said: two side by
 # side took 568 s per 100-iteration epoch of the control. Alone with 2 threads the control takes about 140 s per epoch
-# (seed 2) and ReCo-KD about 1.6x that, so the headline pair one after the other takes about 90 minutes of training,
-# plus the teacher's labelling of the 146 scans (about 9 s per scan with TTA beside another job; --disable_tta is
-# faster): over the issue's 75 minutes on the 2-core machine.
+# (seed 2) and ReCo-KD about 1.6x that, so the headline pair one after the other takes about 90 minutes of training.
+# The pair side by side, ROWS="a c_student" PARALLEL=1 (c_student, the control trainer on the teacher's labels, is
+# within 0.001 of ReCo-KD's (c) on seed 0 and half its cost), from parts measured on the 2-core machine: the teacher
+# labels the 146 scans in ~7 min (2.7-2.9 s per scan, OpenVINO, mirroring on, beside a training), the two trainings
+# take 15 x 170-190 s (~45 min), predicting and scoring ~1.5 min per row: about 55-60 minutes, under the issue's 75;
+# not yet timed end to end from an empty WORK. ReCo-KD side by side: ~330 s per epoch (one thread).
 # Results: $WORK/table.md and table.json (one line per row and seed), and each model's summary.json.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
