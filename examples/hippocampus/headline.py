@@ -88,14 +88,22 @@ def to_markdown(control_row: str, treated_row: str, control: dict[int, float], t
     return "\n".join(lines) + "\n"
 
 
+def student_of(row: str) -> str:
+    """What a row's student is; a row the script ran at another budget ends in _<epochs>x<iterations>."""
+    base = re.sub(r"_\d+x\d+$", "", row)
+    return ROW_STUDENTS.get(base, base)
+
+
 def rows_markdown(scores: Path) -> str:
-    """Every row and seed of the score files: mean and per-class Dice, held-out cases."""
+    """Every row and seed of the score files: mean and per-class Dice, training budget, held-out cases."""
     records = [json.loads(p.read_text()) for p in scores.glob("*_s*.json")]
-    lines = ["| row | seed | student | mean Dice | Dice per class (1 anterior, 2 posterior) | held-out cases |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| row | seed | student | epochs x iterations | mean Dice | Dice per class (1 anterior, 2 posterior) "
+             "| held-out cases |",
+             "|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r["row"], r["seed"])):
         per = ", ".join(f"{k}: {v:.4f}" for k, v in r["dice_per_class"].items())
-        lines.append(f"| {r['row']} | {r['seed']} | {ROW_STUDENTS.get(r['row'], r['row'])} | {r['dice_mean']:.4f} "
+        budget = f"{r['epochs']} x {r['iterations']}" if "epochs" in r else "not recorded"
+        lines.append(f"| {r['row']} | {r['seed']} | {student_of(r['row'])} | {budget} | {r['dice_mean']:.4f} "
                      f"| {per} | {r['held_out_cases']} |")
     return "\n".join(lines) + "\n"
 
