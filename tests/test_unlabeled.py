@@ -252,3 +252,20 @@ def test_the_hippocampus_script_runs_past_its_settings(tmp_path, parallel, threa
     assert f"rows: a c_recokd | seeds: 0 | k 20 | 15 x 100 iterations | device cpu | parallel {parallel} |" \
            f" torch threads per training: {threads} |" in done.stdout
     assert not (tmp_path / "work").exists()
+
+
+def test_the_hippocampus_script_names_rows_of_another_budget_apart(tmp_path):
+    """EPOCHS=30: rows are saved as <row>_30x100, so a longer run neither resumes nor re-scores the 15 x 100 model
+    of the same row (the script skips training where checkpoint_final exists); the protocol's budget keeps the names."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "hippocampus" / "unlabeled.sh"
+    env = {"PATH": "/usr/bin:/bin", "PLAN": "1", "SHARED": str(tmp_path / "shared"), "WORK": str(tmp_path / "work"),
+           "ROWS": "w8_a"}
+    longer = subprocess.run(["bash", str(script)], env={**env, "EPOCHS": "30"}, capture_output=True, text=True)
+    assert longer.returncode == 0, longer.stderr
+    assert "| 30 x 100 iterations |" in longer.stdout
+    assert "rows are saved as <row>_30x100 (a budget other than 15 x 100)" in longer.stdout
+    protocol = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert protocol.returncode == 0 and "rows are saved as" not in protocol.stdout
+    assert not (tmp_path / "work").exists()

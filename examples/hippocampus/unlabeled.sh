@@ -37,6 +37,8 @@
 # take 15 x 170-190 s (~45 min), predicting and scoring ~1.5 min per row: about 55-60 minutes, under the issue's 75;
 # not yet timed end to end from an empty WORK. ReCo-KD side by side: ~330 s per epoch (one thread).
 # Results: $WORK/table.md and table.json (one line per row and seed), and each model's summary.json.
+# A budget other than 15 x 100 names its rows <row>_<EPOCHS>x<ITERS> (results, logs, scores): EPOCHS=30 ROWS=w8_a
+# trains and scores w8_a_30x100 beside w8_a instead of resuming or re-scoring the 15-epoch model.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 SHARED=${SHARED:-$(cd "$here/../../../shared" && pwd)}
@@ -48,6 +50,8 @@ EPOCHS=${EPOCHS:-15}
 ITERS=${ITERS:-100}
 DEVICE=${DEVICE:-cpu}
 PARALLEL=${PARALLEL:-0}
+budget=""  # the suffix of rows run at another budget than the protocol's
+if [ "$EPOCHS" != 15 ] || [ "$ITERS" != 100 ]; then budget=_${EPOCHS}x$ITERS; fi
 if [ "$PARALLEL" = 1 ]; then THREADS=${THREADS:-1}; else THREADS=${THREADS:-}; fi  # empty: nnU-Net's choice
 SOURCE=$SHARED/data/Dataset004_Hippocampus
 TEACHER=$SHARED/teachers/Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres
@@ -55,6 +59,7 @@ TEACHER=$SHARED/teachers/Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_f
 if [ "${PLAN:-0}" = 1 ]; then  # PLAN=1: print what would run and stop (writes nothing)
   echo "rows: $ROWS | seeds: $SEEDS | k $K | $EPOCHS x $ITERS iterations | device $DEVICE |"\
        "parallel $PARALLEL | torch threads per training: ${THREADS:-every core} | work: $WORK"
+  [ -z "$budget" ] || echo "rows are saved as <row>$budget (a budget other than 15 x 100)"
   exit 0
 fi
 export nnUNet_raw=$WORK/raw nnUNet_preprocessed=$WORK/preprocessed nnUNet_results=$WORK/results
@@ -104,7 +109,7 @@ PY
 
 # train one student (skipped when done), predict the held-out cases, evaluate: $WORK/scores/<row>_s<seed>.json
 student() {  # row seed dataset-id fold trainer held-out-dataset-name [extra settings json]
-  local row=$1 seed=$2 id=$3 fold=$4 tr=$5 heldout=$6 extra=${7:-}
+  local row=$1$budget seed=$2 id=$3 fold=$4 tr=$5 heldout=$6 extra=${7:-}
   local results=$WORK/results_$row/s$seed
   local config=$WORK/config_${row}_s$seed.json
   # save_every 1: a run killed mid-way resumes from its last epoch (--c below) instead of starting again
@@ -127,16 +132,16 @@ student() {  # row seed dataset-id fold trainer held-out-dataset-name [extra set
     nnUNetv2_evaluate_folder "$SOURCE/labelsTr" "$pred" --chill -djfile "$model/dataset.json" -pfile "$model/plans.json" \
       > "$WORK/logs/evaluate_${row}_s$seed.log" 2>&1
   fi
-  python - "$pred/summary.json" "$model/fold_$fold" "$row" "$seed" "$tr" "$name" "$fold" \
+  python - "$pred/summary.json" "$model/fold_$fold" "$row" "$seed" "$tr" "$name" "$fold" "$EPOCHS" "$ITERS" \
     > "$WORK/scores/${row}_s$seed.json" <<'PY'
 import json, os, sys
-summary, fold_dir, row, seed, trainer, dataset, fold = sys.argv[1:]
+summary, fold_dir, row, seed, trainer, dataset, fold, epochs, iterations = sys.argv[1:]
 s = json.load(open(summary))
 cases = os.path.join(fold_dir, "recokd_training_cases.json")
 print(json.dumps({"row": row, "seed": int(seed), "trainer": trainer, "dataset": dataset, "fold": fold,
                   "dice_mean": s["foreground_mean"]["Dice"],
                   "dice_per_class": {k: v["Dice"] for k, v in s["mean"].items()},
-                  "held_out_cases": len(s["metric_per_case"]),
+                  "held_out_cases": len(s["metric_per_case"]), "epochs": int(epochs), "iterations": int(iterations),
                   "training_cases": json.load(open(cases)) if os.path.exists(cases) else None}))
 PY
   echo "== $row seed $seed: $(python -c "import json,sys; print(round(json.load(open(sys.argv[1]))['dice_mean'], 4))" \
