@@ -15,6 +15,7 @@
 #   u   the pair on scans the teacher never saw: k labelled, half of fold 0's validation cases unlabeled, scored on
 #       the other half (Dataset105 / Dataset205): u_a (control), u_c (c_student's recipe)
 #   w8  width 1/8: w8_a (control on Dataset104) and w8_c (control trainer, width 1/8, on Dataset204)
+#       (15 x 100 is too short for width 1/8 to learn both structures; EPOCHS=30 ROWS="w8_a w8_c" PARALLEL=1: 87 min)
 # held-out: fold 0's 42 validation cases (rows a-e, w8), 21 of them (rows u).
 # A dataset preprocessed here is marked by $nnUNet_preprocessed/<name>/.recokd_3d_fullres_done (not inside the
 # configuration folder: nnU-Net infers the dataset format from every file ending there).
@@ -32,10 +33,11 @@
 # side took 568 s per 100-iteration epoch of the control. Alone with 2 threads the control takes about 140 s per epoch
 # (seed 2) and ReCo-KD about 1.6x that, so the headline pair one after the other takes about 90 minutes of training.
 # The pair side by side, ROWS="a c_student" PARALLEL=1 (c_student, the control trainer on the teacher's labels, is
-# within 0.001 of ReCo-KD's (c) on seed 0 and half its cost), from parts measured on the 2-core machine: the teacher
-# labels the 146 scans in ~7 min (2.7-2.9 s per scan, OpenVINO, mirroring on, beside a training), the two trainings
-# take 15 x 170-190 s (~45 min), predicting and scoring ~1.5 min per row: about 55-60 minutes, under the issue's 75;
-# not yet timed end to end from an empty WORK. ReCo-KD side by side: ~330 s per epoch (one thread).
+# within 0.001 of ReCo-KD's (c) on seed 0 and half its cost), timed end to end from an empty WORK on the 2-core
+# machine with nothing else running: 52 min 10 s (Dataset104, the teacher labelling the 146 scans at ~1.9 s each and
+# Dataset204: 5.2 min; the two trainings side by side, ~172 s per epoch each: 44.7 min; predicting and scoring: 2.9
+# min), under the issue's 75 (docs/results/unlabeled_hippocampus_headline_pair_timed.md). ReCo-KD side by side takes
+# ~330 s per epoch (one thread); logit KD ~340 s alone with 2 threads (the teacher's whole forward on every batch).
 # Results: $WORK/table.md and table.json (one line per row and seed), and each model's summary.json.
 # A budget other than 15 x 100 names its rows <row>_<EPOCHS>x<ITERS> (results, logs, scores): EPOCHS=30 ROWS=w8_a
 # trains and scores w8_a_30x100 beside w8_a instead of resuming or re-scoring the 15-epoch model.
