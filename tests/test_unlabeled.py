@@ -238,16 +238,21 @@ def test_headline_imports_the_scripts_scores_and_tables_every_row(tmp_path):
     assert f"{headline.ROWS_START}\n{headline.rows_markdown(scores)}{headline.ROWS_END}\nend\n" in text
 
 
+def _plan(tmp_path, **settings):
+    """examples/hippocampus/unlabeled.sh with PLAN=1 (prints its resolved settings, writes nothing) and `settings`."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "hippocampus" / "unlabeled.sh"
+    env = {"PATH": "/usr/bin:/bin", "PLAN": "1", "SHARED": str(tmp_path / "shared"), "WORK": str(tmp_path / "work"),
+           **settings}
+    return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+
+
 @pytest.mark.parametrize("parallel, threads", [("0", "every core"), ("1", "1")])
 def test_the_hippocampus_script_runs_past_its_settings(tmp_path, parallel, threads):
     """examples/hippocampus/unlabeled.sh under `set -e`: without PARALLEL=1 it once stopped silently at its THREADS
     line (a failing `[ ]` inside the assignment). PLAN=1 prints the resolved settings and writes nothing."""
-    import subprocess
-
-    script = Path(__file__).resolve().parents[1] / "examples" / "hippocampus" / "unlabeled.sh"
-    env = {"PATH": "/usr/bin:/bin", "PLAN": "1", "PARALLEL": parallel, "SHARED": str(tmp_path / "shared"),
-           "WORK": str(tmp_path / "work"), "ROWS": "a c_recokd"}
-    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    done = _plan(tmp_path, PARALLEL=parallel, ROWS="a c_recokd")
     assert done.returncode == 0, done.stderr
     assert f"rows: a c_recokd | seeds: 0 | k 20 | 15 x 100 iterations | device cpu | parallel {parallel} |" \
            f" torch threads per training: {threads} |" in done.stdout
@@ -257,15 +262,10 @@ def test_the_hippocampus_script_runs_past_its_settings(tmp_path, parallel, threa
 def test_the_hippocampus_script_names_rows_of_another_budget_apart(tmp_path):
     """EPOCHS=30: rows are saved as <row>_30x100, so a longer run neither resumes nor re-scores the 15 x 100 model
     of the same row (the script skips training where checkpoint_final exists); the protocol's budget keeps the names."""
-    import subprocess
-
-    script = Path(__file__).resolve().parents[1] / "examples" / "hippocampus" / "unlabeled.sh"
-    env = {"PATH": "/usr/bin:/bin", "PLAN": "1", "SHARED": str(tmp_path / "shared"), "WORK": str(tmp_path / "work"),
-           "ROWS": "w8_a"}
-    longer = subprocess.run(["bash", str(script)], env={**env, "EPOCHS": "30"}, capture_output=True, text=True)
+    longer = _plan(tmp_path, ROWS="w8_a", EPOCHS="30")
     assert longer.returncode == 0, longer.stderr
     assert "| 30 x 100 iterations |" in longer.stdout
     assert "rows are saved as <row>_30x100 (a budget other than 15 x 100)" in longer.stdout
-    protocol = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    protocol = _plan(tmp_path, ROWS="w8_a")
     assert protocol.returncode == 0 and "rows are saved as" not in protocol.stdout
     assert not (tmp_path / "work").exists()
