@@ -205,7 +205,9 @@ def check_compatible(teacher_plans: dict, teacher_dataset: dict, teacher_cfg: st
 
     # the dataset's name is not compared: a teacher trained on another copy of the data (elsewhere, or the dataset a
     # derived one of add-unlabeled came from) teaches as well when labels, channels and preprocessing agree
-    differ("labels", teacher_dataset.get("labels"), student_dataset.get("labels"))
+    # nnU-Net's ignore label names no output channel: a student whose dataset marks unsure voxels with it (e.g.
+    # add-unlabeled --min-agreement) learns the same classes as a teacher without one
+    differ("labels", _without_ignore(teacher_dataset.get("labels")), _without_ignore(student_dataset.get("labels")))
     differ("regions_class_order", teacher_dataset.get("regions_class_order"),
            student_dataset.get("regions_class_order"))
     t_channels = teacher_dataset.get("channel_names", teacher_dataset.get("modality"))
@@ -230,6 +232,10 @@ def check_compatible(teacher_plans: dict, teacher_dataset: dict, teacher_cfg: st
                            + "\n  - ".join(problems)
                            + "\nUse a teacher trained on the same dataset with the same preprocessing "
                              f"(set {TEACHER_ENV} to its model folder).")
+
+
+def _without_ignore(labels: Optional[dict]) -> Optional[dict]:
+    return None if labels is None else {k: v for k, v in labels.items() if k != "ignore"}
 
 
 _CT_STATISTICS = ("mean", "std", "percentile_00_5", "percentile_99_5")

@@ -14,7 +14,8 @@ nnU-Net labels the unlabeled scans, a small one trains on them). ``add_unlabeled
 so that ``nnUNetv2_train NEW 3d_fullres 0 -tr nnUNetTrainerReCoKD`` trains on both, with the teacher found from the
 dataset itself. Every loss part that needs a label (seg loss, MS-SARD masks, graph regions, nnU-Net's foreground
 oversampling) reads the teacher's label where no real one exists. With no labelled dataset at all, every case is
-teacher-labelled and the validation measures agreement with the teacher.
+teacher-labelled and the validation measures agreement with the teacher. With ``min_agreement``, the teacher's labels
+hold nnU-Net's ignore label where its mirrorings disagree (nnunetv2_recokd/agreement.py).
 
 Nothing half-written is left by a kill: the teacher's labels are written case by case (each file complete or
 absent; a rerun of the same command labels only what is missing), the dataset is assembled in hidden staging
@@ -54,6 +55,12 @@ def teacher_labelled_cases(dataset_json: dict) -> set[str]:
 def dataset_teacher(dataset_json: dict) -> Optional[str]:
     """The teacher model folder that labelled a derived dataset (None for an ordinary dataset)."""
     return (dataset_json.get(DATASET_KEY) or {}).get("teacher")
+
+
+def dataset_min_agreement(dataset_json: dict) -> Optional[float]:
+    """The agreement of the teacher's mirrorings below which a derived dataset holds the ignore label (None: every
+    teacher label kept)."""
+    return (dataset_json.get(DATASET_KEY) or {}).get("min_agreement")
 
 
 def count_training_cases(train_cases: Sequence[str], dataset_json: dict) -> dict[str, int]:
@@ -106,6 +113,7 @@ class Request:
     images: str
     dataset_id: int
     dataset_name: str
+    min_agreement: Optional[float] = None  # teacher labels where fewer of its mirrorings agree become the ignore label
 
     @property
     def folder_name(self) -> str:
@@ -164,18 +172,24 @@ def _taken_by(root: Path, dataset_id: int) -> list[Path]:
 
 def _own_request(folder: Path) -> Optional[dict]:
     path = folder / REQUEST_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    return {"min_agreement": None, **json.loads(path.read_text())}  # requests written before min_agreement existed
 
 
 def check_inputs(teacher: Union[str, Path], images: Union[str, Path], dataset_id: int, dataset_name: str,
                  labelled: Optional[str] = None, folds: Optional[Sequence[Union[int, str]]] = None,
-                 tta: bool = True) -> Inputs:
+                 tta: bool = True, min_agreement: Optional[float] = None) -> Inputs:
     """Check every input before anything is written.
+
+    min_agreement: where fewer than this fraction of the teacher's mirrorings agree with its label, the derived dataset
+    holds nnU-Net's ignore label instead (nnunetv2_recokd/agreement.py); None keeps every teacher label.
 
     Raises:
         UnlabeledError / DeployError: the teacher is no model folder; the labelled dataset is missing or differs from
             the teacher's data (labels, channels, file ending); the images are misnamed, miss a channel or have another
-            ending; a case name is taken by a labelled case; the new dataset id is taken by another dataset.
+            ending; a case name is taken by a labelled case; the new dataset id is taken by another dataset;
+            min_agreement outside (0, 1], without mirroring, or for a region-based teacher.
     """
     raw_root, pre_root = _roots()
     if not 1 <= dataset_id <= 999:
@@ -184,8 +198,11 @@ def check_inputs(teacher: Union[str, Path], images: Union[str, Path], dataset_id
         raise UnlabeledError(f"dataset name {dataset_name!r}: use letters, digits, - and _")
     model = open_model_folder(teacher, folds)
     tds = model.dataset_json
+    if min_agreement is not None:
+        _check_min_agreement(float(min_agreement), tta, tds)
+        min_agreement = float(min_agreement)
     request = Request(str(model.path.resolve()), list(model.folds), bool(tta), None,
-                      str(Path(images).resolve()), dataset_id, dataset_name)
+                      str(Path(images).resolve()), dataset_id, dataset_name, min_agreement)
     real_cases: dict[str, tuple[list[str], str]] = {}
     labelled_raw, source_splits = None, None
     if labelled is not None:
@@ -239,6 +256,26 @@ def check_inputs(teacher: Union[str, Path], images: Union[str, Path], dataset_id
     return inputs
 
 
+def _check_min_agreement(min_agreement: float, tta: bool, teacher_dataset: dict) -> None:
+    if not 0 < min_agreement <= 1:
+        raise UnlabeledError(f"--min-agreement {min_agreement:g}: give the fraction of the teacher's mirrorings that "
+                             f"must agree with its label, in (0, 1] (e.g. 0.75: 6 of 8)")
+    if not tta:
+        raise UnlabeledError("--min-agreement compares the labels of the teacher's mirrorings: leave mirroring on "
+                             "(drop --disable_tta)")
+    if teacher_dataset.get("regions_class_order") is not None:
+        raise UnlabeledError("--min-agreement is for label maps; this teacher predicts regions "
+                             "(regions_class_order), whose ignore label nnU-Net keeps in another form")
+
+
+def ignore_label_of(dataset_json: dict) -> int:
+    """The dataset's ignore label, or the value nnU-Net requires for a new one (the highest label + 1)."""
+    labels = dataset_json["labels"]
+    if "ignore" in labels:
+        return int(labels["ignore"])
+    return max(int(v) for v in labels.values()) + 1
+
+
 # ----------------------------------------------------------------------------------------------- labelling
 def label_cases(inputs: Inputs, output: Path, device: str = "cpu", log: Callable[[str], None] = print,
                 num_threads: Optional[int] = None) -> int:
@@ -276,8 +313,23 @@ def label_cases(inputs: Inputs, output: Path, device: str = "cpu", log: Callable
         predictor.initialize_from_trained_model_folder(str(inputs.teacher.path), inputs.teacher.folds,
                                                        inputs.teacher.checkpoint_name)
     counter = iter(range(done + 1, len(inputs.unlabeled_cases) + 1))
+    hooks = {}
+    t = inputs.request.min_agreement
+    if t is not None:
+        from nnunetv2_recokd.agreement import mirrorings, predict_with_agreement, write_label_with_ignore
+
+        ignore = ignore_label_of(inputs.teacher.dataset_json)
+        votes = len(mirrorings(predictor.allowed_mirroring_axes))  # check_inputs: mirroring is on
+        log(f"voxels where fewer than {t:g} of the teacher's {votes} mirrorings agree with its label get the ignore "
+            f"label {ignore}")
+
+        def export(prediction, properties: dict, output_truncated: str) -> str:
+            n = write_label_with_ignore(*prediction, t, ignore, properties, predictor, output_truncated)
+            return (f"{n['ignored']} voxels ignored, {n['ignored_foreground']} of the {n['foreground']} teacher "
+                    f"foreground voxels")
+        hooks = {"predict": lambda data: predict_with_agreement(predictor, data), "export": export}
     predict_cases(predictor, todo, output, overwrite=False,
-                  log=lambda m: log(f"[{next(counter)}/{len(inputs.unlabeled_cases)}] {m}"))
+                  log=lambda m: log(f"[{next(counter)}/{len(inputs.unlabeled_cases)}] {m}"), **hooks)
     for name in ("dataset.json", "plans.json"):  # predict_cases describes its output folder; labelsTr holds labels
         (output / name).unlink(missing_ok=True)
     return len(todo)
@@ -294,6 +346,8 @@ def derived_dataset_json(inputs: Inputs) -> dict:
     tds = inputs.teacher.dataset_json
     keep = {k: tds[k] for k in ("channel_names", "labels", "file_ending", "regions_class_order",
                                 "overwrite_image_reader_writer") if k in tds}
+    if inputs.request.min_agreement is not None:  # nnU-Net's ignore label marks where the teacher's mirrorings disagree
+        keep["labels"] = {**tds["labels"], "ignore": ignore_label_of(tds)}
     return {**keep, "numTraining": len(inputs.real_cases) + len(inputs.unlabeled_cases),
             "name": inputs.request.dataset_name,
             "description": f"{len(inputs.real_cases)} labelled case(s)"
@@ -301,7 +355,8 @@ def derived_dataset_json(inputs: Inputs) -> dict:
                            + f" and {len(inputs.unlabeled_cases)} case(s) labelled by the teacher "
                              f"{inputs.request.teacher} (nnunetv2_recokd add-unlabeled)",
             DATASET_KEY: {"teacher": inputs.request.teacher, "teacher_folds": inputs.request.folds,
-                          "tta": inputs.request.tta, "labelled_dataset": inputs.request.labelled_dataset,
+                          "tta": inputs.request.tta, "min_agreement": inputs.request.min_agreement,
+                          "labelled_dataset": inputs.request.labelled_dataset,
                           "real_labelled": len(inputs.real_cases),
                           "teacher_labelled": sorted(inputs.unlabeled_cases)}}
 

@@ -232,16 +232,19 @@ def test_fold_all_teacher_is_refused_before_training(workspace):
 
 def test_unlabeled_scans_through_nnunets_commands(workspace):
     """add-unlabeled with the trained teacher: the 2 held-out scans become teacher-labelled training cases of a new
-    dataset; ReCo-KD trains on it with the original dataset's teacher and no flags, continues with --c, predicts and
-    is evaluated by nnU-Net's commands; then the label-free variant (teacher labels only)."""
+    dataset, with nnU-Net's ignore label where the teacher's mirrorings disagree (--min-agreement 1); ReCo-KD trains on
+    it with the original dataset's teacher and no flags, continues with --c, predicts and is evaluated by nnU-Net's
+    commands; then the label-free variant (teacher labels only, all of them kept)."""
     root, env = workspace
     env = {k: v for k, v in env.items() if k != "RECOKD_CONFIG"}
     teacher = root / "res" / DATASET / TEACHER_FOLDER
     images = root / "raw" / DATASET / "imagesTs"
     text = _run(["nnunetv2_recokd", "add-unlabeled", "-i", str(images), "-t", str(teacher), "-d", str(DATASET_ID),
-                 "--id", "993", "-f", "0", "--disable_tta", "-device", "cpu", "-np", "1"], env, root / "add.log")
+                 "--id", "993", "-f", "0", "--min-agreement", "1", "-device", "cpu", "-np", "1"], env, root / "add.log")
     assert "[2/2] case_011" in text and "10 labelled + 2 teacher-labelled cases" in text
     derived = root / "raw" / "Dataset993_SyntheticLesionsUnlabeled"
+    ignore = json.loads((derived / "dataset.json").read_text())["labels"]["ignore"]
+    assert ignore == 3  # background, organ, lesion: nnU-Net's ignore label is the highest + 1
     assert sorted(p.name for p in (derived / "labelsTr").iterdir())[-2:] == ["case_010.nii.gz", "case_011.nii.gz"]
     splits = json.loads((root / "pre" / derived.name / "splits_final.json").read_text())
     assert all({"case_010", "case_011"} <= set(f["train"]) and not {"case_010", "case_011"} & set(f["val"])
@@ -255,6 +258,7 @@ def test_unlabeled_scans_through_nnunets_commands(workspace):
     text = _run(train, kd_env, root / "derived_train.log")
     assert "the dataset's dataset.json" in text and TEACHER_FOLDER in text  # the teacher found from the dataset
     assert "training cases: 8 with real labels, 2 labelled by the teacher" in text
+    assert "ignore label where fewer than 1 of the teacher's mirrorings agreed" in text
     out = root / "res" / derived.name / "nnUNetTrainerReCoKD__nnUNetPlans__3d_fullres" / "fold_0"
     assert json.loads((out / "recokd_training_cases.json").read_text())["teacher_labelled"] == 2
     (root / "derived.json").write_text(json.dumps({**settings, "num_epochs": 2}))

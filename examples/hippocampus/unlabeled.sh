@@ -10,6 +10,8 @@
 #   b   ReCo-KD, the same k labelled cases, no unlabeled ones                            -> Dataset104
 #   c   the same k + the other fold-0 training cases unlabeled, labelled by the teacher -> Dataset204:
 #       c_student (the control trainer on teacher labels: pseudo-labels alone), c_recokd, c_logitkd
+#   c_agree  c_student's recipe on Dataset214: Dataset204's teacher labels with nnU-Net's ignore label where the
+#       teacher's 8 mirrorings are not unanimous (add-unlabeled --min-agreement 1; issue #20, item 4)
 #   d   zero labels: all 166 fold-0 training cases unlabeled (fold all of Dataset304)
 #   e   control with all 166 labelled cases (Dataset004 fold 0)
 #   u   the pair on scans the teacher never saw: k labelled, half of fold 0's validation cases unlabeled, scored on
@@ -45,7 +47,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 SHARED=${SHARED:-$(cd "$here/../../../shared" && pwd)}
 WORK=${WORK:-$PWD/hippocampus_unlabeled}
-ROWS=${ROWS:-"a b c_student c_recokd c_logitkd d e u_a u_c w8_a w8_c"}
+ROWS=${ROWS:-"a b c_student c_recokd c_logitkd c_agree d e u_a u_c w8_a w8_c"}
 SEEDS=${SEEDS:-0}
 K=${K:-20}
 EPOCHS=${EPOCHS:-15}
@@ -150,14 +152,14 @@ PY
     "$WORK/scores/${row}_s$seed.json")"
 }
 
-derived() {  # id labelled-id unlabeled-folder name [labelled-id empty: zero labels]
-  local id=$1 labelled=$2 unlabeled=$3 name=$4
+derived() {  # id labelled-id unlabeled-folder name [add-unlabeled flags] (labelled-id empty: zero labels)
+  local id=$1 labelled=$2 unlabeled=$3 name=$4 flags=("${@:5}")
   [ -d "$nnUNet_raw/Dataset${id}_$name" ] && [ -f "$nnUNet_preprocessed/Dataset${id}_$name/splits_final.json" ] \
     && return
   local d_args=()
   [ -n "$labelled" ] && d_args=(-d "$labelled")
   nnunetv2_recokd add-unlabeled -i "$unlabeled" -t "$TEACHER" "${d_args[@]}" --id "$id" --name "$name" \
-    -device "$DEVICE" -np 2 --threads 2 > "$WORK/logs/add_unlabeled_$id.log" 2>&1
+    -device "$DEVICE" -np 2 --threads 2 "${flags[@]}" > "$WORK/logs/add_unlabeled_$id.log" 2>&1
 }
 
 wants() { [[ " $ROWS " == *" $1 "* ]]; }
@@ -169,6 +171,7 @@ few_label_dataset 104 HippoK20 "$WORK/unlabeled_k20" train-rest
 if wants c_student || wants c_recokd || wants c_logitkd || wants w8_c; then
   derived 204 104 "$WORK/unlabeled_k20" HippoK20Unlabeled
 fi
+wants c_agree && derived 214 104 "$WORK/unlabeled_k20" HippoK20UnlabeledAgree --min-agreement 1
 held_out_images Dataset104_HippoK20 > /dev/null  # made once, before rows run side by side
 for seed in $SEEDS; do
   wants a && row a "$seed" 104 0 nnUNetTrainerStudent Dataset104_HippoK20
@@ -176,6 +179,7 @@ for seed in $SEEDS; do
   wants c_student && row c_student "$seed" 204 0 nnUNetTrainerStudent Dataset104_HippoK20
   wants c_recokd && row c_recokd "$seed" 204 0 nnUNetTrainerReCoKD Dataset104_HippoK20
   wants c_logitkd && row c_logitkd "$seed" 204 0 nnUNetTrainerLogitKD Dataset104_HippoK20
+  wants c_agree && row c_agree "$seed" 214 0 nnUNetTrainerStudent Dataset104_HippoK20
   wants w8_a && row w8_a "$seed" 104 0 nnUNetTrainerStudent_w8 Dataset104_HippoK20
   wants w8_c && row w8_c "$seed" 204 0 nnUNetTrainerStudent_w8 Dataset104_HippoK20
   if wants d; then

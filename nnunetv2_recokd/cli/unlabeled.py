@@ -24,6 +24,10 @@ def add_parser(sub) -> None:
     p.add_argument("-f", nargs="+", default=None,
                    help="teacher folds that label (default: every numbered fold, as nnUNetv2_predict)")
     p.add_argument("--disable_tta", action="store_true", help="no mirroring when the teacher labels (faster)")
+    p.add_argument("--min-agreement", type=float, default=None, metavar="FRACTION",
+                   help="write nnU-Net's ignore label where fewer than this fraction of the teacher's mirrorings agree "
+                        "with its label (e.g. 0.75: 6 of 8), so no loss trains on those voxels; default: keep every "
+                        "teacher label")
     p.add_argument("-device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("-np", type=int, default=2, help="processes for nnU-Net's preprocessing")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the teacher's runtime (default: all)")
@@ -38,7 +42,8 @@ def main(args: argparse.Namespace) -> int:
         name = "Unlabeled" if args.d is None else f"{_labelled_name(args.d)}Unlabeled"
     device = args.device or ("cuda" if _cuda() else "cpu")
     try:
-        inputs = check_inputs(args.teacher, args.i, args.id, name, args.d, args.f, tta=not args.disable_tta)
+        inputs = check_inputs(args.teacher, args.i, args.id, name, args.d, args.f, tta=not args.disable_tta,
+                              min_agreement=args.min_agreement)
     except (UnlabeledError, DeployError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -21,7 +21,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -280,12 +280,16 @@ def previous_stage_files(model: ModelFolder, cases: list[list[str]],
 
 def predict_cases(predictor: nnUNetPredictor, cases: list[list[str]], output_folder: Union[str, Path],
                   save_probabilities: bool = False, overwrite: bool = True,
-                  log=print, previous_stage: Optional[list[str]] = None) -> list[CaseTiming]:
+                  log=print, previous_stage: Optional[list[str]] = None,
+                  predict: Optional[Callable] = None, export: Optional[Callable] = None) -> list[CaseTiming]:
     """Predict the cases in this process, one after the other, with nnU-Net's preprocessing and export.
 
     Each case is exported into ``<output_folder>/.recokd_partial`` and moved into place once complete. Returns one
     CaseTiming per predicted case (cases skipped because their output exists are not listed). previous_stage: a
     cascade stage's input segmentation per case (previous_stage_files), appended one-hot as nnU-Net's predictor does.
+    predict(data) -> prediction and export(prediction, properties, output_truncated) -> note or None replace nnU-Net's
+    logits and export (default: predictor.predict_logits_from_preprocessed_data, export_prediction_from_logits); a
+    note ends the case's log line.
     """
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
     from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
@@ -301,6 +305,13 @@ def predict_cases(predictor: nnUNetPredictor, cases: list[list[str]], output_fol
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=predictor.verbose)
     timings = []
     foreground = predictor.plans_manager.get_label_manager(predictor.dataset_json).foreground_labels
+    if predict is None:
+        def predict(data: torch.Tensor) -> torch.Tensor:
+            return predictor.predict_logits_from_preprocessed_data(data).cpu()
+    if export is None:
+        def export(logits: torch.Tensor, properties: dict, output_truncated: str) -> None:
+            export_prediction_from_logits(logits, properties, predictor.configuration_manager, predictor.plans_manager,
+                                          predictor.dataset_json, output_truncated, save_probabilities)
     try:
         for i, files in enumerate(cases):
             case = os.path.basename(files[0])[: -len(ending) - 5]
@@ -314,18 +325,16 @@ def predict_cases(predictor: nnUNetPredictor, cases: list[list[str]], output_fol
             if seg_file is not None:  # nnU-Net's predictor: the previous stage's labels as one-hot input channels
                 data = np.vstack((data, convert_labelmap_to_one_hot(seg[0], foreground, data.dtype)))
             t1 = time.perf_counter()
-            logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+            prediction = predict(torch.from_numpy(data))
             t2 = time.perf_counter()
-            export_prediction_from_logits(logits, properties, predictor.configuration_manager,
-                                          predictor.plans_manager, predictor.dataset_json, str(staging / case),
-                                          save_probabilities)
+            note = export(prediction, properties, str(staging / case))
             for produced in sorted(staging.glob(f"{case}.*")):  # the segmentation, and .npz/.pkl with probabilities
                 os.replace(produced, output / produced.name)
             t3 = time.perf_counter()
             timing = CaseTiming(case, t1 - t0, t2 - t1, t3 - t2)
             timings.append(timing)
             log(f"{case}: {timing.total_s:.2f} s (preprocess {timing.preprocess_s:.2f}, network "
-                f"{timing.network_s:.2f}, resample + export {timing.export_s:.2f})")
+                f"{timing.network_s:.2f}, resample + export {timing.export_s:.2f})" + (f"; {note}" if note else ""))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return timings

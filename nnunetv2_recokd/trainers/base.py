@@ -67,6 +67,7 @@ from nnunetv2_recokd.trainers.ddp import all_reduce_gradients
 from nnunetv2_recokd.unlabeled import (
     TRAINING_CASES_FILE,
     count_training_cases,
+    dataset_min_agreement,
     dataset_teacher,
     teacher_labelled_cases,
 )
@@ -670,9 +671,12 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         counts["validation"] = len(validation)
         counts["teacher_label_weight"] = self.settings.teacher_label_weight
         counts["teacher"] = dataset_teacher(self.dataset_json)
+        counts["min_agreement"] = dataset_min_agreement(self.dataset_json)
+        unsure = ("" if counts["min_agreement"] is None else
+                  f"; ignore label where fewer than {counts['min_agreement']:g} of the teacher's mirrorings agreed")
         self.print_to_log_file(
             f"training cases: {counts['real']} with real labels, {counts['teacher_labelled']} labelled by the teacher "
-            f"(seg-loss weight {self.settings.teacher_label_weight:g} on those)")
+            f"(seg-loss weight {self.settings.teacher_label_weight:g} on those{unsure})")
         if counts["validation_teacher_labelled"]:
             self.print_to_log_file(
                 f"NOTE: {counts['validation_teacher_labelled']} of the {len(validation)} validation cases are labelled "
