@@ -32,6 +32,8 @@ ROW_STUDENTS = {
     "c_student": "control trainer on Dataset204: 20 labelled + 146 teacher-labelled (pseudo-labels alone)",
     "c_recokd": "`nnUNetTrainerReCoKD` on Dataset204 (pseudo-labels + MS-SARD/MS-CA with the teacher)",
     "c_logitkd": "`nnUNetTrainerLogitKD` on Dataset204 (pseudo-labels + logit KD)",
+    "c_agree": "control trainer on Dataset214: Dataset204's teacher labels, ignored where its 8 mirrorings are not "
+               "unanimous (`--min-agreement 1`)",
     "d": "zero labels: all 166 fold-0 training cases teacher-labelled (Dataset304, fold all)",
     "e": "control, all 166 labelled cases (Dataset004)",
     "u_a": "control, 20 labelled cases (Dataset105; held out: 21 of fold 0's validation cases)",
