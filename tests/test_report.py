@@ -242,3 +242,11 @@ def test_a_student_of_teacher_labelled_cases_says_how_many_and_what_its_validati
     assert ("nnUNetTrainerReCoKD: trained on 0 cases with real labels and 12 labelled by the teacher (seg-loss "
             "weight 0.5)") in text
     assert "AGREEMENT WITH THE TEACHER" in text
+    (fold / "recokd_training_cases.json").write_text(json.dumps(
+        {"real": 8, "teacher_labelled": 4, "teacher_label_weight": 1.0, "min_agreement": 0.75}))
+    try:
+        text = report.to_markdown(report.collect_rows("992", latency=False))
+    finally:
+        (fold / "recokd_training_cases.json").unlink()
+    assert ("trained on 8 cases with real labels and 4 labelled by the teacher (seg-loss weight 1; ignore label "
+            "where fewer than 0.75 of the teacher's mirrorings agreed)") in text
