@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 # resampling interpolates the agreement map; a voxel whose interpolated agreement is within this of the threshold
-# counts as agreeing (exactly t votes out of M keep the label: t = 1 keeps only unanimous voxels)
+# counts as agreeing (an agreement of exactly t keeps the label: t = 1 keeps the unanimous voxels only)
 _TOLERANCE = 1e-4
 
 
