@@ -63,6 +63,13 @@ def dataset_min_agreement(dataset_json: dict) -> Optional[float]:
     return (dataset_json.get(DATASET_KEY) or {}).get("min_agreement")
 
 
+def min_agreement_note(min_agreement: Optional[float]) -> str:
+    """How logs and reports name the filter of a derived dataset ("" when every teacher label was kept)."""
+    if min_agreement is None:
+        return ""
+    return f"; ignore label where fewer than {min_agreement:g} of the teacher's mirrorings agreed"
+
+
 def count_training_cases(train_cases: Sequence[str], dataset_json: dict) -> dict[str, int]:
     """How many of a fold's training cases carry real labels and how many the teacher's."""
     pseudo = teacher_labelled_cases(dataset_json)

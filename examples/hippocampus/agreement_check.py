@@ -24,11 +24,6 @@ import SimpleITK as sitk
 import torch
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / total) if total else float("nan")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("teacher", help="the teacher's model folder")
@@ -41,7 +36,7 @@ def main() -> None:
 
     from nnunetv2_recokd.agreement import predict_with_agreement, segmentation_in_image, unsure_in_image
     from nnunetv2_recokd.deploy.modelfolder import open_model_folder
-    from nnunetv2_recokd.deploy.predictor import build_predictor, check_input_folder
+    from nnunetv2_recokd.deploy.predictor import build_predictor, check_input_folder, dice_per_class
 
     model = open_model_folder(args.teacher, None)
     predictor = build_predictor(model, "openvino", True, 0.5, threads=args.threads)
@@ -61,7 +56,7 @@ def main() -> None:
         label = segmentation_in_image(logits, properties, predictor)
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(args.labels) / f"{case}{ending}")))
         wrong = label != truth
-        dice_all.append(np.nanmean([dice(label == c, truth == c) for c in foreground]))
+        dice_all.append(np.mean(list(dice_per_class(label, truth, foreground).values())))
         for t in args.thresholds:
             unsure = unsure_in_image(agreement, t, properties, predictor)
             n = totals[t]
@@ -72,7 +67,7 @@ def main() -> None:
             n["unsure"] += int(unsure.sum())
             n["sure"] += int((~unsure).sum())
             sure = ~unsure
-            dice_sure[t].append(np.nanmean([dice((label == c) & sure, (truth == c) & sure) for c in foreground]))
+            dice_sure[t].append(np.mean(list(dice_per_class(label[sure], truth[sure], foreground).values())))
         print(f"[{i}/{len(cases)}] {case}: Dice {dice_all[-1]:.4f}, "
               f"{time.perf_counter() - start:.0f} s so far", flush=True)
     rows = []

@@ -26,7 +26,7 @@ from typing import Any, Optional, Union
 import torch
 
 from nnunetv2_recokd.profiling import inference_latency_ms
-from nnunetv2_recokd.unlabeled import TRAINING_CASES_FILE
+from nnunetv2_recokd.unlabeled import TRAINING_CASES_FILE, min_agreement_note
 
 TEACHER_TRAINER = "nnUNetTrainer"
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
@@ -371,11 +371,9 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
                              f"of the {leak['of']} validation cases (teacher fold {folds})")
         cases = row.get("training_cases")
         if cases:
-            unsure = ("" if cases.get("min_agreement") is None else
-                      f"; ignore label where fewer than {cases['min_agreement']:g} of the teacher's mirrorings agreed")
             notes.append(f"- {row['trainer']}: trained on {cases['real']} cases with real labels and "
                          f"{cases['teacher_labelled']} labelled by the teacher (seg-loss weight "
-                         f"{cases.get('teacher_label_weight', 1):g}{unsure})")
+                         f"{cases.get('teacher_label_weight', 1):g}{min_agreement_note(cases.get('min_agreement'))})")
             if cases.get("validation_teacher_labelled") and row["status"] == "validated":
                 mean += " (vs teacher)"
                 notes.append(f"- {row['trainer']}: {cases['validation_teacher_labelled']} of its "

@@ -69,6 +69,7 @@ from nnunetv2_recokd.unlabeled import (
     count_training_cases,
     dataset_min_agreement,
     dataset_teacher,
+    min_agreement_note,
     teacher_labelled_cases,
 )
 from nnunetv2_recokd.trainers.progress import KD_PREFIX, SEG_KEY, DistillLocalLogger, ensure_key
@@ -672,11 +673,10 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         counts["teacher_label_weight"] = self.settings.teacher_label_weight
         counts["teacher"] = dataset_teacher(self.dataset_json)
         counts["min_agreement"] = dataset_min_agreement(self.dataset_json)
-        unsure = ("" if counts["min_agreement"] is None else
-                  f"; ignore label where fewer than {counts['min_agreement']:g} of the teacher's mirrorings agreed")
+        filtered = min_agreement_note(counts["min_agreement"])
         self.print_to_log_file(
             f"training cases: {counts['real']} with real labels, {counts['teacher_labelled']} labelled by the teacher "
-            f"(seg-loss weight {self.settings.teacher_label_weight:g} on those{unsure})")
+            f"(seg-loss weight {self.settings.teacher_label_weight:g} on those{filtered})")
         if counts["validation_teacher_labelled"]:
             self.print_to_log_file(
                 f"NOTE: {counts['validation_teacher_labelled']} of the {len(validation)} validation cases are labelled "
