@@ -215,20 +215,24 @@ def test_headline_imports_the_scripts_scores_and_tables_every_row(tmp_path):
     headline = _headline()
     work, scores = tmp_path / "work_scores", tmp_path / "scores"
     work.mkdir(), scores.mkdir()
-    for row, seed, dice in (("c_recokd", 0, 0.84), ("a", 1, 0.82), ("a", 0, 0.8256), ("w8_a_30x100", 0, 0.7)):
+    for row, seed, dice in (("c_recokd", 0, 0.84), ("a", 1, 0.82), ("a", 0, 0.8256), ("w8_a_30x100", 0, 0.7),
+                            ("c_student_lr0.023", 0, 0.5)):
         (work / f"{row}_s{seed}.json").write_text(json.dumps({
             "row": row, "seed": seed, "dice_mean": dice, "dice_per_class": {"1": dice + 0.01, "2": dice - 0.01},
             "held_out_cases": 42, "training_cases": {"real": 20, "teacher": "/work/shared/teachers/T/F"},
-            "epochs": 30 if row.endswith("30x100") else 15, "iterations": 100}))
+            "epochs": 30 if row.endswith("30x100") else 15, "iterations": 100,
+            **({"initial_lr": 0.023} if "_lr" in row else {})}))
     (work / "u_c_s0.json").write_text("")
     assert headline.import_scores(work, scores) == ["a_s0.json", "a_s1.json", "c_recokd_s0.json",
-                                                    "w8_a_30x100_s0.json"]
+                                                    "c_student_lr0.023_s0.json", "w8_a_30x100_s0.json"]
     assert json.loads((scores / "a_s0.json").read_text())["training_cases"]["teacher"] == "../shared/teachers/T/F"
     rows = headline.rows_markdown(scores).splitlines()
-    assert len(rows) == 6 and rows[2].startswith("| a | 0 | control") and rows[4].startswith("| c_recokd | 0 |")
+    assert len(rows) == 7 and rows[2].startswith("| a | 0 | control") and rows[4].startswith("| c_recokd | 0 |")
     assert "| 15 x 100 | 0.8256 | 1: 0.8356, 2: 0.8156 | 42 |" in rows[2]
-    # a row run at another budget: the same student, its own budget
-    assert rows[5].startswith("| w8_a_30x100 | 0 | control, width 1/8, 20 labelled cases (Dataset104) | 30 x 100 |")
+    # a row run at another budget or learning rate: the same student, its own budget
+    assert rows[5].startswith("| c_student_lr0.023 | 0 | control trainer on Dataset204: 20 labelled + 146 "
+                              "teacher-labelled (pseudo-labels alone) | 15 x 100, initial lr 0.023 | 0.5000 |")
+    assert rows[6].startswith("| w8_a_30x100 | 0 | control, width 1/8, 20 labelled cases (Dataset104) | 30 x 100 |")
     page = tmp_path / "page.md"
     page.write_text(f"{headline.MARK_START}\nold\n{headline.MARK_END}\nmid\n{headline.ROWS_START}\nold\n"
                     f"{headline.ROWS_END}\nend\n")
@@ -254,18 +258,26 @@ def test_the_hippocampus_script_runs_past_its_settings(tmp_path, parallel, threa
     line (a failing `[ ]` inside the assignment). PLAN=1 prints the resolved settings and writes nothing."""
     done = _plan(tmp_path, PARALLEL=parallel, ROWS="a c_recokd")
     assert done.returncode == 0, done.stderr
-    assert f"rows: a c_recokd | seeds: 0 | k 20 | 15 x 100 iterations | device cpu | parallel {parallel} |" \
+    assert f"rows: a c_recokd | seeds: 0 | k 20 | 15 x 100 iterations | initial lr 0.01 | device cpu |" \
+           f" parallel {parallel} |" \
            f" torch threads per training: {threads} |" in done.stdout
     assert not (tmp_path / "work").exists()
 
 
 def test_the_hippocampus_script_names_rows_of_another_budget_apart(tmp_path):
     """EPOCHS=30: rows are saved as <row>_30x100, so a longer run neither resumes nor re-scores the 15 x 100 model
-    of the same row (the script skips training where checkpoint_final exists); the protocol's budget keeps the names."""
+    of the same row (the script skips training where checkpoint_final exists); LR=0.023 likewise as <row>_lr0.023;
+    the protocol's budget and learning rate keep the names."""
     longer = _plan(tmp_path, ROWS="w8_a", EPOCHS="30")
     assert longer.returncode == 0, longer.stderr
     assert "| 30 x 100 iterations |" in longer.stdout
-    assert "rows are saved as <row>_30x100 (a budget other than 15 x 100)" in longer.stdout
+    assert "rows are saved as <row>_30x100 (not the protocol's 15 x 100 iterations at learning rate 0.01)" \
+        in longer.stdout
+    faster = _plan(tmp_path, ROWS="c_student", LR="0.023")  # another learning rate: named apart too
+    assert faster.returncode == 0, faster.stderr
+    assert "| initial lr 0.023 |" in faster.stdout and "rows are saved as <row>_lr0.023 " in faster.stdout
+    both = _plan(tmp_path, ROWS="c_student", LR="0.02", EPOCHS="30")
+    assert "rows are saved as <row>_30x100_lr0.02 " in both.stdout
     protocol = _plan(tmp_path, ROWS="w8_a")
     assert protocol.returncode == 0 and "rows are saved as" not in protocol.stdout
     assert not (tmp_path / "work").exists()

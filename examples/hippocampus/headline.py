@@ -91,8 +91,9 @@ def to_markdown(control_row: str, treated_row: str, control: dict[int, float], t
 
 
 def student_of(row: str) -> str:
-    """What a row's student is; a row the script ran at another budget ends in _<epochs>x<iterations>."""
-    base = re.sub(r"_\d+x\d+$", "", row)
+    """What a row's student is; a row the script ran at another budget ends in _<epochs>x<iterations>, at another
+    initial learning rate in _lr<rate> (after the budget)."""
+    base = re.sub(r"(_\d+x\d+)?(_lr[0-9.]+)?$", "", row)
     return ROW_STUDENTS.get(base, base)
 
 
@@ -105,6 +106,8 @@ def rows_markdown(scores: Path) -> str:
     for r in sorted(records, key=lambda r: (r["row"], r["seed"])):
         per = ", ".join(f"{k}: {v:.4f}" for k, v in r["dice_per_class"].items())
         budget = f"{r['epochs']} x {r['iterations']}" if "epochs" in r else "not recorded"
+        if r.get("initial_lr", 0.01) != 0.01:  # nnU-Net's 0.01 (score files from before the field: 0.01)
+            budget += f", initial lr {r['initial_lr']:g}"
         lines.append(f"| {r['row']} | {r['seed']} | {student_of(r['row'])} | {budget} | {r['dice_mean']:.4f} "
                      f"| {per} | {r['held_out_cases']} |")
     return "\n".join(lines) + "\n"

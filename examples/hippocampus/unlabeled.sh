@@ -42,7 +42,8 @@
 # ~330 s per epoch (one thread); logit KD ~340 s alone with 2 threads (the teacher's whole forward on every batch).
 # Results: $WORK/table.md and table.json (one line per row and seed), and each model's summary.json.
 # A budget other than 15 x 100 names its rows <row>_<EPOCHS>x<ITERS> (results, logs, scores): EPOCHS=30 ROWS=w8_a
-# trains and scores w8_a_30x100 beside w8_a instead of resuming or re-scoring the 15-epoch model.
+# trains and scores w8_a_30x100 beside w8_a instead of resuming or re-scoring the 15-epoch model. LR (the initial
+# learning rate, default nnU-Net's 0.01) likewise names them <row>_lr<LR>: LR=0.023 ROWS=c_student -> c_student_lr0.023.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 SHARED=${SHARED:-$(cd "$here/../../../shared" && pwd)}
@@ -54,16 +55,19 @@ EPOCHS=${EPOCHS:-15}
 ITERS=${ITERS:-100}
 DEVICE=${DEVICE:-cpu}
 PARALLEL=${PARALLEL:-0}
-budget=""  # the suffix of rows run at another budget than the protocol's
+LR=${LR:-0.01}
+budget=""  # the suffix of rows run at another budget or learning rate than the protocol's
 if [ "$EPOCHS" != 15 ] || [ "$ITERS" != 100 ]; then budget=_${EPOCHS}x$ITERS; fi
+lr_setting=""
+if [ "$LR" != 0.01 ]; then budget=${budget}_lr$LR; lr_setting=", \"initial_lr\": $LR"; fi
 if [ "$PARALLEL" = 1 ]; then THREADS=${THREADS:-1}; else THREADS=${THREADS:-}; fi  # empty: nnU-Net's choice
 SOURCE=$SHARED/data/Dataset004_Hippocampus
 TEACHER=$SHARED/teachers/Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres
 
 if [ "${PLAN:-0}" = 1 ]; then  # PLAN=1: print what would run and stop (writes nothing)
-  echo "rows: $ROWS | seeds: $SEEDS | k $K | $EPOCHS x $ITERS iterations | device $DEVICE |"\
+  echo "rows: $ROWS | seeds: $SEEDS | k $K | $EPOCHS x $ITERS iterations | initial lr $LR | device $DEVICE |"\
        "parallel $PARALLEL | torch threads per training: ${THREADS:-every core} | work: $WORK"
-  [ -z "$budget" ] || echo "rows are saved as <row>$budget (a budget other than 15 x 100)"
+  [ -z "$budget" ] || echo "rows are saved as <row>$budget (not the protocol's 15 x 100 iterations at learning rate 0.01)"
   exit 0
 fi
 export nnUNet_raw=$WORK/raw nnUNet_preprocessed=$WORK/preprocessed nnUNet_results=$WORK/results
@@ -118,7 +122,7 @@ student() {  # row seed dataset-id fold trainer held-out-dataset-name [extra set
   local config=$WORK/config_${row}_s$seed.json
   # save_every 1: a run killed mid-way resumes from its last epoch (--c below) instead of starting again
   echo "{\"num_epochs\": $EPOCHS, \"num_iterations_per_epoch\": $ITERS, \"num_val_iterations_per_epoch\": 5,"\
-       "\"save_every\": 1, \"seed\": $seed$cpu_threads${extra:+, $extra}}" > "$config"
+       "\"save_every\": 1, \"seed\": $seed$lr_setting$cpu_threads${extra:+, $extra}}" > "$config"
   local name; name=$(basename "$(ls -d "$nnUNet_raw"/Dataset"$(printf %03d "$id")"_*)")
   local model=$results/$name/${tr}__nnUNetPlans__3d_fullres
   if [ ! -f "$model/fold_$fold/checkpoint_final.pth" ]; then
@@ -136,16 +140,17 @@ student() {  # row seed dataset-id fold trainer held-out-dataset-name [extra set
     nnUNetv2_evaluate_folder "$SOURCE/labelsTr" "$pred" --chill -djfile "$model/dataset.json" -pfile "$model/plans.json" \
       > "$WORK/logs/evaluate_${row}_s$seed.log" 2>&1
   fi
-  python - "$pred/summary.json" "$model/fold_$fold" "$row" "$seed" "$tr" "$name" "$fold" "$EPOCHS" "$ITERS" \
+  python - "$pred/summary.json" "$model/fold_$fold" "$row" "$seed" "$tr" "$name" "$fold" "$EPOCHS" "$ITERS" "$LR" \
     > "$WORK/scores/${row}_s$seed.json" <<'PY'
 import json, os, sys
-summary, fold_dir, row, seed, trainer, dataset, fold, epochs, iterations = sys.argv[1:]
+summary, fold_dir, row, seed, trainer, dataset, fold, epochs, iterations, lr = sys.argv[1:]
 s = json.load(open(summary))
 cases = os.path.join(fold_dir, "recokd_training_cases.json")
 print(json.dumps({"row": row, "seed": int(seed), "trainer": trainer, "dataset": dataset, "fold": fold,
                   "dice_mean": s["foreground_mean"]["Dice"],
                   "dice_per_class": {k: v["Dice"] for k, v in s["mean"].items()},
                   "held_out_cases": len(s["metric_per_case"]), "epochs": int(epochs), "iterations": int(iterations),
+                  "initial_lr": float(lr),
                   "training_cases": json.load(open(cases)) if os.path.exists(cases) else None}))
 PY
   echo "== $row seed $seed: $(python -c "import json,sys; print(round(json.load(open(sys.argv[1]))['dice_mean'], 4))" \

@@ -1,0 +1,118 @@
+"""Where does the logit-KD term pull a student, compared with nnU-Net's seg loss? A diagnostic for row c_logitkd.
+
+Loads a model folder's fold checkpoint (e.g. a c_logitkd run of unlabeled.sh, any epoch's checkpoint_latest.pth)
+into its own trainer (the trainer class and settings it was trained with), draws training batches through nnU-Net's
+own augmenting data loader, and for each batch reports, at the full-resolution output:
+  - the share of the logit term (T^2-scaled KL, nnU-Net's deep-supervision weight of that output) and of the
+    voxel count that falls on voxels of each label (0 background, 1 anterior, 2 posterior);
+  - d(seg)/dz_c and d(logit)/dz_c summed over the voxels labelled c, for the logit z_c of their own class c
+    (negative: the term raises the class's own logit there), over every deep-supervision output's own gradient;
+  - ||d(seg)/dtheta||, ||d(logit)/dtheta|| and their cosine over the student's parameters.
+Run it with the same environment the training had (nnUNet_preprocessed, nnUNet_results of the model,
+RECOKD_CONFIG of its settings file) and nnUNet_n_proc_DA=0:
+
+  nnUNet_n_proc_DA=0 nnUNet_preprocessed=$WORK/preprocessed nnUNet_results=$WORK/results_c_logitkd/s1 \\
+  RECOKD_CONFIG=$WORK/config_c_logitkd_s1.json python examples/hippocampus/logit_terms_check.py 204 \\
+      nnUNetTrainerLogitKD checkpoint_latest.pth --batches 4 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def per_class_shares(per_voxel: torch.Tensor, target: torch.Tensor, n_classes: int) -> list[float]:
+    """Fraction of sum(per_voxel) that lies on voxels of each label. per_voxel, target: (B, 1, *spatial)."""
+    total = per_voxel.sum().clamp_min(1e-12)
+    return [float(per_voxel[target == c].sum() / total) for c in range(n_classes)]
+
+
+def own_logit_gradient(grad: torch.Tensor, target: torch.Tensor, n_classes: int) -> list[float]:
+    """sum over voxels labelled c of d(loss)/dz_c (the gradient on their own class's logit), per class c.
+    grad: (B, C, *spatial), target: (B, 1, *spatial)."""
+    return [float(grad[:, c:c + 1][target == c].sum()) for c in range(n_classes)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset")
+    parser.add_argument("trainer")
+    parser.add_argument("checkpoint", help="file name inside the fold folder, e.g. checkpoint_latest.pth")
+    parser.add_argument("--fold", default="0")
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the batches drawn")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    fold = args.fold if args.fold == "all" else int(args.fold)
+    trainer = get_trainer_from_args(args.dataset, "3d_fullres", fold, args.trainer, "nnUNetPlans",
+                                    device=torch.device("cpu"))
+    trainer.initialize()
+    checkpoint = os.path.join(trainer.output_folder, args.checkpoint)
+    trainer.load_checkpoint(checkpoint)
+    epoch = trainer.current_epoch
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    loader, _ = trainer.get_dataloaders()
+    network = trainer.network
+    network.train()
+    params = [p for p in network.parameters() if p.requires_grad]
+    progress = epoch / max(1, trainer.num_epochs)
+    n_classes = trainer.label_manager.num_segmentation_heads
+    rows = []
+    for _ in range(args.batches):
+        batch = next(loader)
+        data, target = batch["data"], batch["target"]
+        targets = target if isinstance(target, list) else [target]
+        outputs = network(data)
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        seg = trainer._seg_loss(outputs, target, batch.get("keys"))
+        terms: dict = {}
+        kd = trainer._distillation_terms(data, target, outputs, {}, progress, terms, [])
+        inputs = params + list(outputs)  # an output of deep-supervision weight 0 is unused: its gradient is 0
+        grads_seg = [torch.zeros_like(x) if g is None else g
+                     for x, g in zip(inputs, torch.autograd.grad(seg, inputs, retain_graph=True, allow_unused=True))]
+        grads_kd = [torch.zeros_like(x) if g is None else g
+                    for x, g in zip(inputs, torch.autograd.grad(kd, inputs, allow_unused=True))]
+        g_seg = torch.cat([g.flatten() for g in grads_seg[:len(params)]])
+        g_kd = torch.cat([g.flatten() for g in grads_kd[:len(params)]])
+        out_seg, out_kd = grads_seg[len(params):], grads_kd[len(params):]
+        # the logit term's per-voxel value at full resolution (as LogitKDLoss computes it, T^2-scaled)
+        with torch.no_grad():
+            t = trainer.distiller.logit.temperature
+            teacher_logits = trainer.teachers[0].network(data)
+            teacher_logits = teacher_logits[0] if isinstance(teacher_logits, (list, tuple)) else teacher_logits
+            log_ps = F.log_softmax(outputs[0].float() / t, 1)
+            log_pt = F.log_softmax(teacher_logits.float() / t, 1)
+            kl = (log_pt.exp() * (log_pt - log_ps)).sum(1, keepdim=True) * t * t
+            y = targets[0].long()
+        own_seg = np.sum([own_logit_gradient(g, tg.long(), n_classes) for g, tg in zip(out_seg, targets)], 0)
+        own_kd = np.sum([own_logit_gradient(g, tg.long(), n_classes) for g, tg in zip(out_kd, targets)], 0)
+        rows.append({
+            "seg": float(seg), "logit_weighted": float(kd),
+            "voxel_share": [float((y == c).float().mean()) for c in range(n_classes)],
+            "logit_share_full_res": per_class_shares(kl, y, n_classes),
+            "own_logit_grad_seg": own_seg.tolist(), "own_logit_grad_logit": own_kd.tolist(),
+            "param_grad_norm_seg": float(g_seg.norm()), "param_grad_norm_logit": float(g_kd.norm()),
+            "param_grad_cosine": float(F.cosine_similarity(g_seg, g_kd, 0)),
+        })
+        print(json.dumps(rows[-1]))
+    mean = {k: np.mean([r[k] for r in rows], 0).round(5).tolist() for k in rows[0]}
+    result = {"checkpoint": checkpoint, "epoch": epoch, "batches": args.batches, "seed": args.seed, "mean": mean,
+              "per_batch": rows}
+    print("mean over batches:", json.dumps(mean))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
