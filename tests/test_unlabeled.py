@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from nnunetv2_recokd import sandbox
 from nnunetv2_recokd.trainers import nnUNetTrainerReCoKD, nnUNetTrainerStudent
@@ -281,3 +282,20 @@ def test_the_hippocampus_script_names_rows_of_another_budget_apart(tmp_path):
     protocol = _plan(tmp_path, ROWS="w8_a")
     assert protocol.returncode == 0 and "rows are saved as" not in protocol.stdout
     assert not (tmp_path / "work").exists()
+
+
+def test_logit_terms_check_splits_a_term_by_the_voxels_labels():
+    """examples/hippocampus/logit_terms_check.py's helpers, hand-computed: a per-voxel term [1, 2, 3, 4] on labels
+    [0, 0, 1, 2] lies 3/10, 3/10, 4/10 on labels 0, 1, 2; the gradient on each voxel's own-class logit, summed per
+    label: label 0 -> channel 0 at voxels 0-1 (1 + 2), label 1 -> channel 1 at voxel 2 (30), label 2 -> 400."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "hippocampus" / "logit_terms_check.py"
+    spec = importlib.util.spec_from_file_location("_logit_terms_check_under_test", path)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    target = torch.tensor([0, 0, 1, 2]).reshape(1, 1, 4)
+    shares = check.per_class_shares(torch.tensor([1.0, 2.0, 3.0, 4.0]).reshape(1, 1, 4), target, 3)
+    assert shares == pytest.approx([0.3, 0.3, 0.4])
+    grad = torch.tensor([[1.0, 2, 3, 4], [10, 20, 30, 40], [100, 200, 300, 400]]).reshape(1, 3, 4)
+    assert check.own_logit_gradient(grad, target, 3) == pytest.approx([3.0, 30.0, 400.0])
