@@ -299,3 +299,6 @@ def test_logit_terms_check_splits_a_term_by_the_voxels_labels():
     assert shares == pytest.approx([0.3, 0.3, 0.4])
     grad = torch.tensor([[1.0, 2, 3, 4], [10, 20, 30, 40], [100, 200, 300, 400]]).reshape(1, 3, 4)
     assert check.own_logit_gradient(grad, target, 3) == pytest.approx([3.0, 30.0, 400.0])
+    # confusion: labels [0, 0, 1, 2] predicted [0, 1, 1, 1] -> row 0 half 0 half 1, rows 1 and 2 all class 1
+    rows = check.confusion(torch.tensor([0, 1, 1, 1]).reshape(1, 1, 4), target, 3)
+    assert rows == [[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]

@@ -7,7 +7,8 @@ own augmenting data loader, and for each batch reports, at the full-resolution o
     voxel count that falls on voxels of each label (0 background, 1 anterior, 2 posterior);
   - d(seg)/dz_c and d(logit)/dz_c summed over the voxels labelled c, for the logit z_c of their own class c
     (negative: the term raises the class's own logit there), over every deep-supervision output's own gradient;
-  - ||d(seg)/dtheta||, ||d(logit)/dtheta|| and their cosine over the student's parameters.
+  - ||d(seg)/dtheta||, ||d(logit)/dtheta|| and their cosine over the student's parameters;
+  - the student's and the teacher's confusion on the batch (row: label, column: predicted class).
 Run it with the same environment the training had (nnUNet_preprocessed, nnUNet_results of the model,
 RECOKD_CONFIG of its settings file) and nnUNet_n_proc_DA=0:
 
@@ -37,6 +38,16 @@ def own_logit_gradient(grad: torch.Tensor, target: torch.Tensor, n_classes: int)
     """sum over voxels labelled c of d(loss)/dz_c (the gradient on their own class's logit), per class c.
     grad: (B, C, *spatial), target: (B, 1, *spatial)."""
     return [float(grad[:, c:c + 1][target == c].sum()) for c in range(n_classes)]
+
+
+def confusion(prediction: torch.Tensor, target: torch.Tensor, n_classes: int) -> list[list[float]]:
+    """Row c: the fraction of the voxels labelled c that are predicted as each class (rows of labels absent: 0).
+    prediction, target: (B, 1, *spatial) integer labels."""
+    rows = []
+    for c in range(n_classes):
+        mine = prediction[target == c]
+        rows.append([float((mine == k).float().mean()) if mine.numel() else 0.0 for k in range(n_classes)])
+    return rows
 
 
 def main() -> None:
@@ -103,6 +114,8 @@ def main() -> None:
             "own_logit_grad_seg": own_seg.tolist(), "own_logit_grad_logit": own_kd.tolist(),
             "param_grad_norm_seg": float(g_seg.norm()), "param_grad_norm_logit": float(g_kd.norm()),
             "param_grad_cosine": float(F.cosine_similarity(g_seg, g_kd, 0)),
+            "student_confusion": confusion(outputs[0].argmax(1, keepdim=True), y, n_classes),
+            "teacher_confusion": confusion(teacher_logits.argmax(1, keepdim=True), y, n_classes),
         })
         print(json.dumps(rows[-1]))
     mean = {k: np.mean([r[k] for r in rows], 0).round(5).tolist() for k in rows[0]}
