@@ -3,7 +3,7 @@
 Loads a model folder's fold checkpoint (e.g. a c_logitkd run of unlabeled.sh, any epoch's checkpoint_latest.pth)
 into its own trainer (the trainer class and settings it was trained with), draws training batches through nnU-Net's
 own augmenting data loader, and for each batch reports, at the full-resolution output:
-  - the share of the logit term (T^2-scaled KL, nnU-Net's deep-supervision weight of that output) and of the
+  - the share of the logit term (its per-voxel KL, LogitKDLoss.per_voxel) and of the
     voxel count that falls on voxels of each label (0 background, 1 anterior, 2 posterior);
   - d(seg)/dz_c and d(logit)/dz_c summed over the voxels labelled c, for the logit z_c of their own class c
     (negative: the term raises the class's own logit there), over every deep-supervision output's own gradient;
@@ -86,8 +86,10 @@ def main() -> None:
         outputs = network(data)
         outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         seg = trainer._seg_loss(outputs, target, batch.get("keys"))
-        terms: dict = {}
-        kd = trainer._distillation_terms(data, target, outputs, {}, progress, terms, [])
+        with torch.no_grad():  # the teacher's forward once, for the term and for its confusion below
+            teacher_outputs = trainer.teachers[0].network(data)
+        teacher_outputs = teacher_outputs if isinstance(teacher_outputs, (list, tuple)) else [teacher_outputs]
+        kd, _ = trainer.distiller.logit_terms(outputs, [list(teacher_outputs)], targets, progress)
         inputs = params + list(outputs)  # an output of deep-supervision weight 0 is unused: its gradient is 0
         grads_seg = [torch.zeros_like(x) if g is None else g
                      for x, g in zip(inputs, torch.autograd.grad(seg, inputs, retain_graph=True, allow_unused=True))]
@@ -96,15 +98,9 @@ def main() -> None:
         g_seg = torch.cat([g.flatten() for g in grads_seg[:len(params)]])
         g_kd = torch.cat([g.flatten() for g in grads_kd[:len(params)]])
         out_seg, out_kd = grads_seg[len(params):], grads_kd[len(params):]
-        # the logit term's per-voxel value at full resolution (as LogitKDLoss computes it, T^2-scaled)
-        with torch.no_grad():
-            t = trainer.distiller.logit.temperature
-            teacher_logits = trainer.teachers[0].network(data)
-            teacher_logits = teacher_logits[0] if isinstance(teacher_logits, (list, tuple)) else teacher_logits
-            log_ps = F.log_softmax(outputs[0].float() / t, 1)
-            log_pt = F.log_softmax(teacher_logits.float() / t, 1)
-            kl = (log_pt.exp() * (log_pt - log_ps)).sum(1, keepdim=True) * t * t
-            y = targets[0].long()
+        teacher_logits, y = teacher_outputs[0], targets[0].long()
+        with torch.no_grad():  # the logit term's per-voxel value at full resolution (its shares need no T^2)
+            kl = trainer.distiller.logit.per_voxel(outputs[0], [teacher_logits])
         own_seg = np.sum([own_logit_gradient(g, tg.long(), n_classes) for g, tg in zip(out_seg, targets)], 0)
         own_kd = np.sum([own_logit_gradient(g, tg.long(), n_classes) for g, tg in zip(out_kd, targets)], 0)
         rows.append({

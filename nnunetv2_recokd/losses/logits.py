@@ -64,22 +64,28 @@ class LogitKDLoss(nn.Module):
             raise ValueError(f"{len(weights)} teacher weights for {len(teachers)} teachers")
         t = self.temperature
         with float32_region(student.device):
-            zs = student.float() / t
-            zts = [z.detach().float() / t for z in teachers]
-            if self.sigmoid:
-                # binary KL per channel, written with log-sigmoids for stability
-                ls_s, lns_s = F.logsigmoid(zs), F.logsigmoid(-zs)
-                ls_t = _log_mean([F.logsigmoid(z) for z in zts], weights)
-                lns_t = _log_mean([F.logsigmoid(-z) for z in zts], weights)
-                per_voxel = (ls_t.exp() * (ls_t - ls_s) + lns_t.exp() * (lns_t - lns_s)).mean(1, keepdim=True)
-            else:
-                log_ps = F.log_softmax(zs, 1)
-                log_pt = _log_mean([F.log_softmax(z, 1) for z in zts], weights)
-                per_voxel = (log_pt.exp() * (log_pt - log_ps)).sum(1, keepdim=True)
+            per_voxel = self.per_voxel(student, teachers, weights)
             if valid is None:
                 return per_voxel.mean() * t * t
             weight = valid.to(per_voxel.dtype)
             return (per_voxel * weight).sum() / weight.sum().clamp_min(1.0) * t * t
+
+    def per_voxel(self, student: torch.Tensor, teachers: Sequence[torch.Tensor],
+                  weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+        """The KL of every voxel, (B, 1, *spatial) float32, before the T^2 factor and the mean (shapes checked by
+        forward; call it inside forward's float32 region or on float32 inputs)."""
+        t = self.temperature
+        zs = student.float() / t
+        zts = [z.detach().float() / t for z in teachers]
+        if self.sigmoid:
+            # binary KL per channel, written with log-sigmoids for stability
+            ls_s, lns_s = F.logsigmoid(zs), F.logsigmoid(-zs)
+            ls_t = _log_mean([F.logsigmoid(z) for z in zts], weights)
+            lns_t = _log_mean([F.logsigmoid(-z) for z in zts], weights)
+            return (ls_t.exp() * (ls_t - ls_s) + lns_t.exp() * (lns_t - lns_s)).mean(1, keepdim=True)
+        log_ps = F.log_softmax(zs, 1)
+        log_pt = _log_mean([F.log_softmax(z, 1) for z in zts], weights)
+        return (log_pt.exp() * (log_pt - log_ps)).sum(1, keepdim=True)
 
 
 def _log_mean(log_probs: list[torch.Tensor], weights: Optional[Sequence[float]]) -> torch.Tensor:
