@@ -284,6 +284,16 @@ def test_the_hippocampus_script_names_rows_of_another_budget_apart(tmp_path):
     assert not (tmp_path / "work").exists()
 
 
+def test_every_row_of_the_hippocampus_script_is_described_in_the_results_tables(tmp_path):
+    """Every row unlabeled.sh runs by default (PLAN=1 prints them) has its student described in headline.py, which
+    writes the results pages' table of every row: a new row cannot land in the tables unnamed."""
+    done = _plan(tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = done.stdout.split("rows: ", 1)[1].split(" | ", 1)[0].split()
+    assert {"a", "b", "b_logitkd", "c_logitkd", "c_student"} <= set(rows)
+    assert sorted(set(rows) - set(_headline().ROW_STUDENTS)) == []
+
+
 def test_logit_terms_check_splits_a_term_by_the_voxels_labels():
     """examples/hippocampus/logit_terms_check.py's helpers, hand-computed: a per-voxel term [1, 2, 3, 4] on labels
     [0, 0, 1, 2] lies 3/10, 3/10, 4/10 on labels 0, 1, 2; the gradient on each voxel's own-class logit, summed per

@@ -29,6 +29,7 @@ ROW_NAMES = {"a": "(a) control, 20 labels", "c_recokd": "(c) ReCo-KD, 20 labels 
 ROW_STUDENTS = {
     "a": "control (`nnUNetTrainerStudent`), 20 labelled cases (Dataset104)",
     "b": "`nnUNetTrainerReCoKD`, the 20 labelled cases only (Dataset104)",
+    "b_logitkd": "`nnUNetTrainerLogitKD`, the 20 labelled cases only (Dataset104)",
     "c_student": "control trainer on Dataset204: 20 labelled + 146 teacher-labelled (pseudo-labels alone)",
     "c_recokd": "`nnUNetTrainerReCoKD` on Dataset204 (pseudo-labels + MS-SARD/MS-CA with the teacher)",
     "c_logitkd": "`nnUNetTrainerLogitKD` on Dataset204 (pseudo-labels + logit KD)",

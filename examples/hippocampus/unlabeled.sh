@@ -8,6 +8,8 @@
 #
 #   a   control, k labelled cases (k drawn by seed 0 from fold 0's training cases)      -> Dataset104 (k + 42 val)
 #   b   ReCo-KD, the same k labelled cases, no unlabeled ones                            -> Dataset104
+#       b_logitkd: logit KD (nnUNetTrainerLogitKD) on the same k labelled cases: does logit KD fail without
+#       teacher labels too? (c_logitkd did, issue #20)
 #   c   the same k + the other fold-0 training cases unlabeled, labelled by the teacher -> Dataset204:
 #       c_student (the control trainer on teacher labels: pseudo-labels alone), c_recokd, c_logitkd
 #   c_agree  c_student's recipe on Dataset214: Dataset204's teacher labels with nnU-Net's ignore label where the
@@ -48,7 +50,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 SHARED=${SHARED:-$(cd "$here/../../../shared" && pwd)}
 WORK=${WORK:-$PWD/hippocampus_unlabeled}
-ROWS=${ROWS:-"a b c_student c_recokd c_logitkd c_agree d e u_a u_c w8_a w8_c"}
+ROWS=${ROWS:-"a b b_logitkd c_student c_recokd c_logitkd c_agree d e u_a u_c w8_a w8_c"}
 SEEDS=${SEEDS:-0}
 K=${K:-20}
 EPOCHS=${EPOCHS:-15}
@@ -181,6 +183,7 @@ held_out_images Dataset104_HippoK20 > /dev/null  # made once, before rows run si
 for seed in $SEEDS; do
   wants a && row a "$seed" 104 0 nnUNetTrainerStudent Dataset104_HippoK20
   wants b && row b "$seed" 104 0 nnUNetTrainerReCoKD Dataset104_HippoK20 "\"teacher\": \"$TEACHER\""
+  wants b_logitkd && row b_logitkd "$seed" 104 0 nnUNetTrainerLogitKD Dataset104_HippoK20 "\"teacher\": \"$TEACHER\""
   wants c_student && row c_student "$seed" 204 0 nnUNetTrainerStudent Dataset104_HippoK20
   wants c_recokd && row c_recokd "$seed" 204 0 nnUNetTrainerReCoKD Dataset104_HippoK20
   wants c_logitkd && row c_logitkd "$seed" 204 0 nnUNetTrainerLogitKD Dataset104_HippoK20
