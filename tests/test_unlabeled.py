@@ -210,6 +210,27 @@ def test_headline_pairs_the_rows_by_seed_with_hand_computed_numbers(tmp_path):
         headline.update(tmp_path / "a_s0.json", table)
 
 
+def test_headline_names_rows_of_another_budget_or_learning_rate_with_their_settings(tmp_path):
+    """row_name / student_of strip unlabeled.sh's suffixes (_<epochs>x<iterations>, _lr<rate>) to find the row and
+    say the settings; --block puts a pair into its own marked block (here the lr pair, 0.8281 / 0.8488: +0.0207)."""
+    headline = _headline()
+    assert headline.row_name("c_student_30x100_lr0.023") == \
+        "(c) pseudo-labels alone, 20 labels + 146 teacher-labelled (30 x 100, initial lr 0.023)"
+    assert headline.row_name("a_lr0.023") == "(a) control, 20 labels (initial lr 0.023)"
+    assert headline.row_name("a") == "(a) control, 20 labels"
+    assert headline.student_of("w8_a_30x100") == headline.ROW_STUDENTS["w8_a"]
+    for row, dice in (("a_lr0.023", 0.8281), ("c_student_lr0.023", 0.8488)):
+        (tmp_path / f"{row}_s0.json").write_text(json.dumps({"row": row, "seed": 0, "dice_mean": dice,
+                                                                  "dice_per_class": {"1": dice}, "held_out_cases": 42}))
+    page = tmp_path / "page.md"
+    page.write_text("<!-- headline:start -->\nkept\n<!-- headline:end -->\n<!-- lr:start -->\n<!-- lr:end -->\n")
+    headline.main([str(tmp_path), "--control", "a_lr0.023", "--treated", "c_student_lr0.023", "--block", "lr",
+                   "--update", str(page)])
+    text = page.read_text()
+    assert "<!-- headline:start -->\nkept\n<!-- headline:end -->" in text
+    assert "| (c) - (a), paired | +0.0207 | +0.0207 ± 0.0000 (n = 1) |" in text.split("<!-- lr:start -->")[1]
+
+
 def test_headline_imports_the_scripts_scores_and_tables_every_row(tmp_path):
     """--import copies WORK/scores (an empty file of an interrupted scoring skipped, the teacher's absolute path made
     relative to the shared folder); the table of every row sits between its own marks, sorted by row and seed."""

@@ -78,7 +78,7 @@ def to_markdown(control_row: str, treated_row: str, control: dict[int, float], t
             return "-"
         return f"{summary['mean']:{'+' if signed else ''}.4f} ± {summary['sd']:.4f} (n = {summary['n']})"
 
-    name_c, name_t = ROW_NAMES.get(control_row, control_row), ROW_NAMES.get(treated_row, treated_row)
+    name_c, name_t = row_name(control_row), row_name(treated_row)
     lines = ["| row | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd, paired seeds |",
              "|---|" + "---|" * len(seeds) + "---|",
              f"| {name_c} | " + " | ".join(cell(control, s) for s in seeds) + f" | {mean_sd(result['control'])} |",
@@ -91,11 +91,24 @@ def to_markdown(control_row: str, treated_row: str, control: dict[int, float], t
     return "\n".join(lines) + "\n"
 
 
+ROW_SUFFIX = re.compile(r"(?:_(\d+)x(\d+))?(?:_lr([0-9.]+))?$")
+
+
 def student_of(row: str) -> str:
     """What a row's student is; a row the script ran at another budget ends in _<epochs>x<iterations>, at another
     initial learning rate in _lr<rate> (after the budget)."""
-    base = re.sub(r"(_\d+x\d+)?(_lr[0-9.]+)?$", "", row)
+    base = ROW_SUFFIX.sub("", row)
     return ROW_STUDENTS.get(base, base)
+
+
+def row_name(row: str) -> str:
+    """The headline's name of a row, its budget and learning rate added where they are not the protocol's:
+    c_student_30x100_lr0.023 -> "(c) pseudo-labels alone, ... (30 x 100, initial lr 0.023)"."""
+    match = ROW_SUFFIX.search(row)
+    base = row[:match.start()]
+    notes = ([f"{match[1]} x {match[2]}"] if match[1] else []) + ([f"initial lr {match[3]}"] if match[3] else [])
+    name = ROW_NAMES.get(base, base)
+    return f"{name} ({', '.join(notes)})" if notes else name
 
 
 def rows_markdown(scores: Path) -> str:
@@ -151,6 +164,9 @@ def main(argv=None) -> int:
     parser.add_argument("--treated", default="c_recokd")
     parser.add_argument("--json", type=Path, help="also write the paired numbers here")
     parser.add_argument("--update", type=Path, nargs="+", default=[], help="put the table into these Markdown files")
+    parser.add_argument("--block", default="headline",
+                        help="the table goes between <!-- BLOCK:start --> and <!-- BLOCK:end --> (default: headline; "
+                             "another block, e.g. a pair at another learning rate, is required in every file)")
     args = parser.parse_args(argv)
     if args.source:
         args.scores.mkdir(parents=True, exist_ok=True)
@@ -160,7 +176,7 @@ def main(argv=None) -> int:
     print(table, end="")
     every_row = rows_markdown(args.scores)
     for path in args.update:
-        update(path, table)
+        update(path, table, f"<!-- {args.block}:start -->", f"<!-- {args.block}:end -->")
         update(path, every_row, ROWS_START, ROWS_END, required=False)
     if args.json:
         args.json.write_text(json.dumps({"control": args.control, "treated": args.treated,
