@@ -20,8 +20,13 @@ import statistics
 from pathlib import Path
 
 
-MARK_START, MARK_END = "<!-- headline:start -->", "<!-- headline:end -->"
-ROWS_START, ROWS_END = "<!-- rows:start -->", "<!-- rows:end -->"
+def markers(block: str) -> tuple[str, str]:
+    """The lines a Markdown page puts a generated table between: <!-- BLOCK:start --> ... <!-- BLOCK:end -->."""
+    return f"<!-- {block}:start -->", f"<!-- {block}:end -->"
+
+
+MARK_START, MARK_END = markers("headline")
+ROWS_START, ROWS_END = markers("rows")
 # how the pages name the script's rows
 ROW_NAMES = {"a": "(a) control, 20 labels", "c_recokd": "(c) ReCo-KD, 20 labels + 146 teacher-labelled",
              "c_student": "(c) pseudo-labels alone, 20 labels + 146 teacher-labelled"}
@@ -176,7 +181,7 @@ def main(argv=None) -> int:
     print(table, end="")
     every_row = rows_markdown(args.scores)
     for path in args.update:
-        update(path, table, f"<!-- {args.block}:start -->", f"<!-- {args.block}:end -->")
+        update(path, table, *markers(args.block))
         update(path, every_row, ROWS_START, ROWS_END, required=False)
     if args.json:
         args.json.write_text(json.dumps({"control": args.control, "treated": args.treated,
