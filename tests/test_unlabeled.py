@@ -219,6 +219,11 @@ def test_headline_names_rows_of_another_budget_or_learning_rate_with_their_setti
     assert headline.row_name("a_lr0.023") == "(a) control, 20 labels (initial lr 0.023)"
     assert headline.row_name("a") == "(a) control, 20 labels"
     assert headline.student_of("w8_a_30x100") == headline.ROW_STUDENTS["w8_a"]
+    # SET="logit_temperature=1" (after LR's suffix): the setting named, the row's student found
+    assert headline.split_row("b_logitkd_lr0.023+logit_temperature=1+logit_weight=0.25") == \
+        ("b_logitkd", ["initial lr 0.023", "logit_temperature = 1", "logit_weight = 0.25"])
+    assert headline.row_name("b_logitkd+logit_temperature=1").endswith("(logit_temperature = 1)")
+    assert headline.student_of("b_logitkd+logit_temperature=1") == headline.ROW_STUDENTS["b_logitkd"]
     for row, dice in (("a_lr0.023", 0.8281), ("c_student_lr0.023", 0.8488)):
         (tmp_path / f"{row}_s0.json").write_text(json.dumps({"row": row, "seed": 0, "dice_mean": dice,
                                                                   "dice_per_class": {"1": dice}, "held_out_cases": 42}))
@@ -302,6 +307,20 @@ def test_the_hippocampus_script_names_rows_of_another_budget_apart(tmp_path):
     assert "rows are saved as <row>_30x100_lr0.02 " in both.stdout
     protocol = _plan(tmp_path, ROWS="w8_a")
     assert protocol.returncode == 0 and "rows are saved as" not in protocol.stdout
+    assert not (tmp_path / "work").exists()
+
+
+def test_the_hippocampus_script_passes_trainer_settings_and_names_the_rows_by_them(tmp_path):
+    """SET="name=value ..." goes into every row's config (JSON values) and names the rows <row>+name=value after the
+    budget and learning-rate suffixes; anything but name=value stops the script before it writes anything."""
+    done = _plan(tmp_path, ROWS="b_logitkd", LR="0.023", SET="logit_temperature=1 logit_weight=0.25")
+    assert done.returncode == 0, done.stderr
+    assert "rows are saved as <row>_lr0.023+logit_temperature=1+logit_weight=0.25 " in done.stdout
+    assert 'settings added to every row\'s config: {"initial_lr": 0.023, "logit_temperature": 1, ' \
+           '"logit_weight": 0.25}' in done.stdout
+    for bad in ("logit_temperature", "=1", "a=b=c", "Logit=1"):
+        refused = _plan(tmp_path, ROWS="b_logitkd", SET=bad)
+        assert refused.returncode == 2 and f"SET: '{bad}' is not name=value" in refused.stderr
     assert not (tmp_path / "work").exists()
 
 

@@ -99,19 +99,26 @@ def to_markdown(control_row: str, treated_row: str, control: dict[int, float], t
 ROW_SUFFIX = re.compile(r"(?:_(\d+)x(\d+))?(?:_lr([0-9.]+))?$")
 
 
+def split_row(row: str) -> tuple[str, list[str]]:
+    """A row of unlabeled.sh -> (the protocol's row, its settings that are not the protocol's). Suffixes in the
+    script's order: _<epochs>x<iterations> (budget), _lr<rate> (initial learning rate), +<name>=<value> (SET):
+    "b_logitkd_lr0.023+logit_temperature=1" -> ("b_logitkd", ["initial lr 0.023", "logit_temperature = 1"])."""
+    row, *settings = row.split("+")
+    match = ROW_SUFFIX.search(row)
+    notes = ([f"{match[1]} x {match[2]}"] if match[1] else []) + ([f"initial lr {match[3]}"] if match[3] else [])
+    return row[:match.start()], notes + [s.replace("=", " = ", 1) for s in settings]
+
+
 def student_of(row: str) -> str:
-    """What a row's student is; a row the script ran at another budget ends in _<epochs>x<iterations>, at another
-    initial learning rate in _lr<rate> (after the budget)."""
-    base = ROW_SUFFIX.sub("", row)
+    """What a row's student is (its budget, learning rate and settings aside)."""
+    base = split_row(row)[0]
     return ROW_STUDENTS.get(base, base)
 
 
 def row_name(row: str) -> str:
-    """The headline's name of a row, its budget and learning rate added where they are not the protocol's:
+    """The headline's name of a row, its budget, learning rate and settings added where they are not the protocol's:
     c_student_30x100_lr0.023 -> "(c) pseudo-labels alone, ... (30 x 100, initial lr 0.023)"."""
-    match = ROW_SUFFIX.search(row)
-    base = row[:match.start()]
-    notes = ([f"{match[1]} x {match[2]}"] if match[1] else []) + ([f"initial lr {match[3]}"] if match[3] else [])
+    base, notes = split_row(row)
     name = ROW_NAMES.get(base, base)
     return f"{name} ({', '.join(notes)})" if notes else name
 

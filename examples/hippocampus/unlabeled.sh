@@ -46,6 +46,8 @@
 # A budget other than 15 x 100 names its rows <row>_<EPOCHS>x<ITERS> (results, logs, scores): EPOCHS=30 ROWS=w8_a
 # trains and scores w8_a_30x100 beside w8_a instead of resuming or re-scoring the 15-epoch model. LR (the initial
 # learning rate, default nnU-Net's 0.01) likewise names them <row>_lr<LR>: LR=0.023 ROWS=c_student -> c_student_lr0.023.
+# SET (trainer settings, name=value separated by spaces, e.g. SET="logit_temperature=1") goes into every row's config
+# and names the rows <row>+<name>=<value>: SET="logit_temperature=1" ROWS=b_logitkd -> b_logitkd+logit_temperature=1.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 SHARED=${SHARED:-$(cd "$here/../../../shared" && pwd)}
@@ -58,10 +60,16 @@ ITERS=${ITERS:-100}
 DEVICE=${DEVICE:-cpu}
 PARALLEL=${PARALLEL:-0}
 LR=${LR:-0.01}
-budget=""  # the suffix of rows run at another budget or learning rate than the protocol's
+budget=""  # the suffix of rows run at another budget, learning rate or settings than the protocol's
 if [ "$EPOCHS" != 15 ] || [ "$ITERS" != 100 ]; then budget=_${EPOCHS}x$ITERS; fi
 lr_setting=""
 if [ "$LR" != 0.01 ]; then budget=${budget}_lr$LR; lr_setting=", \"initial_lr\": $LR"; fi
+for pair in ${SET:-}; do  # trainer settings of these rows: name=value (a JSON value: a number, true, false)
+  if [[ ! "$pair" =~ ^[a-z][a-z0-9_]*=[^=+\ ]+$ ]]; then
+    echo "SET: '$pair' is not name=value (e.g. SET=\"logit_temperature=1 logit_weight=0.25\")" >&2; exit 2
+  fi
+  budget=$budget+$pair; lr_setting="$lr_setting, \"${pair%%=*}\": ${pair#*=}"
+done
 if [ "$PARALLEL" = 1 ]; then THREADS=${THREADS:-1}; else THREADS=${THREADS:-}; fi  # empty: nnU-Net's choice
 SOURCE=$SHARED/data/Dataset004_Hippocampus
 TEACHER=$SHARED/teachers/Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres
@@ -70,6 +78,7 @@ if [ "${PLAN:-0}" = 1 ]; then  # PLAN=1: print what would run and stop (writes n
   echo "rows: $ROWS | seeds: $SEEDS | k $K | $EPOCHS x $ITERS iterations | initial lr $LR | device $DEVICE |"\
        "parallel $PARALLEL | torch threads per training: ${THREADS:-every core} | work: $WORK"
   [ -z "$budget" ] || echo "rows are saved as <row>$budget (not the protocol's 15 x 100 iterations at learning rate 0.01)"
+  [ -z "${SET:-}" ] || echo "settings added to every row's config: {${lr_setting#, }}"
   exit 0
 fi
 export nnUNet_raw=$WORK/raw nnUNet_preprocessed=$WORK/preprocessed nnUNet_results=$WORK/results
