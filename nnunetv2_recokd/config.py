@@ -90,6 +90,7 @@ class DistillSettings:
     # Hinton logit distillation on the deep-supervision outputs
     logit_weight: float
     logit_temperature: float
+    logit_warmup: float
     # ReCo-KD (MS-SARD + MS-CA) on encoder stages
     reco_weight: float
     reco_warmup: float
@@ -135,7 +136,7 @@ class DistillSettings:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise SettingsError(f"setting '{name}' must be >= 0, got {getattr(self, name)!r}")
-        for name in ("reco_warmup", "graph_warmup", "attention_warmup"):
+        for name in ("logit_warmup", "reco_warmup", "graph_warmup", "attention_warmup"):
             if not 0 <= getattr(self, name) <= 1:
                 raise SettingsError(f"setting '{name}' is a fraction of training and must be in [0, 1]")
         if self.student_width > 1:

@@ -202,7 +202,7 @@ class Distiller(nn.Module):
         return {"reco": s.reco_weight * linear_warmup(progress, s.reco_warmup),
                 "graph": s.graph_weight * linear_warmup(progress, s.graph_warmup),
                 "attention": s.attention_weight * linear_warmup(progress, s.attention_warmup),
-                "logit": s.logit_weight}
+                "logit": s.logit_weight * linear_warmup(progress, s.logit_warmup)}
 
     def term_factors(self, progress: float) -> dict[str, float]:
         """The factor of each raw term of ``forward`` in the weighted total: total == sum_k factor_k * terms[k]

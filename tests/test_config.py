@@ -161,6 +161,7 @@ def test_wrong_types_are_rejected_with_the_key_named(tmp_path, key, value):
     ("reco_weight", -0.1),
     ("reco_warmup", 2),
     ("graph_warmup", -0.5),
+    ("logit_warmup", 1.5),
     ("num_epochs", 0),
     ("logit_temperature", 0),
     ("graph_gw_solver", "sinkhorn"),

@@ -44,6 +44,23 @@ def test_recokd_modules_and_schedule():
         _distiller("nnUNetTrainerReCoKD", reco_stages=[2])  # the bottleneck has no deep-supervision target
 
 
+def test_logit_term_has_the_full_weight_from_the_start_unless_warmed_up():
+    """logit_warmup 0 (the default): logit_weight at every epoch; 0.5: rises linearly to it over the first half, so
+    the logit part of the loss at progress 0.2 is 0.4 of the same term at progress 0.5 (weight 1, identical logits
+    of teacher and student: a zero term; distinct ones: a positive term scaled by the schedule)."""
+    d = _distiller("nnUNetTrainerLogitKD")
+    assert [d.schedule(p)["logit"] for p in (0.0, 0.5, 1.0)] == [1.0, 1.0, 1.0]
+    warmed = _distiller("nnUNetTrainerLogitKD", logit_warmup=0.5, logit_weight=2.0)
+    assert [warmed.schedule(p)["logit"] for p in (0.0, 0.2, 0.5, 0.8)] == pytest.approx([0.0, 0.8, 2.0, 2.0])
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 4, 4, 4), torch.randn(2, 3, 4, 4, 4)
+    target = [torch.zeros(2, 1, 4, 4, 4)]
+    early, raw = warmed.logit_terms([student], [teacher], target, progress=0.2)
+    late, _ = warmed.logit_terms([student], [teacher], target, progress=0.5)
+    assert raw["logit"].item() > 0 and early.item() == pytest.approx(0.4 * late.item())
+    assert late.item() == pytest.approx(2.0 * raw["logit"].item())
+
+
 def test_perfect_student_with_identity_adapters_has_zero_feature_loss():
     d = _distiller("nnUNetTrainerReCoKD")
     with torch.no_grad():
