@@ -45,9 +45,9 @@ def test_recokd_modules_and_schedule():
 
 
 def test_logit_term_has_the_full_weight_from_the_start_unless_warmed_up():
-    """logit_warmup 0 (the default): logit_weight at every epoch; 0.5: rises linearly to it over the first half, so
-    the logit part of the loss at progress 0.2 is 0.4 of the same term at progress 0.5 (weight 1, identical logits
-    of teacher and student: a zero term; distinct ones: a positive term scaled by the schedule)."""
+    """logit_warmup 0 (the default): logit_weight at every epoch; 0.5 with weight 2: rises linearly to 2 over the
+    first half, so on the same (distinct) logits the weighted logit term at progress 0.2 is 0.4 of the one at 0.5,
+    which is twice the raw term."""
     d = _distiller("nnUNetTrainerLogitKD")
     assert [d.schedule(p)["logit"] for p in (0.0, 0.5, 1.0)] == [1.0, 1.0, 1.0]
     warmed = _distiller("nnUNetTrainerLogitKD", logit_warmup=0.5, logit_weight=2.0)

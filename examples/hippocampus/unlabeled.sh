@@ -62,13 +62,13 @@ PARALLEL=${PARALLEL:-0}
 LR=${LR:-0.01}
 budget=""  # the suffix of rows run at another budget, learning rate or settings than the protocol's
 if [ "$EPOCHS" != 15 ] || [ "$ITERS" != 100 ]; then budget=_${EPOCHS}x$ITERS; fi
-lr_setting=""
-if [ "$LR" != 0.01 ]; then budget=${budget}_lr$LR; lr_setting=", \"initial_lr\": $LR"; fi
+row_settings=""
+if [ "$LR" != 0.01 ]; then budget=${budget}_lr$LR; row_settings=", \"initial_lr\": $LR"; fi
 for pair in ${SET:-}; do  # trainer settings of these rows: name=value (a JSON value: a number, true, false)
   if [[ ! "$pair" =~ ^[a-z][a-z0-9_]*=[^=+\ ]+$ ]]; then
     echo "SET: '$pair' is not name=value (e.g. SET=\"logit_temperature=1 logit_weight=0.25\")" >&2; exit 2
   fi
-  budget=$budget+$pair; lr_setting="$lr_setting, \"${pair%%=*}\": ${pair#*=}"
+  budget=$budget+$pair; row_settings="$row_settings, \"${pair%%=*}\": ${pair#*=}"
 done
 if [ "$PARALLEL" = 1 ]; then THREADS=${THREADS:-1}; else THREADS=${THREADS:-}; fi  # empty: nnU-Net's choice
 SOURCE=$SHARED/data/Dataset004_Hippocampus
@@ -78,7 +78,7 @@ if [ "${PLAN:-0}" = 1 ]; then  # PLAN=1: print what would run and stop (writes n
   echo "rows: $ROWS | seeds: $SEEDS | k $K | $EPOCHS x $ITERS iterations | initial lr $LR | device $DEVICE |"\
        "parallel $PARALLEL | torch threads per training: ${THREADS:-every core} | work: $WORK"
   [ -z "$budget" ] || echo "rows are saved as <row>$budget (not the protocol's 15 x 100 iterations at learning rate 0.01)"
-  [ -z "${SET:-}" ] || echo "settings added to every row's config: {${lr_setting#, }}"
+  [ -z "${SET:-}" ] || echo "settings added to every row's config: {${row_settings#, }}"
   exit 0
 fi
 export nnUNet_raw=$WORK/raw nnUNet_preprocessed=$WORK/preprocessed nnUNet_results=$WORK/results
@@ -133,7 +133,7 @@ student() {  # row seed dataset-id fold trainer held-out-dataset-name [extra set
   local config=$WORK/config_${row}_s$seed.json
   # save_every 1: a run killed mid-way resumes from its last epoch (--c below) instead of starting again
   echo "{\"num_epochs\": $EPOCHS, \"num_iterations_per_epoch\": $ITERS, \"num_val_iterations_per_epoch\": 5,"\
-       "\"save_every\": 1, \"seed\": $seed$lr_setting$cpu_threads${extra:+, $extra}}" > "$config"
+       "\"save_every\": 1, \"seed\": $seed$row_settings$cpu_threads${extra:+, $extra}}" > "$config"
   local name; name=$(basename "$(ls -d "$nnUNet_raw"/Dataset"$(printf %03d "$id")"_*)")
   local model=$results/$name/${tr}__nnUNetPlans__3d_fullres
   if [ ! -f "$model/fold_$fold/checkpoint_final.pth" ]; then
