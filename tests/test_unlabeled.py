@@ -243,23 +243,26 @@ def test_headline_imports_the_scripts_scores_and_tables_every_row(tmp_path):
     work, scores = tmp_path / "work_scores", tmp_path / "scores"
     work.mkdir(), scores.mkdir()
     for row, seed, dice in (("c_recokd", 0, 0.84), ("a", 1, 0.82), ("a", 0, 0.8256), ("w8_a_30x100", 0, 0.7),
-                            ("c_student_lr0.023", 0, 0.5)):
+                            ("c_student_lr0.023", 0, 0.5), ("b_logitkd+logit_weight=0.25", 0, 0.6)):
         (work / f"{row}_s{seed}.json").write_text(json.dumps({
             "row": row, "seed": seed, "dice_mean": dice, "dice_per_class": {"1": dice + 0.01, "2": dice - 0.01},
             "held_out_cases": 42, "training_cases": {"real": 20, "teacher": "/work/shared/teachers/T/F"},
             "epochs": 30 if row.endswith("30x100") else 15, "iterations": 100,
             **({"initial_lr": 0.023} if "_lr" in row else {})}))
     (work / "u_c_s0.json").write_text("")
-    assert headline.import_scores(work, scores) == ["a_s0.json", "a_s1.json", "c_recokd_s0.json",
-                                                    "c_student_lr0.023_s0.json", "w8_a_30x100_s0.json"]
+    assert headline.import_scores(work, scores) == ["a_s0.json", "a_s1.json", "b_logitkd+logit_weight=0.25_s0.json",
+                                                    "c_recokd_s0.json", "c_student_lr0.023_s0.json",
+                                                    "w8_a_30x100_s0.json"]
     assert json.loads((scores / "a_s0.json").read_text())["training_cases"]["teacher"] == "../shared/teachers/T/F"
     rows = headline.rows_markdown(scores).splitlines()
-    assert len(rows) == 7 and rows[2].startswith("| a | 0 | control") and rows[4].startswith("| c_recokd | 0 |")
+    assert len(rows) == 8 and rows[2].startswith("| a | 0 | control") and rows[5].startswith("| c_recokd | 0 |")
     assert "| 15 x 100 | 0.8256 | 1: 0.8356, 2: 0.8156 | 42 |" in rows[2]
+    # a row run with SET's settings: the column says them too
+    assert "| 15 x 100, logit_weight = 0.25 | 0.6000 |" in rows[4]
     # a row run at another budget or learning rate: the same student, its own budget
-    assert rows[5].startswith("| c_student_lr0.023 | 0 | control trainer on Dataset204: 20 labelled + 146 "
+    assert rows[6].startswith("| c_student_lr0.023 | 0 | control trainer on Dataset204: 20 labelled + 146 "
                               "teacher-labelled (pseudo-labels alone) | 15 x 100, initial lr 0.023 | 0.5000 |")
-    assert rows[6].startswith("| w8_a_30x100 | 0 | control, width 1/8, 20 labelled cases (Dataset104) | 30 x 100 |")
+    assert rows[7].startswith("| w8_a_30x100 | 0 | control, width 1/8, 20 labelled cases (Dataset104) | 30 x 100 |")
     page = tmp_path / "page.md"
     page.write_text(f"{headline.MARK_START}\nold\n{headline.MARK_END}\nmid\n{headline.ROWS_START}\nold\n"
                     f"{headline.ROWS_END}\nend\n")

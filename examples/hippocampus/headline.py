@@ -124,7 +124,7 @@ def row_name(row: str) -> str:
 
 
 def rows_markdown(scores: Path) -> str:
-    """Every row and seed of the score files: mean and per-class Dice, training budget, held-out cases."""
+    """Every row and seed of the score files: mean and per-class Dice, training budget and settings, held-out cases."""
     records = [json.loads(p.read_text()) for p in scores.glob("*_s*.json")]
     lines = ["| row | seed | student | epochs x iterations | mean Dice | Dice per class (1 anterior, 2 posterior) "
              "| held-out cases |",
@@ -134,6 +134,8 @@ def rows_markdown(scores: Path) -> str:
         budget = f"{r['epochs']} x {r['iterations']}" if "epochs" in r else "not recorded"
         if r.get("initial_lr", 0.01) != 0.01:  # nnU-Net's 0.01 (score files from before the field: 0.01)
             budget += f", initial lr {r['initial_lr']:g}"
+        for setting in r["row"].split("+")[1:]:  # SET's trainer settings, which only the row's name records
+            budget += f", {setting.replace('=', ' = ', 1)}"
         lines.append(f"| {r['row']} | {r['seed']} | {student_of(r['row'])} | {budget} | {r['dice_mean']:.4f} "
                      f"| {per} | {r['held_out_cases']} |")
     return "\n".join(lines) + "\n"
