@@ -211,8 +211,8 @@ def test_headline_pairs_the_rows_by_seed_with_hand_computed_numbers(tmp_path):
 
 
 def test_headline_names_rows_of_another_budget_or_learning_rate_with_their_settings(tmp_path):
-    """row_name / student_of strip unlabeled.sh's suffixes (_<epochs>x<iterations>, _lr<rate>) to find the row and
-    say the settings; --block puts a pair into its own marked block (here the lr pair, 0.8281 / 0.8488: +0.0207)."""
+    """row_name / student_of strip unlabeled.sh's suffixes (_k<k>, _<epochs>x<iterations>, _lr<rate>) to find the row
+    and say the settings; --block puts a pair into its own marked block (here the lr pair, 0.8281 / 0.8488: +0.0207)."""
     headline = _headline()
     assert headline.row_name("c_student_30x100_lr0.023") == \
         "(c) pseudo-labels alone, 20 labels + 146 teacher-labelled (30 x 100, initial lr 0.023)"
@@ -224,6 +224,13 @@ def test_headline_names_rows_of_another_budget_or_learning_rate_with_their_setti
         ("b_logitkd", ["initial lr 0.023", "logit_temperature = 1", "logit_weight = 0.25"])
     assert headline.row_name("b_logitkd+logit_temperature=1").endswith("(logit_temperature = 1)")
     assert headline.student_of("b_logitkd+logit_temperature=1") == headline.ROW_STUDENTS["b_logitkd"]
+    # K=5 (_k5, before the budget): 5 real labels, 166 - 5 = 161 teacher-labelled, the datasets 600 + 5 and 700 + 5
+    assert headline.split_row("c_student_k5_30x100") == ("c_student", ["30 x 100"])
+    assert [headline.labelled_k(r) for r in ("a_k5", "a", "a_k12_lr0.023+logit_weight=0.25")] == [5, 20, 12]
+    assert headline.row_name("c_student_k5_lr0.023") == \
+        "(c) pseudo-labels alone, 5 labels + 161 teacher-labelled (initial lr 0.023)"
+    assert headline.student_of("a_k5") == "control (`nnUNetTrainerStudent`), 5 labelled cases (Dataset605)"
+    assert headline.student_of("c_student_k5").startswith("control trainer on Dataset705: 5 labelled + 161 teacher")
     for row, dice in (("a_lr0.023", 0.8281), ("c_student_lr0.023", 0.8488)):
         (tmp_path / f"{row}_s0.json").write_text(json.dumps({"row": row, "seed": 0, "dice_mean": dice,
                                                                   "dice_per_class": {"1": dice}, "held_out_cases": 42}))
@@ -301,7 +308,7 @@ def test_the_hippocampus_script_names_rows_of_another_budget_apart(tmp_path):
     longer = _plan(tmp_path, ROWS="w8_a", EPOCHS="30")
     assert longer.returncode == 0, longer.stderr
     assert "| 30 x 100 iterations |" in longer.stdout
-    assert "rows are saved as <row>_30x100 (not the protocol's 15 x 100 iterations at learning rate 0.01)" \
+    assert "rows are saved as <row>_30x100 (not the protocol's k = 20, 15 x 100 iterations at learning rate 0.01)" \
         in longer.stdout
     faster = _plan(tmp_path, ROWS="c_student", LR="0.023")  # another learning rate: named apart too
     assert faster.returncode == 0, faster.stderr
@@ -310,6 +317,26 @@ def test_the_hippocampus_script_names_rows_of_another_budget_apart(tmp_path):
     assert "rows are saved as <row>_30x100_lr0.02 " in both.stdout
     protocol = _plan(tmp_path, ROWS="w8_a")
     assert protocol.returncode == 0 and "rows are saved as" not in protocol.stdout
+    assert not (tmp_path / "work").exists()
+
+
+def test_the_hippocampus_script_takes_another_k_into_datasets_and_rows_of_its_own(tmp_path):
+    """K=5: the rows that depend on k are named <row>_k5 and use Dataset605 / Dataset705, never the k = 20 datasets
+    (which a WORK may already hold); rows that exist for k = 20 only, or do not depend on k, and a K that is not a
+    case count stop the script before it writes anything."""
+    done = _plan(tmp_path, ROWS="a c_student", K="5", EPOCHS="20")
+    assert done.returncode == 0, done.stderr
+    assert "| k 5 | 20 x 100 iterations |" in done.stdout and "rows are saved as <row>_k5_20x100 (" in done.stdout
+    assert "datasets: Dataset605_HippoK5 (k = 5 labelled + the held-out cases), Dataset705_HippoK5Unlabeled" \
+        in done.stdout
+    assert "datasets:" not in _plan(tmp_path, ROWS="a").stdout
+    for rows in ("a d", "c_agree", "u_a"):
+        refused = _plan(tmp_path, ROWS=rows, K="5")
+        assert refused.returncode == 2 and "runs with the protocol's k = 20 only" in refused.stderr
+    assert _plan(tmp_path, K="5").returncode == 2  # the default rows include d and e
+    for bad in ("0", "five", "100"):
+        refused = _plan(tmp_path, ROWS="a", K=bad)
+        assert refused.returncode == 2 and f"K: '{bad}' is not a number of labelled cases" in refused.stderr
     assert not (tmp_path / "work").exists()
 
 

@@ -96,30 +96,50 @@ def to_markdown(control_row: str, treated_row: str, control: dict[int, float], t
     return "\n".join(lines) + "\n"
 
 
-ROW_SUFFIX = re.compile(r"(?:_(\d+)x(\d+))?(?:_lr([0-9.]+))?$")
+ROW_SUFFIX = re.compile(r"(?:_k(\d+))?(?:_(\d+)x(\d+))?(?:_lr([0-9.]+))?$")
+PROTOCOL_K = 20  # labelled cases of the protocol's rows; unlabeled.sh's K=<k> names its rows <row>_k<k>
 
 
 def split_row(row: str) -> tuple[str, list[str]]:
     """A row of unlabeled.sh -> (the protocol's row, its settings that are not the protocol's). Suffixes in the
-    script's order: _<epochs>x<iterations> (budget), _lr<rate> (initial learning rate), +<name>=<value> (SET):
+    script's order: _k<k> (labelled cases; see labelled_k), _<epochs>x<iterations> (budget), _lr<rate> (initial
+    learning rate), +<name>=<value> (SET):
     "b_logitkd_lr0.023+logit_temperature=1" -> ("b_logitkd", ["initial lr 0.023", "logit_temperature = 1"])."""
     row, *settings = row.split("+")
     match = ROW_SUFFIX.search(row)
-    notes = ([f"{match[1]} x {match[2]}"] if match[1] else []) + ([f"initial lr {match[3]}"] if match[3] else [])
+    notes = ([f"{match[2]} x {match[3]}"] if match[2] else []) + ([f"initial lr {match[4]}"] if match[4] else [])
     return row[:match.start()], notes + [s.replace("=", " = ", 1) for s in settings]
+
+
+def labelled_k(row: str) -> int:
+    """How many real labelled cases a row's student had: unlabeled.sh's K (rows <row>_k<k>), else the protocol's 20."""
+    k = ROW_SUFFIX.search(row.split("+")[0])[1]
+    return int(k) if k else PROTOCOL_K
+
+
+def _with_k(text: str, k: int) -> str:
+    """A row's description (written for k = 20) for k labelled cases: the counts and the datasets unlabeled.sh
+    makes for that k (Dataset<600+k>: k labelled; Dataset<700+k>: those + the other 166 - k teacher-labelled)."""
+    if k == PROTOCOL_K:
+        return text
+    for old, new in (("20 labelled", f"{k} labelled"), ("20 labels", f"{k} labels"),
+                     ("146 teacher-labelled", f"{166 - k} teacher-labelled"), ("Dataset104", f"Dataset{600 + k}"),
+                     ("Dataset204", f"Dataset{700 + k}")):
+        text = text.replace(old, new)
+    return text
 
 
 def student_of(row: str) -> str:
     """What a row's student is (its budget, learning rate and settings aside)."""
     base = split_row(row)[0]
-    return ROW_STUDENTS.get(base, base)
+    return _with_k(ROW_STUDENTS.get(base, base), labelled_k(row))
 
 
 def row_name(row: str) -> str:
     """The headline's name of a row, its budget, learning rate and settings added where they are not the protocol's:
     c_student_30x100_lr0.023 -> "(c) pseudo-labels alone, ... (30 x 100, initial lr 0.023)"."""
     base, notes = split_row(row)
-    name = ROW_NAMES.get(base, base)
+    name = _with_k(ROW_NAMES.get(base, base), labelled_k(row))
     return f"{name} ({', '.join(notes)})" if notes else name
 
 

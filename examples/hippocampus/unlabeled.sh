@@ -29,7 +29,7 @@
 #   ROWS="a c_student" SEEDS="0 1 2" bash examples/hippocampus/unlabeled.sh
 #
 # Environment: WORK (default ./hippocampus_unlabeled), SHARED (default ../shared beside the repository), ROWS
-# (default: every row), SEEDS (default 0), K (20), EPOCHS (15), ITERS (100), DEVICE (cpu|cuda; default cpu),
+# (default: every row), SEEDS (default 0), K (20; another k: its own datasets, rows <row>_k<K>), EPOCHS (15), ITERS (100), DEVICE (cpu|cuda; default cpu),
 # THREADS (torch threads per training on the cpu, the trainers' cpu_threads setting; default: 1 with PARALLEL=1, else
 # nnU-Net's choice, every core), PARALLEL (1: the rows of a seed train side by side, THREADS each: two
 # control trainings took 170-190 s per epoch each, one alone with 2 threads ~140 s), PLAN (1: print the settings, stop).
@@ -60,8 +60,27 @@ ITERS=${ITERS:-100}
 DEVICE=${DEVICE:-cpu}
 PARALLEL=${PARALLEL:-0}
 LR=${LR:-0.01}
-budget=""  # the suffix of rows run at another budget, learning rate or settings than the protocol's
-if [ "$EPOCHS" != 15 ] || [ "$ITERS" != 100 ]; then budget=_${EPOCHS}x$ITERS; fi
+budget=""  # the suffix of rows run at another k, budget, learning rate or settings than the protocol's
+# the datasets of k labelled cases: Dataset104 (k labelled + the held-out cases) and Dataset204 (those + the other
+# fold-0 training cases labelled by the teacher) for the protocol's k = 20; Dataset<600+k> and Dataset<700+k> for
+# another k, whose rows are named <row>_k<k>. Rows d and e do not depend on k, c_agree and u exist for k = 20 only.
+labelled_id=104 labelled_name=HippoK20 derived_id=204 derived_name=HippoK20Unlabeled
+if [ "$K" != 20 ]; then
+  if [[ ! "$K" =~ ^[1-9][0-9]?$ ]]; then
+    echo "K: '$K' is not a number of labelled cases from 1 to 99 (the protocol's is 20)" >&2; exit 2
+  fi
+  for r in $ROWS; do
+    case $r in
+      a|b|b_logitkd|c_student|c_recokd|c_logitkd|w8_a|w8_c) ;;
+      *) echo "K=$K: row $r runs with the protocol's k = 20 only; rows that take another k:" \
+              "a b b_logitkd c_student c_recokd c_logitkd w8_a w8_c (e.g. K=$K ROWS=\"a c_student\")" >&2; exit 2 ;;
+    esac
+  done
+  labelled_id=$((600 + K)) labelled_name=HippoK$K derived_id=$((700 + K)) derived_name=HippoK${K}Unlabeled
+  budget=_k$K
+fi
+labelled=Dataset${labelled_id}_$labelled_name
+if [ "$EPOCHS" != 15 ] || [ "$ITERS" != 100 ]; then budget=${budget}_${EPOCHS}x$ITERS; fi
 row_settings=""
 if [ "$LR" != 0.01 ]; then budget=${budget}_lr$LR; row_settings=", \"initial_lr\": $LR"; fi
 for pair in ${SET:-}; do  # trainer settings of these rows: name=value (a JSON value: a number, true, false)
@@ -77,7 +96,10 @@ TEACHER=$SHARED/teachers/Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_f
 if [ "${PLAN:-0}" = 1 ]; then  # PLAN=1: print what would run and stop (writes nothing)
   echo "rows: $ROWS | seeds: $SEEDS | k $K | $EPOCHS x $ITERS iterations | initial lr $LR | device $DEVICE |"\
        "parallel $PARALLEL | torch threads per training: ${THREADS:-every core} | work: $WORK"
-  [ -z "$budget" ] || echo "rows are saved as <row>$budget (not the protocol's 15 x 100 iterations at learning rate 0.01)"
+  [ -z "$budget" ] || echo "rows are saved as <row>$budget (not the protocol's k = 20, 15 x 100 iterations at"\
+                           "learning rate 0.01)"
+  [ "$K" = 20 ] || echo "datasets: Dataset${labelled_id}_$labelled_name (k = $K labelled + the held-out cases)," \
+                        "Dataset${derived_id}_$derived_name (those + the other fold-0 training cases, teacher-labelled)"
   [ -z "${SET:-}" ] || echo "settings added to every row's config: {${row_settings#, }}"
   exit 0
 fi
@@ -183,22 +205,22 @@ row() {  # run one student row, in the background with PARALLEL=1 (the seed's lo
   if [ "$PARALLEL" = 1 ]; then student "$@" & else student "$@"; fi
 }
 
-few_label_dataset 104 HippoK20 "$WORK/unlabeled_k20" train-rest
+few_label_dataset "$labelled_id" "$labelled_name" "$WORK/unlabeled_k$K" train-rest
 if wants c_student || wants c_recokd || wants c_logitkd || wants w8_c; then
-  derived 204 104 "$WORK/unlabeled_k20" HippoK20Unlabeled
+  derived "$derived_id" "$labelled_id" "$WORK/unlabeled_k$K" "$derived_name"
 fi
 wants c_agree && derived 214 104 "$WORK/unlabeled_k20" HippoK20UnlabeledAgree --min-agreement 1
-held_out_images Dataset104_HippoK20 > /dev/null  # made once, before rows run side by side
+held_out_images "$labelled" > /dev/null  # made once, before rows run side by side
 for seed in $SEEDS; do
-  wants a && row a "$seed" 104 0 nnUNetTrainerStudent Dataset104_HippoK20
-  wants b && row b "$seed" 104 0 nnUNetTrainerReCoKD Dataset104_HippoK20 "\"teacher\": \"$TEACHER\""
-  wants b_logitkd && row b_logitkd "$seed" 104 0 nnUNetTrainerLogitKD Dataset104_HippoK20 "\"teacher\": \"$TEACHER\""
-  wants c_student && row c_student "$seed" 204 0 nnUNetTrainerStudent Dataset104_HippoK20
-  wants c_recokd && row c_recokd "$seed" 204 0 nnUNetTrainerReCoKD Dataset104_HippoK20
-  wants c_logitkd && row c_logitkd "$seed" 204 0 nnUNetTrainerLogitKD Dataset104_HippoK20
+  wants a && row a "$seed" "$labelled_id" 0 nnUNetTrainerStudent "$labelled"
+  wants b && row b "$seed" "$labelled_id" 0 nnUNetTrainerReCoKD "$labelled" "\"teacher\": \"$TEACHER\""
+  wants b_logitkd && row b_logitkd "$seed" "$labelled_id" 0 nnUNetTrainerLogitKD "$labelled" "\"teacher\": \"$TEACHER\""
+  wants c_student && row c_student "$seed" "$derived_id" 0 nnUNetTrainerStudent "$labelled"
+  wants c_recokd && row c_recokd "$seed" "$derived_id" 0 nnUNetTrainerReCoKD "$labelled"
+  wants c_logitkd && row c_logitkd "$seed" "$derived_id" 0 nnUNetTrainerLogitKD "$labelled"
   wants c_agree && row c_agree "$seed" 214 0 nnUNetTrainerStudent Dataset104_HippoK20
-  wants w8_a && row w8_a "$seed" 104 0 nnUNetTrainerStudent_w8 Dataset104_HippoK20
-  wants w8_c && row w8_c "$seed" 204 0 nnUNetTrainerStudent_w8 Dataset104_HippoK20
+  wants w8_a && row w8_a "$seed" "$labelled_id" 0 nnUNetTrainerStudent_w8 "$labelled"
+  wants w8_c && row w8_c "$seed" "$derived_id" 0 nnUNetTrainerStudent_w8 "$labelled"
   if wants d; then
     # every fold-0 training case unlabeled; fold all trains on all of them; the student's fold "all" names no
     # teacher fold, so teacher_folds picks the teacher's fold 0
