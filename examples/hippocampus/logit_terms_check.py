@@ -8,7 +8,8 @@ own augmenting data loader, and for each batch reports, at the full-resolution o
   - d(seg)/dz_c and d(logit)/dz_c summed over the voxels labelled c, for the logit z_c of their own class c
     (negative: the term raises the class's own logit there), over every deep-supervision output's own gradient;
   - ||d(seg)/dtheta||, ||d(logit)/dtheta|| and their cosine over the student's parameters;
-  - the student's and the teacher's confusion on the batch (row: label, column: predicted class).
+  - the student's and the teacher's confusion on the batch (row: label, column: predicted class), and the share of
+    the posterior voxels (label 2) each gets right at every deep-supervision output against its downsampled labels.
 Run it with the same environment the training had (nnUNet_preprocessed, nnUNet_results of the model,
 RECOKD_CONFIG of its settings file) and nnUNet_n_proc_DA=0:
 
@@ -112,6 +113,14 @@ def main() -> None:
             "param_grad_cosine": float(F.cosine_similarity(g_seg, g_kd, 0)),
             "student_confusion": confusion(outputs[0].argmax(1, keepdim=True), y, n_classes),
             "teacher_confusion": confusion(teacher_logits.argmax(1, keepdim=True), y, n_classes),
+            # labelled 2 predicted 2, per deep-supervision output (full resolution first): the target of the
+            # logit term at each level, against that level's downsampled labels
+            "teacher_posterior_right_per_level": [
+                confusion(z.argmax(1, keepdim=True), tg.long(), n_classes)[2][2] if n_classes > 2 else None
+                for z, tg in zip(teacher_outputs, targets)],
+            "student_posterior_right_per_level": [
+                confusion(z.argmax(1, keepdim=True), tg.long(), n_classes)[2][2] if n_classes > 2 else None
+                for z, tg in zip(outputs, targets)],
         })
         print(json.dumps(rows[-1]))
     mean = {k: np.mean([r[k] for r in rows], 0).round(5).tolist() for k in rows[0]}
