@@ -20,6 +20,8 @@
 #       the other half (Dataset105 / Dataset205): u_a (control), u_c (c_student's recipe)
 #   w8  width 1/8: w8_a (control on Dataset104) and w8_c (control trainer, width 1/8, on Dataset204)
 #       (15 x 100 is too short for width 1/8 to learn both structures; EPOCHS=30 ROWS="w8_a w8_c" PARALLEL=1: 87 min)
+#   K=5 ROWS="a c_student" PARALLEL=1: the pair with 5 labelled cases (Dataset605 / Dataset705, rows a_k5 and
+#       c_student_k5; seed 0: 0.8115 and 0.8430, +0.031; issue #20)
 # held-out: fold 0's 42 validation cases (rows a-e, w8), 21 of them (rows u).
 # A dataset preprocessed here is marked by $nnUNet_preprocessed/<name>/.recokd_3d_fullres_done (not inside the
 # configuration folder: nnU-Net infers the dataset format from every file ending there).
