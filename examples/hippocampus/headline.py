@@ -105,15 +105,25 @@ def split_row(row: str) -> tuple[str, list[str]]:
     script's order: _k<k> (labelled cases; see labelled_k), _<epochs>x<iterations> (budget), _lr<rate> (initial
     learning rate), +<name>=<value> (SET):
     "b_logitkd_lr0.023+logit_temperature=1" -> ("b_logitkd", ["initial lr 0.023", "logit_temperature = 1"])."""
-    row, *settings = row.split("+")
-    match = ROW_SUFFIX.search(row)
+    match = _suffixes(row)
     notes = ([f"{match[2]} x {match[3]}"] if match[2] else []) + ([f"initial lr {match[4]}"] if match[4] else [])
-    return row[:match.start()], notes + [s.replace("=", " = ", 1) for s in settings]
+    return match.string[:match.start()], notes + set_notes(row)
+
+
+def _suffixes(row: str) -> re.Match:
+    """ROW_SUFFIX matched on a row's name without its SET part."""
+    return ROW_SUFFIX.search(row.split("+")[0])
+
+
+def set_notes(row: str) -> list[str]:
+    """The trainer settings unlabeled.sh's SET put into a row's name: "b_logitkd+logit_weight=0.25" ->
+    ["logit_weight = 0.25"]."""
+    return [s.replace("=", " = ", 1) for s in row.split("+")[1:]]
 
 
 def labelled_k(row: str) -> int:
     """How many real labelled cases a row's student had: unlabeled.sh's K (rows <row>_k<k>), else the protocol's 20."""
-    k = ROW_SUFFIX.search(row.split("+")[0])[1]
+    k = _suffixes(row)[1]
     return int(k) if k else PROTOCOL_K
 
 
@@ -154,8 +164,7 @@ def rows_markdown(scores: Path) -> str:
         budget = f"{r['epochs']} x {r['iterations']}" if "epochs" in r else "not recorded"
         if r.get("initial_lr", 0.01) != 0.01:  # nnU-Net's 0.01 (score files from before the field: 0.01)
             budget += f", initial lr {r['initial_lr']:g}"
-        for setting in r["row"].split("+")[1:]:  # SET's trainer settings, which only the row's name records
-            budget += f", {setting.replace('=', ' = ', 1)}"
+        budget += "".join(f", {note}" for note in set_notes(r["row"]))  # only the row's name records them
         lines.append(f"| {r['row']} | {r['seed']} | {student_of(r['row'])} | {budget} | {r['dice_mean']:.4f} "
                      f"| {per} | {r['held_out_cases']} |")
     return "\n".join(lines) + "\n"

@@ -51,6 +51,13 @@ def confusion(prediction: torch.Tensor, target: torch.Tensor, n_classes: int) ->
     return rows
 
 
+def posterior_right_per_level(outputs, targets, n_classes: int) -> list:
+    """The share of the voxels labelled 2 predicted 2 at every deep-supervision output (full resolution first),
+    against that output's own downsampled labels; None per level without a class 2."""
+    return [confusion(z.argmax(1, keepdim=True), t.long(), n_classes)[2][2] if n_classes > 2 else None
+            for z, t in zip(outputs, targets)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset")
@@ -115,12 +122,8 @@ def main() -> None:
             "teacher_confusion": confusion(teacher_logits.argmax(1, keepdim=True), y, n_classes),
             # labelled 2 predicted 2, per deep-supervision output (full resolution first): the target of the
             # logit term at each level, against that level's downsampled labels
-            "teacher_posterior_right_per_level": [
-                confusion(z.argmax(1, keepdim=True), tg.long(), n_classes)[2][2] if n_classes > 2 else None
-                for z, tg in zip(teacher_outputs, targets)],
-            "student_posterior_right_per_level": [
-                confusion(z.argmax(1, keepdim=True), tg.long(), n_classes)[2][2] if n_classes > 2 else None
-                for z, tg in zip(outputs, targets)],
+            "teacher_posterior_right_per_level": posterior_right_per_level(teacher_outputs, targets, n_classes),
+            "student_posterior_right_per_level": posterior_right_per_level(outputs, targets, n_classes),
         })
         print(json.dumps(rows[-1]))
     mean = {k: np.mean([r[k] for r in rows], 0).round(5).tolist() for k in rows[0]}

@@ -31,7 +31,8 @@
 #   ROWS="a c_student" SEEDS="0 1 2" bash examples/hippocampus/unlabeled.sh
 #
 # Environment: WORK (default ./hippocampus_unlabeled), SHARED (default ../shared beside the repository), ROWS
-# (default: every row), SEEDS (default 0), K (20; another k: its own datasets, rows <row>_k<K>), EPOCHS (15), ITERS (100), DEVICE (cpu|cuda; default cpu),
+# (default: every row), SEEDS (default 0), K (20; another k: its own datasets, rows <row>_k<K>), EPOCHS (15), ITERS
+# (100), DEVICE (cpu|cuda; default cpu),
 # THREADS (torch threads per training on the cpu, the trainers' cpu_threads setting; default: 1 with PARALLEL=1, else
 # nnU-Net's choice, every core), PARALLEL (1: the rows of a seed train side by side, THREADS each: two
 # control trainings took 170-190 s per epoch each, one alone with 2 threads ~140 s), PLAN (1: print the settings, stop).
@@ -71,12 +72,12 @@ if [ "$K" != 20 ]; then
   if [[ ! "$K" =~ ^[1-9][0-9]?$ ]]; then
     echo "K: '$K' is not a number of labelled cases from 1 to 99 (the protocol's is 20)" >&2; exit 2
   fi
+  k_rows="a b b_logitkd c_student c_recokd c_logitkd w8_a w8_c"
   for r in $ROWS; do
-    case $r in
-      a|b|b_logitkd|c_student|c_recokd|c_logitkd|w8_a|w8_c) ;;
-      *) echo "K=$K: row $r runs with the protocol's k = 20 only; rows that take another k:" \
-              "a b b_logitkd c_student c_recokd c_logitkd w8_a w8_c (e.g. K=$K ROWS=\"a c_student\")" >&2; exit 2 ;;
-    esac
+    if [[ " $k_rows " != *" $r "* ]]; then
+      echo "K=$K: row $r runs with the protocol's k = 20 only; rows that take another k: $k_rows" \
+           "(e.g. K=$K ROWS=\"a c_student\")" >&2; exit 2
+    fi
   done
   labelled_id=$((600 + K)) labelled_name=HippoK$K derived_id=$((700 + K)) derived_name=HippoK${K}Unlabeled
   budget=_k$K
@@ -100,7 +101,7 @@ if [ "${PLAN:-0}" = 1 ]; then  # PLAN=1: print what would run and stop (writes n
        "parallel $PARALLEL | torch threads per training: ${THREADS:-every core} | work: $WORK"
   [ -z "$budget" ] || echo "rows are saved as <row>$budget (not the protocol's k = 20, 15 x 100 iterations at"\
                            "learning rate 0.01)"
-  [ "$K" = 20 ] || echo "datasets: Dataset${labelled_id}_$labelled_name (k = $K labelled + the held-out cases)," \
+  [ "$K" = 20 ] || echo "datasets: $labelled (k = $K labelled + the held-out cases)," \
                         "Dataset${derived_id}_$derived_name (those + the other fold-0 training cases, teacher-labelled)"
   [ -z "${SET:-}" ] || echo "settings added to every row's config: {${row_settings#, }}"
   exit 0
