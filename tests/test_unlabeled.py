@@ -4,6 +4,7 @@ labelling that resumes, and the refusals that come before anything is written.""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -382,3 +383,24 @@ def test_logit_terms_check_splits_a_term_by_the_voxels_labels():
     # confusion: labels [0, 0, 1, 2] predicted [0, 1, 1, 1] -> row 0 half 0 half 1, rows 1 and 2 all class 1
     rows = check.confusion(torch.tensor([0, 1, 1, 1]).reshape(1, 1, 4), target, 3)
     assert rows == [[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
+    # softened probabilities at T = 2 per label: logits [0, 2 ln 3] -> [1/4, 3/4], [0, 0] -> [1/2, 1/2]; both
+    # voxels labelled 1 -> row 1 is their mean [3/8, 5/8]; label 0 is absent -> zeros
+    logits = torch.tensor([[0.0, 0.0], [2 * math.log(3), 0.0]]).reshape(1, 2, 2)
+    probs = check.mean_probabilities(logits, torch.tensor([1, 1]).reshape(1, 1, 2), 2, 2.0)
+    assert probs[0] == [0.0, 0.0] and probs[1] == pytest.approx([0.375, 0.625])
+
+
+def test_logit_continue_check_keeps_the_voxels_near_the_foreground():
+    """examples/hippocampus/logit_continue_check.py's mask: one foreground voxel at index 3 of 7, radius 1 -> voxels
+    2-4; radius 0 -> the foreground alone; no foreground -> nothing."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "hippocampus" / "logit_continue_check.py"
+    spec = importlib.util.spec_from_file_location("_logit_continue_check_under_test", path)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    target = torch.zeros(1, 1, 1, 1, 7)
+    target[..., 3] = 2
+    assert check.near_foreground(target, 1).flatten().tolist() == [False, False, True, True, True, False, False]
+    assert check.near_foreground(target, 0).flatten().tolist() == [False, False, False, True, False, False, False]
+    assert not check.near_foreground(torch.zeros(1, 1, 1, 1, 7), 2).any()

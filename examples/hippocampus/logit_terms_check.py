@@ -9,7 +9,10 @@ own augmenting data loader, and for each batch reports, at the full-resolution o
     (negative: the term raises the class's own logit there), over every deep-supervision output's own gradient;
   - ||d(seg)/dtheta||, ||d(logit)/dtheta|| and their cosine over the student's parameters;
   - the student's and the teacher's confusion on the batch (row: label, column: predicted class), and the share of
-    the posterior voxels (label 2) each gets right at every deep-supervision output against its downsampled labels.
+    the posterior voxels (label 2) each gets right at every deep-supervision output against its downsampled labels;
+  - the teacher's and the student's softened probabilities softmax(z / T) at the trainer's temperature T, averaged
+    over the voxels of each label (row: label, column: class): the target the logit term asks for, and where the
+    student is.
 Run it with the same environment the training had (nnUNet_preprocessed, nnUNet_results of the model,
 RECOKD_CONFIG of its settings file) and nnUNet_n_proc_DA=0:
 
@@ -51,6 +54,15 @@ def confusion(prediction: torch.Tensor, target: torch.Tensor, n_classes: int) ->
     return rows
 
 
+def mean_probabilities(logits: torch.Tensor, target: torch.Tensor, n_classes: int,
+                       temperature: float) -> list[list[float]]:
+    """Row c: softmax(logits / temperature) averaged over the voxels labelled c (rows of labels absent: 0).
+    logits: (B, C, *spatial), target: (B, 1, *spatial) integer labels."""
+    probs = torch.softmax(logits.detach().float() / temperature, 1)
+    mask = [(target == c)[:, 0] for c in range(n_classes)]
+    return [[float(probs[:, k][m].mean()) if m.any() else 0.0 for k in range(probs.shape[1])] for m in mask]
+
+
 def posterior_right_per_level(outputs, targets, n_classes: int) -> list:
     """The share of the voxels labelled 2 predicted 2 at every deep-supervision output (full resolution first),
     against that output's own downsampled labels; None per level without a class 2."""
@@ -86,6 +98,7 @@ def main() -> None:
     params = [p for p in network.parameters() if p.requires_grad]
     progress = epoch / max(1, trainer.num_epochs)
     n_classes = trainer.label_manager.num_segmentation_heads
+    temperature = trainer.distiller.logit.temperature
     rows = []
     for _ in range(args.batches):
         batch = next(loader)
@@ -124,6 +137,9 @@ def main() -> None:
             # logit term at each level, against that level's downsampled labels
             "teacher_posterior_right_per_level": posterior_right_per_level(teacher_outputs, targets, n_classes),
             "student_posterior_right_per_level": posterior_right_per_level(outputs, targets, n_classes),
+            # the logit term's target and the student's answer at full resolution, softened at the term's T
+            "teacher_soft_probabilities": mean_probabilities(teacher_logits, y, n_classes, temperature),
+            "student_soft_probabilities": mean_probabilities(outputs[0], y, n_classes, temperature),
         })
         print(json.dumps(rows[-1]))
     mean = {k: np.mean([r[k] for r in rows], 0).round(5).tolist() for k in rows[0]}
