@@ -10,6 +10,10 @@ own augmenting data loader, and for each batch reports, at the full-resolution o
   - ||d(seg)/dtheta||, ||d(logit)/dtheta|| and their cosine over the student's parameters;
   - the student's and the teacher's confusion on the batch (row: label, column: predicted class), and the share of
     the posterior voxels (label 2) each gets right at every deep-supervision output against its downsampled labels;
+  - the separation of the two structures at full resolution, D = mean(z_2 - z_1) over the voxels labelled 2 minus
+    the same over the voxels labelled 1, and its first-order change under a gradient step of each term alone,
+    -dD/dtheta . d(term)/dtheta (positive: the step separates them further), and that of the full-resolution logit
+    term restricted to the voxels of each label (background, 1, 2);
   - the teacher's and the student's softened probabilities softmax(z / T) at the trainer's temperature T, averaged
     over the voxels of each label (row: label, column: class): the target the logit term asks for, and where the
     student is.
@@ -63,6 +67,14 @@ def mean_probabilities(logits: torch.Tensor, target: torch.Tensor, n_classes: in
     return [[float(probs[:, k][m].mean()) if m.any() else 0.0 for k in range(probs.shape[1])] for m in mask]
 
 
+def separation(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """D = mean(z_2 - z_1) over the voxels labelled 2 - mean(z_2 - z_1) over the voxels labelled 1 (0-d, with the
+    logits' graph; 0 where a label is absent). logits: (B, C >= 3, *spatial), target: (B, 1, *spatial)."""
+    margin = (logits[:, 2] - logits[:, 1]).float()
+    parts = [margin[target[:, 0] == c].mean() if (target == c).any() else margin.sum() * 0 for c in (2, 1)]
+    return parts[0] - parts[1]
+
+
 def posterior_right_per_level(outputs, targets, n_classes: int) -> list:
     """The share of the voxels labelled 2 predicted 2 at every deep-supervision output (full resolution first),
     against that output's own downsampled labels; None per level without a class 2."""
@@ -112,8 +124,23 @@ def main() -> None:
         teacher_outputs = teacher_outputs if isinstance(teacher_outputs, (list, tuple)) else [teacher_outputs]
         kd, _ = trainer.distiller.logit_terms(outputs, [list(teacher_outputs)], targets, progress)
         inputs = params + list(outputs)  # an output of deep-supervision weight 0 is unused: its gradient is 0
+        split = separation(outputs[0], targets[0].long()) if n_classes > 2 else None
+        grad_split = None if split is None else torch.cat([
+            (torch.zeros_like(p) if g is None else g).flatten()  # parameters of the lower outputs' heads: unused
+            for p, g in zip(params, torch.autograd.grad(split, params, retain_graph=True, allow_unused=True))])
         grads_seg = [torch.zeros_like(x) if g is None else g
                      for x, g in zip(inputs, torch.autograd.grad(seg, inputs, retain_graph=True, allow_unused=True))]
+        # the same first-order change from the full-resolution logit term restricted to the voxels of each label
+        split_by_label = None
+        if split is not None:
+            t = trainer.distiller.logit.temperature
+            kl_full = trainer.distiller.logit.per_voxel(outputs[0], [teacher_outputs[0]]) * t * t
+            split_by_label = []
+            for c in range(n_classes):
+                part = (kl_full * (targets[0] == c)).sum() / kl_full.numel()
+                grads = torch.autograd.grad(part, params, retain_graph=True, allow_unused=True)
+                g_part = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
+                split_by_label.append(float(-(grad_split @ g_part)))
         grads_kd = [torch.zeros_like(x) if g is None else g
                     for x, g in zip(inputs, torch.autograd.grad(kd, inputs, allow_unused=True))]
         g_seg = torch.cat([g.flatten() for g in grads_seg[:len(params)]])
@@ -131,6 +158,10 @@ def main() -> None:
             "own_logit_grad_seg": own_seg.tolist(), "own_logit_grad_logit": own_kd.tolist(),
             "param_grad_norm_seg": float(g_seg.norm()), "param_grad_norm_logit": float(g_kd.norm()),
             "param_grad_cosine": float(F.cosine_similarity(g_seg, g_kd, 0)),
+            "separation": None if split is None else float(split),
+            "separation_change_seg": None if split is None else float(-(grad_split @ g_seg)),
+            "separation_change_logit": None if split is None else float(-(grad_split @ g_kd)),
+            "separation_change_full_res_logit_by_label": split_by_label,
             "student_confusion": confusion(outputs[0].argmax(1, keepdim=True), y, n_classes),
             "teacher_confusion": confusion(teacher_logits.argmax(1, keepdim=True), y, n_classes),
             # labelled 2 predicted 2, per deep-supervision output (full resolution first): the target of the
@@ -142,7 +173,7 @@ def main() -> None:
             "student_soft_probabilities": mean_probabilities(outputs[0], y, n_classes, temperature),
         })
         print(json.dumps(rows[-1]))
-    mean = {k: np.mean([r[k] for r in rows], 0).round(5).tolist() for k in rows[0]}
+    mean = {k: np.mean([r[k] for r in rows], 0).round(5).tolist() for k in rows[0] if rows[0][k] is not None}
     result = {"checkpoint": checkpoint, "epoch": epoch, "batches": args.batches, "seed": args.seed, "mean": mean,
               "per_batch": rows}
     print("mean over batches:", json.dumps(mean))
