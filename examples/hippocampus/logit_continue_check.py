@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -63,16 +61,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json")
     args = parser.parse_args()
-    from nnunetv2.run.run_training import get_trainer_from_args
+    from logit_terms_check import load_trainer  # the script beside this one
 
-    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-    fold = args.fold if args.fold == "all" else int(args.fold)
-    trainer = get_trainer_from_args(args.dataset, "3d_fullres", fold, args.trainer, "nnUNetPlans",
-                                    device=torch.device("cpu"))
-    trainer.initialize()
-    trainer.load_checkpoint(os.path.join(trainer.output_folder, args.checkpoint))
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    trainer, _ = load_trainer(args.dataset, args.trainer, args.fold, args.checkpoint, args.seed)
     train_loader, val_loader = trainer.get_dataloaders()
     val_batches = [next(val_loader) for _ in range(args.val_batches)]
     if args.variant == "seg":  # no teacher forward, no logit term: the seg loss alone

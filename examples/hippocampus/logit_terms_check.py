@@ -82,6 +82,34 @@ def posterior_right_per_level(outputs, targets, n_classes: int) -> list:
             for z, t in zip(outputs, targets)]
 
 
+def load_trainer(dataset: str, trainer_name: str, fold: str, checkpoint: str, seed: int):
+    """The model folder's trainer (on the CPU, THREADS torch threads, default 2), initialized, with the fold
+    folder's `checkpoint` file loaded, and numpy's and torch's RNGs seeded with `seed` (the batches drawn next).
+    Returns (trainer, the checkpoint's path)."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    trainer = get_trainer_from_args(dataset, "3d_fullres", fold if fold == "all" else int(fold), trainer_name,
+                                    "nnUNetPlans", device=torch.device("cpu"))
+    trainer.initialize()
+    path = os.path.join(trainer.output_folder, checkpoint)
+    trainer.load_checkpoint(path)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return trainer, path
+
+
+def gradients(value: torch.Tensor, inputs: list, retain_graph: bool = True) -> list[torch.Tensor]:
+    """d value / d input for each input, zeros for inputs value does not depend on (e.g. the heads of the
+    deep-supervision outputs of weight 0)."""
+    grads = torch.autograd.grad(value, inputs, retain_graph=retain_graph, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+
+def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.flatten() for t in tensors])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset")
@@ -92,18 +120,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the batches drawn")
     parser.add_argument("--json")
     args = parser.parse_args()
-    from nnunetv2.run.run_training import get_trainer_from_args
-
-    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-    fold = args.fold if args.fold == "all" else int(args.fold)
-    trainer = get_trainer_from_args(args.dataset, "3d_fullres", fold, args.trainer, "nnUNetPlans",
-                                    device=torch.device("cpu"))
-    trainer.initialize()
-    checkpoint = os.path.join(trainer.output_folder, args.checkpoint)
-    trainer.load_checkpoint(checkpoint)
+    trainer, checkpoint = load_trainer(args.dataset, args.trainer, args.fold, args.checkpoint, args.seed)
     epoch = trainer.current_epoch
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
     loader, _ = trainer.get_dataloaders()
     network = trainer.network
     network.train()
@@ -124,37 +142,25 @@ def main() -> None:
         teacher_outputs = teacher_outputs if isinstance(teacher_outputs, (list, tuple)) else [teacher_outputs]
         kd, _ = trainer.distiller.logit_terms(outputs, [list(teacher_outputs)], targets, progress)
         inputs = params + list(outputs)  # an output of deep-supervision weight 0 is unused: its gradient is 0
-        split = separation(outputs[0], targets[0].long()) if n_classes > 2 else None
-        grad_split = None if split is None else torch.cat([
-            (torch.zeros_like(p) if g is None else g).flatten()  # parameters of the lower outputs' heads: unused
-            for p, g in zip(params, torch.autograd.grad(split, params, retain_graph=True, allow_unused=True))])
-        grads_seg = [torch.zeros_like(x) if g is None else g
-                     for x, g in zip(inputs, torch.autograd.grad(seg, inputs, retain_graph=True, allow_unused=True))]
-        # the same first-order change from the full-resolution logit term restricted to the voxels of each label
-        split_by_label = None
-        if split is not None:
-            t = trainer.distiller.logit.temperature
-            kl_full = trainer.distiller.logit.per_voxel(outputs[0], [teacher_outputs[0]]) * t * t
-            split_by_label = []
-            for c in range(n_classes):
-                part = (kl_full * (targets[0] == c)).sum() / kl_full.numel()
-                grads = torch.autograd.grad(part, params, retain_graph=True, allow_unused=True)
-                g_part = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
-                split_by_label.append(float(-(grad_split @ g_part)))
-        grads_kd = [torch.zeros_like(x) if g is None else g
-                    for x, g in zip(inputs, torch.autograd.grad(kd, inputs, allow_unused=True))]
-        g_seg = torch.cat([g.flatten() for g in grads_seg[:len(params)]])
-        g_kd = torch.cat([g.flatten() for g in grads_kd[:len(params)]])
-        out_seg, out_kd = grads_seg[len(params):], grads_kd[len(params):]
         teacher_logits, y = teacher_outputs[0], targets[0].long()
-        with torch.no_grad():  # the logit term's per-voxel value at full resolution (its shares need no T^2)
-            kl = trainer.distiller.logit.per_voxel(outputs[0], [teacher_logits])
+        # the logit term's per-voxel value at full resolution (before T^2), with the student's graph
+        kl = trainer.distiller.logit.per_voxel(outputs[0], [teacher_logits])
+        split = separation(outputs[0], y) if n_classes > 2 else None
+        grad_split = None if split is None else flat(gradients(split, params))
+        grads_seg = gradients(seg, inputs)
+        # the same first-order change from the full-resolution logit term restricted to the voxels of each label
+        split_by_label = None if split is None else [
+            float(-(grad_split @ flat(gradients((kl * (y == c)).sum() / kl.numel() * temperature ** 2, params))))
+            for c in range(n_classes)]
+        grads_kd = gradients(kd, inputs, retain_graph=False)
+        g_seg, g_kd = flat(grads_seg[:len(params)]), flat(grads_kd[:len(params)])
+        out_seg, out_kd = grads_seg[len(params):], grads_kd[len(params):]
         own_seg = np.sum([own_logit_gradient(g, tg.long(), n_classes) for g, tg in zip(out_seg, targets)], 0)
         own_kd = np.sum([own_logit_gradient(g, tg.long(), n_classes) for g, tg in zip(out_kd, targets)], 0)
         rows.append({
             "seg": float(seg), "logit_weighted": float(kd),
             "voxel_share": [float((y == c).float().mean()) for c in range(n_classes)],
-            "logit_share_full_res": per_class_shares(kl, y, n_classes),
+            "logit_share_full_res": per_class_shares(kl.detach(), y, n_classes),
             "own_logit_grad_seg": own_seg.tolist(), "own_logit_grad_logit": own_kd.tolist(),
             "param_grad_norm_seg": float(g_seg.norm()), "param_grad_norm_logit": float(g_kd.norm()),
             "param_grad_cosine": float(F.cosine_similarity(g_seg, g_kd, 0)),
