@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin
 
 CONFIG_ENV = "RECOKD_CONFIG"
+# the forms of the logit term (losses/logits.py LOGIT_FORMS; written out here: the losses import torch)
+LOGIT_FORMS = ("hinton", "class_balanced", "cwd")
 TEACHER_ENV = "RECOKD_TEACHER"
 DEFAULTS_FILE = "defaults.json"
 
@@ -87,10 +89,16 @@ class DistillSettings:
     lowdose_electronic_noise: float
     lowdose_extra_water_mm: float
     lowdose_channels: Optional[list[Union[int, str]]]
-    # Hinton logit distillation on the deep-supervision outputs
+    # logit distillation on the deep-supervision outputs (losses/logits.py): its form ("hinton": the per-voxel KL
+    # over every voxel; "class_balanced": the per-voxel KL, every class of the teacher's argmax weighing the same;
+    # "cwd": channel-wise distillation, a softmax over space per channel), weight, temperature and warm-up
+    logit_form: str
     logit_weight: float
     logit_temperature: float
     logit_warmup: float
+    # a diagnostic, not a method: > 0 replaces the teacher's logits at every deep-supervision level by
+    # margin * onehot(label) (the teacher's forward is skipped); null: the teacher's own logits
+    logit_oracle_margin: Optional[float]
     # ReCo-KD (MS-SARD + MS-CA) on encoder stages
     reco_weight: float
     reco_warmup: float
@@ -165,6 +173,11 @@ class DistillSettings:
             raise SettingsError(f"setting 'cpu_threads' must be null or >= 1, got {self.cpu_threads!r}")
         if not 0 <= self.modality_dropout < 1:
             raise SettingsError(f"setting 'modality_dropout' is a probability in [0, 1), got {self.modality_dropout!r}")
+        if self.logit_form not in LOGIT_FORMS:
+            raise SettingsError(f"setting 'logit_form' must be one of {', '.join(LOGIT_FORMS)}, got "
+                                f"{self.logit_form!r}")
+        if self.logit_oracle_margin is not None and not self.logit_oracle_margin > 0:
+            raise SettingsError(f"setting 'logit_oracle_margin' must be null or > 0, got {self.logit_oracle_margin!r}")
         if self.graph_gw_solver not in ("exact", "entropic"):
             raise SettingsError(f"graph_gw_solver must be 'exact' or 'entropic', got {self.graph_gw_solver!r}")
 

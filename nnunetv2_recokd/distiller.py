@@ -27,7 +27,7 @@ from torch import nn
 from nnunetv2_recokd.config import DistillSettings
 from nnunetv2_recokd.losses.attention import AttentionAlignLoss
 from nnunetv2_recokd.losses.graph import RegionGraphLoss, extract_regions
-from nnunetv2_recokd.losses.logits import LogitKDLoss
+from nnunetv2_recokd.losses.logits import make_logit_loss
 from nnunetv2_recokd.losses.masks import region_masks
 from nnunetv2_recokd.losses.reco import ReCoStageLoss
 from nnunetv2_recokd.losses.sard import SARDConfig
@@ -138,7 +138,7 @@ class Distiller(nn.Module):
         self.num_classes = num_classes
         self.ds_weights = [float(w) for w in ds_weights]
 
-        self.logit = (LogitKDLoss(settings.logit_temperature, sigmoid=has_regions)
+        self.logit = (make_logit_loss(settings.logit_form, settings.logit_temperature, sigmoid=has_regions)
                       if settings.logit_weight > 0 else None)
 
         # ReCo-KD on encoder stages that have deep-supervision targets (0 .. n_stages-2): one module per stage

@@ -9,6 +9,8 @@ PUBLIC_TRAINERS = (
     "nnUNetTrainerStudent_w8",
     "nnUNetTrainerTeacher",
     "nnUNetTrainerLogitKD",
+    "nnUNetTrainerLogitKD_CB",
+    "nnUNetTrainerLogitKD_CWD",
     "nnUNetTrainerReCoKD",
     "nnUNetTrainerReCoKD_w2",
     "nnUNetTrainerReCoKD_w8",

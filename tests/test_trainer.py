@@ -12,6 +12,8 @@ from nnunetv2_recokd.teacher import TeacherError
 from nnunetv2_recokd.trainers import (
     nnUNetTrainerGraphKD,
     nnUNetTrainerLogitKD,
+    nnUNetTrainerLogitKD_CB,
+    nnUNetTrainerLogitKD_CWD,
     nnUNetTrainerReCoKD,
     nnUNetTrainerReCoKD_w8,
     nnUNetTrainerReCoKDGraph,
@@ -71,15 +73,47 @@ def test_recorders_record_only_inside_training_steps(tiny):
     assert trainer.student_recorder._features == {}  # popped, nothing kept alive after the step
 
 
-def test_logit_kd_has_no_hooks_and_reports_logit_term(tiny):
-    trainer = make_trainer(nnUNetTrainerLogitKD, *tiny)
+def _independent_logit_term(form: str, student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    """The logit term written out with plain torch ops (not the package's losses): (B, C, *spatial) logits."""
+    if form == "cwd":  # per sample and channel, a softmax over space
+        zs, zt = student.flatten(2) / t, teacher.flatten(2) / t
+        p = torch.softmax(zt, -1)
+        return (p * (p.log() - torch.log_softmax(zs, -1))).sum(-1).mean() * t * t
+    p = torch.softmax(teacher / t, 1)
+    kl = (p * (p.log() - torch.log_softmax(student / t, 1))).sum(1)  # (B, *spatial)
+    if form == "hinton":
+        return kl.mean() * t * t
+    classes = teacher.argmax(1)  # class_balanced: the mean KL of each class present, then their mean
+    return torch.stack([kl[classes == c].mean() for c in classes.unique()]).mean() * t * t
+
+
+@pytest.mark.parametrize("trainer_class, form, oracle", [
+    (nnUNetTrainerLogitKD, "hinton", None), (nnUNetTrainerLogitKD_CB, "class_balanced", None),
+    (nnUNetTrainerLogitKD_CWD, "cwd", None), (nnUNetTrainerLogitKD, "hinton", 6.0)])
+def test_logit_kd_train_step_term_equals_an_independent_computation(tiny, tmp_path, monkeypatch, trainer_class, form,
+                                                                    oracle):
+    if oracle is not None:
+        cfg = tmp_path / "oracle.json"
+        cfg.write_text(json.dumps({"logit_oracle_margin": oracle}))
+        monkeypatch.setenv("RECOKD_CONFIG", str(cfg))
+    trainer = make_trainer(trainer_class, *tiny)
     trainer.initialize()
+    assert trainer.settings.logit_form == form
     assert trainer.distiller.hooked_stages == [] and trainer.student_recorder.num_hooks == 0
     assert trainer.distiller.ds_weights == [1.0, 0.0]  # nnU-Net's weights, lowest output switched off
-    out = trainer.train_step(tiny_batch())
-    assert float(out["kd_total_weighted"]) == pytest.approx(float(out["kd_logit"]))  # logit_weight 1
-    assert out["kd_logit"] > 0 and float(out["loss"]) == pytest.approx(float(out["seg_loss"] + out["kd_logit"]),
-                                                                       rel=1e-5)
+    batch = tiny_batch()
+    with torch.no_grad():  # the student before the step, as train_step sees it
+        student = trainer.network(batch["data"])[0]
+        if oracle is None:
+            teacher = trainer.teacher.network(batch["data"])[0]
+        else:  # the oracle: margin * onehot(label) in place of the teacher's logits
+            labels = batch["target"][0][:, 0].long()
+            teacher = oracle * torch.nn.functional.one_hot(labels, student.shape[1]).movedim(-1, 1).float()
+    expected = _independent_logit_term(form, student, teacher, trainer.settings.logit_temperature)
+    out = trainer.train_step(batch)
+    assert float(out["kd_logit"]) == pytest.approx(expected.item(), rel=1e-5)
+    assert float(out["kd_total_weighted"]) == pytest.approx(float(out["kd_logit"]))  # logit_weight 1, no warm-up
+    assert float(out["loss"]) == pytest.approx(float(out["seg_loss"] + out["kd_logit"]), rel=1e-5)
 
 
 def test_student_control_needs_no_teacher(tmp_path, monkeypatch):

@@ -4,6 +4,8 @@ from nnunetv2_recokd.trainers.attention import nnUNetTrainerReCoKD_CBAM
 from nnunetv2_recokd.trainers.base import nnUNetTrainerDistillBase
 from nnunetv2_recokd.trainers.baselines import (
     nnUNetTrainerLogitKD,
+    nnUNetTrainerLogitKD_CB,
+    nnUNetTrainerLogitKD_CWD,
     nnUNetTrainerStudent,
     nnUNetTrainerStudent_w2,
     nnUNetTrainerStudent_w8,

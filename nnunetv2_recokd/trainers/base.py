@@ -42,6 +42,7 @@ from nnunetv2_recokd.config import (
 )
 from nnunetv2_recokd.distiller import Distiller, merge_terms
 from nnunetv2_recokd.hooks import FeatureRecorder, stage_channels, unwrap_network
+from nnunetv2_recokd.losses.logits import onehot_logits
 from nnunetv2_recokd.inputs.channels import (
     resolve_student_channels,
     student_dataset_json,
@@ -466,11 +467,19 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         teacher runs; only the logits (few channels) of every teacher wait for the ensemble term."""
         targets = target if isinstance(target, list) else [target]
         kd, teacher_outputs, masks = None, [], {}
+        margin = self.settings.logit_oracle_margin
+        if margin is not None and not self.distiller.hooked_stages:
+            # the oracle diagnostic: margin * onehot(label) at every level stands in for every teacher's logits, and
+            # no teacher runs
+            oracle = [onehot_logits(y, _as_list(student_out)[0].shape[1], margin) for y in targets]
+            return merge_terms(kd, terms, *self.distiller.logit_terms(
+                _as_list(student_out), [oracle] * len(self.teachers), targets, progress))
         for i, (teacher, recorder) in enumerate(zip(self.teachers, self.teacher_recorders)):
             with recorder:
                 out = teacher.network.encode(data) if self._teacher_encoder_only else teacher.network(data)
             if not self._teacher_encoder_only and self.distiller.uses_logits:
-                teacher_outputs.append(_as_list(out))
+                teacher_outputs.append(_as_list(out) if margin is None else
+                                       [onehot_logits(y, o.shape[1], margin) for y, o in zip(targets, _as_list(out))])
             del out
             features = recorder.pop()
             if features:

@@ -2,7 +2,8 @@
 
 nnUNetTrainerStudent*: the narrow student trained alone (no teacher) -- the baseline every
 distillation result is compared with, at the same width and schedule.
-nnUNetTrainerLogitKD: Hinton logit distillation on the deep-supervision outputs.
+nnUNetTrainerLogitKD*: logit distillation on the deep-supervision outputs, in one of three forms (the logit_form
+setting; losses/logits.py): Hinton's per-voxel KL, its class-balanced version, channel-wise distillation.
 Defaults: trainer_configs/<class name>.json.
 """
 
@@ -25,6 +26,14 @@ class nnUNetTrainerStudent_w8(nnUNetTrainerStudent):
 
 class nnUNetTrainerLogitKD(nnUNetTrainerDistillBase):
     """Width-1/4 student with logit distillation (temperature T, nnU-Net's deep-supervision weights)."""
+
+
+class nnUNetTrainerLogitKD_CB(nnUNetTrainerLogitKD):
+    """Logit distillation with the class-balanced KL: every class of the teacher's argmax weighs the same."""
+
+
+class nnUNetTrainerLogitKD_CWD(nnUNetTrainerLogitKD):
+    """Channel-wise logit distillation (Shu et al., ICCV 2021): per class channel, where the teacher puts it."""
 
 
 class nnUNetTrainerTeacher(nnUNetTrainerStudent):
