@@ -4,6 +4,7 @@ labelling that resumes, and the refusals that come before anything is written.""
 from __future__ import annotations
 
 import json
+import sys
 import math
 from pathlib import Path
 
@@ -211,30 +212,21 @@ def test_headline_pairs_the_rows_by_seed_with_hand_computed_numbers(tmp_path):
         headline.update(tmp_path / "a_s0.json", table)
 
 
-def test_headline_names_rows_of_another_budget_or_learning_rate_with_their_settings(tmp_path):
-    """row_name / student_of strip unlabeled.sh's suffixes (_k<k>, _<epochs>x<iterations>, _lr<rate>) to find the row
-    and say the settings; --block puts a pair into its own marked block (here the lr pair, 0.8281 / 0.8488: +0.0207)."""
+def test_headline_names_rows_by_the_protocol_table_and_puts_a_pair_into_its_block(tmp_path):
+    """row_title: the protocol table's label and what is not the protocol's (budget, settings), from the row's fields;
+    --block puts a pair into its own marked block (here the lr pair, 0.8281 / 0.8488: +0.0207)."""
     headline = _headline()
-    assert headline.row_name("c_student_30x100_lr0.023") == \
-        "(c) pseudo-labels alone, 20 labels + 146 teacher-labelled (30 x 100, initial lr 0.023)"
-    assert headline.row_name("a_lr0.023") == "(a) control, 20 labels (initial lr 0.023)"
-    assert headline.row_name("a") == "(a) control, 20 labels"
-    assert headline.student_of("w8_a_30x100") == headline.ROW_STUDENTS["w8_a"]
-    # SET="logit_temperature=1" (after LR's suffix): the setting named, the row's student found
-    assert headline.split_row("b_logitkd_lr0.023+logit_temperature=1+logit_weight=0.25") == \
-        ("b_logitkd", ["initial lr 0.023", "logit_temperature = 1", "logit_weight = 0.25"])
-    assert headline.row_name("b_logitkd+logit_temperature=1").endswith("(logit_temperature = 1)")
-    assert headline.student_of("b_logitkd+logit_temperature=1") == headline.ROW_STUDENTS["b_logitkd"]
-    # K=5 (_k5, before the budget): 5 real labels, 166 - 5 = 161 teacher-labelled, the datasets 600 + 5 and 700 + 5
-    assert headline.split_row("c_student_k5_30x100") == ("c_student", ["30 x 100"])
-    assert [headline.labelled_k(r) for r in ("a_k5", "a", "a_k12_lr0.023+logit_weight=0.25")] == [5, 20, 12]
-    assert headline.row_name("c_student_k5_lr0.023") == \
-        "(c) pseudo-labels alone, 5 labels + 161 teacher-labelled (initial lr 0.023)"
-    assert headline.student_of("a_k5") == "control (`nnUNetTrainerStudent`), 5 labelled cases (Dataset605)"
-    assert headline.student_of("c_student_k5").startswith("control trainer on Dataset705: 5 labelled + 161 teacher")
+    assert headline.row_title("a_lr0.023") == "(a) control, 20 labels (initial lr 0.023)"
+    assert headline.row_title("a") == "(a) control, 20 labels"
+    assert headline.row_title("c_student_k5") == "(c) pseudo-labels alone, 5 labels + 161 teacher-labelled"
+    assert headline.row_title("w8_a_30x100") == "w8_a_30x100 (30 x 100)"
+    assert headline.row_title("b_logitkd+logit_temperature=1") == \
+        "b_logitkd+logit_temperature=1 (logit_temperature = 1)"
+    assert headline.row_title("not_a_row") == "not_a_row" and headline.tag("b") == "b" and headline.tag("a_k5") == "(a)"
     for row, dice in (("a_lr0.023", 0.8281), ("c_student_lr0.023", 0.8488)):
-        (tmp_path / f"{row}_s0.json").write_text(json.dumps({"row": row, "seed": 0, "dice_mean": dice,
-                                                                  "dice_per_class": {"1": dice}, "held_out_cases": 42}))
+        (tmp_path / f"{row}_s0.json").write_text(json.dumps({
+            "row": row, "seed": 0, "dice_mean": dice, "dice_per_class": {"1": dice}, "held_out_cases": 42,
+            "epochs": 15, "iterations": 100, "row_settings": {"initial_lr": 0.023}, "trainer": "T", "dataset": "D"}))
     page = tmp_path / "page.md"
     page.write_text("<!-- headline:start -->\nkept\n<!-- headline:end -->\n<!-- lr:start -->\n<!-- lr:end -->\n")
     headline.main([str(tmp_path), "--control", "a_lr0.023", "--treated", "c_student_lr0.023", "--block", "lr",
@@ -244,33 +236,35 @@ def test_headline_names_rows_of_another_budget_or_learning_rate_with_their_setti
     assert "| (c) - (a), paired | +0.0207 | +0.0207 ± 0.0000 (n = 1) |" in text.split("<!-- lr:start -->")[1]
 
 
-def test_headline_imports_the_scripts_scores_and_tables_every_row(tmp_path):
+def test_headline_imports_the_protocols_scores_and_tables_every_row_from_their_fields(tmp_path):
     """--import copies WORK/scores (an empty file of an interrupted scoring skipped, the teacher's absolute path made
-    relative to the shared folder); the table of every row sits between its own marks, sorted by row and seed."""
+    relative to the shared folder); the table of every row sits between its own marks, sorted by row and seed, its
+    budget and settings read from each file's fields (a name says nothing)."""
     headline = _headline()
     work, scores = tmp_path / "work_scores", tmp_path / "scores"
     work.mkdir(), scores.mkdir()
-    for row, seed, dice in (("c_recokd", 0, 0.84), ("a", 1, 0.82), ("a", 0, 0.8256), ("w8_a_30x100", 0, 0.7),
-                            ("c_student_lr0.023", 0, 0.5), ("b_logitkd+logit_weight=0.25", 0, 0.6)):
+    for row, seed, dice, epochs, settings in (
+            ("c_recokd", 0, 0.84, 15, {}), ("a", 1, 0.82, 15, {}), ("a", 0, 0.8256, 15, {}),
+            ("w8_a_30x100", 0, 0.7, 30, {}), ("c_student_lr0.023", 0, 0.5, 15, {"initial_lr": 0.023}),
+            ("b_logitkd+logit_weight=0.25", 0, 0.6, 15, {"logit_weight": 0.25}), ("new_row", 0, 0.3, 15, {})):
         (work / f"{row}_s{seed}.json").write_text(json.dumps({
             "row": row, "seed": seed, "dice_mean": dice, "dice_per_class": {"1": dice + 0.01, "2": dice - 0.01},
             "held_out_cases": 42, "training_cases": {"real": 20, "teacher": "/work/shared/teachers/T/F"},
-            "epochs": 30 if row.endswith("30x100") else 15, "iterations": 100,
-            **({"initial_lr": 0.023} if "_lr" in row else {})}))
+            "epochs": epochs, "iterations": 100, "row_settings": settings, "trainer": "nnUNetTrainerX",
+            "dataset": "Dataset999_X"}))
     (work / "u_c_s0.json").write_text("")
     assert headline.import_scores(work, scores) == ["a_s0.json", "a_s1.json", "b_logitkd+logit_weight=0.25_s0.json",
-                                                    "c_recokd_s0.json", "c_student_lr0.023_s0.json",
+                                                    "c_recokd_s0.json", "c_student_lr0.023_s0.json", "new_row_s0.json",
                                                     "w8_a_30x100_s0.json"]
     assert json.loads((scores / "a_s0.json").read_text())["training_cases"]["teacher"] == "../shared/teachers/T/F"
     rows = headline.rows_markdown(scores).splitlines()
-    assert len(rows) == 8 and rows[2].startswith("| a | 0 | control") and rows[5].startswith("| c_recokd | 0 |")
+    assert len(rows) == 9 and rows[2].startswith("| a | 0 | control") and rows[5].startswith("| c_recokd | 0 |")
     assert "| 15 x 100 | 0.8256 | 1: 0.8356, 2: 0.8156 | 42 |" in rows[2]
-    # a row run with SET's settings: the column says them too
     assert "| 15 x 100, logit_weight = 0.25 | 0.6000 |" in rows[4]
-    # a row run at another budget or learning rate: the same student, its own budget
     assert rows[6].startswith("| c_student_lr0.023 | 0 | control trainer on Dataset204: 20 labelled + 146 "
                               "teacher-labelled (pseudo-labels alone) | 15 x 100, initial lr 0.023 | 0.5000 |")
-    assert rows[7].startswith("| w8_a_30x100 | 0 | control, width 1/8, 20 labelled cases (Dataset104) | 30 x 100 |")
+    assert rows[7].startswith("| new_row | 0 | `nnUNetTrainerX` on Dataset999_X | 15 x 100 | 0.3000 |")
+    assert rows[8].startswith("| w8_a_30x100 | 0 | control, width 1/8, 20 labelled cases | 30 x 100 |")
     page = tmp_path / "page.md"
     page.write_text(f"{headline.MARK_START}\nold\n{headline.MARK_END}\nmid\n{headline.ROWS_START}\nold\n"
                     f"{headline.ROWS_END}\nend\n")
@@ -280,89 +274,124 @@ def test_headline_imports_the_scripts_scores_and_tables_every_row(tmp_path):
     assert f"{headline.ROWS_START}\n{headline.rows_markdown(scores)}{headline.ROWS_END}\nend\n" in text
 
 
-def _plan(tmp_path, **settings):
-    """examples/hippocampus/unlabeled.sh with PLAN=1 (prints its resolved settings, writes nothing) and `settings`."""
-    import subprocess
+def _protocol():
+    """examples/hippocampus/protocol.py, loaded from its file (examples/ is not a package)."""
+    import importlib.util
 
-    script = Path(__file__).resolve().parents[1] / "examples" / "hippocampus" / "unlabeled.sh"
-    env = {"PATH": "/usr/bin:/bin", "PLAN": "1", "SHARED": str(tmp_path / "shared"), "WORK": str(tmp_path / "work"),
-           **settings}
-    return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
-
-
-@pytest.mark.parametrize("parallel, threads", [("0", "every core"), ("1", "1")])
-def test_the_hippocampus_script_runs_past_its_settings(tmp_path, parallel, threads):
-    """examples/hippocampus/unlabeled.sh under `set -e`: without PARALLEL=1 it once stopped silently at its THREADS
-    line (a failing `[ ]` inside the assignment). PLAN=1 prints the resolved settings and writes nothing."""
-    done = _plan(tmp_path, PARALLEL=parallel, ROWS="a c_recokd")
-    assert done.returncode == 0, done.stderr
-    assert f"rows: a c_recokd | seeds: 0 | k 20 | 15 x 100 iterations | initial lr 0.01 | device cpu |" \
-           f" parallel {parallel} |" \
-           f" torch threads per training: {threads} |" in done.stdout
-    assert not (tmp_path / "work").exists()
+    path = Path(__file__).resolve().parents[1] / "examples" / "hippocampus" / "protocol.py"
+    spec = importlib.util.spec_from_file_location("_protocol_under_test", path)
+    protocol = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = protocol  # its dataclasses look their module up there
+    spec.loader.exec_module(protocol)
+    return protocol
 
 
-def test_the_hippocampus_script_names_rows_of_another_budget_apart(tmp_path):
-    """EPOCHS=30: rows are saved as <row>_30x100, so a longer run neither resumes nor re-scores the 15 x 100 model
-    of the same row (the script skips training where checkpoint_final exists); LR=0.023 likewise as <row>_lr0.023;
-    the protocol's budget and learning rate keep the names."""
-    longer = _plan(tmp_path, ROWS="w8_a", EPOCHS="30")
-    assert longer.returncode == 0, longer.stderr
-    assert "| 30 x 100 iterations |" in longer.stdout
-    assert "rows are saved as <row>_30x100 (not the protocol's k = 20, 15 x 100 iterations at learning rate 0.01)" \
-        in longer.stdout
-    faster = _plan(tmp_path, ROWS="c_student", LR="0.023")  # another learning rate: named apart too
-    assert faster.returncode == 0, faster.stderr
-    assert "| initial lr 0.023 |" in faster.stdout and "rows are saved as <row>_lr0.023 " in faster.stdout
-    both = _plan(tmp_path, ROWS="c_student", LR="0.02", EPOCHS="30")
-    assert "rows are saved as <row>_30x100_lr0.02 " in both.stdout
-    protocol = _plan(tmp_path, ROWS="w8_a")
-    assert protocol.returncode == 0 and "rows are saved as" not in protocol.stdout
-    assert not (tmp_path / "work").exists()
+def test_every_committed_score_is_a_row_of_the_protocol_table_with_the_same_fields():
+    """The committed score files and the protocol's table agree field by field (trainer, dataset, k, budget,
+    settings): every number on the results pages comes from a row the driver can run again."""
+    protocol = _protocol()
+    scores = Path(__file__).resolve().parents[1] / "docs" / "results" / "unlabeled_hippocampus_scores"
+    files = sorted(scores.glob("*_s*.json"))
+    assert len(files) >= 30
+    for path in files:
+        record = json.loads(path.read_text())
+        row = protocol.ROWS[record["row"]]
+        assert path.name == f"{row.name}_s{record['seed']}.json"
+        assert (record["trainer"], record["dataset"], record["fold"], record["k"], record["epochs"],
+                record["iterations"], record["row_settings"], record["teacher"]) == \
+            (row.trainer, protocol.DATASETS[row.dataset].folder_name, row.fold, row.k, row.epochs, row.iterations,
+             row.settings, row.teacher), path.name
+        if record["settings"] is not None:  # runs of the driver: the trainer's own resolved settings agree too
+            assert {k: record["settings"][k] for k in row.settings} == row.settings
+            assert record["settings"]["seed"] == record["seed"]
+            assert (record["settings"]["num_epochs"], record["settings"]["num_iterations_per_epoch"]) == \
+                (row.epochs, row.iterations)
 
 
-def test_the_hippocampus_script_takes_another_k_into_datasets_and_rows_of_its_own(tmp_path):
-    """K=5: the rows that depend on k are named <row>_k5 and use Dataset605 / Dataset705, never the k = 20 datasets
-    (which a WORK may already hold); rows that exist for k = 20 only, or do not depend on k, and a K that is not a
-    case count stop the script before it writes anything."""
-    done = _plan(tmp_path, ROWS="a c_student", K="5", EPOCHS="20")
-    assert done.returncode == 0, done.stderr
-    assert "| k 5 | 20 x 100 iterations |" in done.stdout and "rows are saved as <row>_k5_20x100 (" in done.stdout
-    assert "datasets: Dataset605_HippoK5 (k = 5 labelled + the held-out cases), Dataset705_HippoK5Unlabeled" \
-        in done.stdout
-    assert "datasets:" not in _plan(tmp_path, ROWS="a").stdout
-    for rows in ("a d", "c_agree", "u_a"):
-        refused = _plan(tmp_path, ROWS=rows, K="5")
-        assert refused.returncode == 2 and "runs with the protocol's k = 20 only" in refused.stderr
-    assert _plan(tmp_path, K="5").returncode == 2  # the default rows include d and e
-    for bad in ("0", "five", "100"):
-        refused = _plan(tmp_path, ROWS="a", K=bad)
-        assert refused.returncode == 2 and f"K: '{bad}' is not a number of labelled cases" in refused.stderr
-    assert not (tmp_path / "work").exists()
+def test_protocol_plan_prints_each_runs_config_and_writes_nothing(tmp_path, capsys):
+    protocol = _protocol()
+    work = tmp_path / "work"
+    assert protocol.main(["--rows", "b_logitkd_oracle", "a", "--seeds", "0", "2", "--parallel", "--plan",
+                          "--work", str(work)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 4 and out[0].startswith("b_logitkd_oracle seed 0: nnUNetTrainerLogitKD on Dataset104_HippoK20")
+    oracle = json.loads(out[0].split("config ", 1)[1])
+    assert oracle["logit_oracle_margin"] == 17.5 and oracle["cpu_threads"] == 1 and oracle["seed"] == 0
+    assert oracle["teacher"].endswith("teachers/Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres")
+    control = json.loads(out[3].split("config ", 1)[1])
+    assert control == {"num_epochs": 15, "num_iterations_per_epoch": 100, "num_val_iterations_per_epoch": 5,
+                       "save_every": 1, "seed": 2, "cpu_threads": 1}
+    assert not work.exists()
+    with pytest.raises(SystemExit):
+        protocol.main(["--rows", "a", "no_such_row", "--plan"])
+    assert "unknown rows ['no_such_row']; valid rows: a, a_lr0.023" in capsys.readouterr().err
 
 
-def test_the_hippocampus_script_passes_trainer_settings_and_names_the_rows_by_them(tmp_path):
-    """SET="name=value ..." goes into every row's config (JSON values) and names the rows <row>+name=value after the
-    budget and learning-rate suffixes; anything but name=value stops the script before it writes anything."""
-    done = _plan(tmp_path, ROWS="b_logitkd", LR="0.023", SET="logit_temperature=1 logit_weight=0.25")
-    assert done.returncode == 0, done.stderr
-    assert "rows are saved as <row>_lr0.023+logit_temperature=1+logit_weight=0.25 " in done.stdout
-    assert 'settings added to every row\'s config: {"initial_lr": 0.023, "logit_temperature": 1, ' \
-           '"logit_weight": 0.25}' in done.stdout
-    for bad in ("logit_temperature", "=1", "a=b=c", "Logit=1"):
-        refused = _plan(tmp_path, ROWS="b_logitkd", SET=bad)
-        assert refused.returncode == 2 and f"SET: '{bad}' is not name=value" in refused.stderr
-    assert not (tmp_path / "work").exists()
+def test_protocol_fails_loudly_naming_each_failed_row_after_the_others_ran(tmp_path, monkeypatch, capsys):
+    protocol = _protocol()
+    ran = []
+
+    def fake(paths, row, seed, device, threads):
+        ran.append((row.name, seed, threads))
+        if row.name == "b":
+            raise RuntimeError("nnUNetv2_train 104 exited with 1 (log: L)")
+        return {}
+
+    monkeypatch.setattr(protocol, "prepare", lambda *a: None)
+    monkeypatch.setattr(protocol, "held_out_images", lambda *a: None)
+    monkeypatch.setattr(protocol, "train_and_score", fake)
+    assert protocol.main(["--rows", "a", "b", "--seeds", "0", "1", "--parallel", "--work", str(tmp_path)]) == 1
+    assert sorted(ran) == [("a", 0, 1), ("a", 1, 1), ("b", 0, 1), ("b", 1, 1)]
+    err = capsys.readouterr().err
+    assert "FAILED rows:\n  b seed 0: nnUNetv2_train 104 exited with 1 (log: L)\n  b seed 1: " in err
+    ran.clear()
+    assert protocol.main(["--rows", "a", "--work", str(tmp_path)]) == 0 and ran == [("a", 0, None)]
 
 
-def test_every_row_of_the_hippocampus_script_is_described_in_the_results_tables(tmp_path):
-    """Every row unlabeled.sh runs by default (PLAN=1 prints them) has its student described in headline.py, which
-    writes the results pages' table of every row: a new row cannot land in the tables unnamed."""
-    done = _plan(tmp_path)
-    assert done.returncode == 0, done.stderr
-    rows = done.stdout.split("rows: ", 1)[1].split(" | ", 1)[0].split()
-    assert {"a", "b", "b_logitkd", "c_logitkd", "c_student"} <= set(rows)
-    assert sorted(set(rows) - set(_headline().ROW_STUDENTS)) == []
+def test_protocol_scores_a_run_with_its_resolved_settings_and_rescores_a_retrained_model(tmp_path, monkeypatch):
+    """train_and_score with nnU-Net's commands stood in for: the score file holds the row's fields and the settings
+    read back from the checkpoint (SHARED's paths made relative); a model retrained after its scoring is predicted
+    and scored again, an unchanged one is not."""
+    import os
+    import time
+
+    protocol = _protocol()
+    shared = tmp_path / "shared"
+    paths = protocol.Paths(tmp_path / "work", shared)
+    row = protocol.ROWS["b_logitkd_oracle"]
+    commands = []
+
+    def fake_run(command, log, env=None):
+        commands.append(command[0])
+        if command[0] == "nnUNetv2_train":
+            config = json.loads(Path(env["RECOKD_CONFIG"]).read_text())
+            fold = protocol.model_folder(paths, row, 0) / "fold_0"
+            fold.mkdir(parents=True)
+            torch.save({"recokd": {"settings": {**config, "initial_lr": 0.01}}}, fold / "checkpoint_final.pth")
+        elif command[0] == "nnUNetv2_predict_from_modelfolder":
+            Path(command[command.index("-o") + 1]).mkdir(parents=True)
+        elif command[0] == "nnUNetv2_evaluate_folder":
+            (Path(command[2]) / "summary.json").write_text(json.dumps({
+                "foreground_mean": {"Dice": 0.5}, "mean": {"1": {"Dice": 0.6}, "2": {"Dice": 0.4}},
+                "metric_per_case": [{}, {}]}))
+
+    monkeypatch.setattr(protocol, "run", fake_run)
+    monkeypatch.setattr(protocol, "held_out_images", lambda paths, name: tmp_path / "held_out")
+    record = protocol.train_and_score(paths, row, 0, "cpu", 1)
+    assert commands == ["nnUNetv2_train", "nnUNetv2_predict_from_modelfolder", "nnUNetv2_evaluate_folder"]
+    assert record["dice_mean"] == 0.5 and record["k"] == 20 and record["row_settings"] == {"logit_oracle_margin": 17.5}
+    assert record["settings"]["logit_oracle_margin"] == 17.5 and record["settings"]["cpu_threads"] == 1
+    assert record["settings"]["teacher"] == ("../shared/teachers/Dataset004_Hippocampus/"
+                                             "nnUNetTrainer__nnUNetPlans__3d_fullres")
+    assert json.loads((paths.scores / "b_logitkd_oracle_s0.json").read_text()) == record
+    commands.clear()
+    protocol.train_and_score(paths, row, 0, "cpu", 1)  # trained and scored: nothing runs again
+    assert commands == []
+    final = protocol.model_folder(paths, row, 0) / "fold_0" / "checkpoint_final.pth"
+    later = time.time() + 10
+    os.utime(final, (later, later))  # retrained after its scoring
+    protocol.train_and_score(paths, row, 0, "cpu", 1)
+    assert commands == ["nnUNetv2_predict_from_modelfolder", "nnUNetv2_evaluate_folder"]
 
 
 def test_logit_terms_check_splits_a_term_by_the_voxels_labels():
