@@ -1,4 +1,4 @@
-"""Make the few-label Hippocampus datasets of the unlabeled-scans protocol (examples/hippocampus/unlabeled.sh).
+"""Make the few-label Hippocampus datasets of the unlabeled-scans protocol (examples/hippocampus/protocol.py).
 
 From Dataset004_Hippocampus (208 labelled cases) and nnU-Net's own fold-0 split of it (the split the shared
 teacher was trained on: generate_crossval_split over the sorted case identifiers, seed 12345):

@@ -1,6 +1,6 @@
 """Where does the logit-KD term pull a student, compared with nnU-Net's seg loss? A diagnostic for row c_logitkd.
 
-Loads a model folder's fold checkpoint (e.g. a c_logitkd run of unlabeled.sh, any epoch's checkpoint_latest.pth)
+Loads a model folder's fold checkpoint (e.g. a c_logitkd run of protocol.py, any epoch's checkpoint_latest.pth)
 into its own trainer (the trainer class and settings it was trained with), draws training batches through nnU-Net's
 own augmenting data loader, and for each batch reports, at the full-resolution output:
   - the share of the logit term (its per-voxel KL, LogitKDLoss.per_voxel) and of the

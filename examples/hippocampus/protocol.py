@@ -271,7 +271,7 @@ def prepare(paths: Paths, name: str, device: str) -> Dataset:
 
 
 def unlabeled_folder(paths: Paths, d: Dataset) -> Path:
-    """The unlabeled images that come with a labelled dataset (unlabeled.sh's folder names, kept)."""
+    """The unlabeled images that come with a labelled dataset (the folder names of the shell script it replaced, kept: a work folder made then is reused)."""
     return paths.work / ("unlabeled_valhalf" if d.unlabeled == "val-half" else f"unlabeled_k{d.k}")
 
 
