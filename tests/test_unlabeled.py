@@ -327,6 +327,27 @@ def test_protocol_plan_prints_each_runs_config_and_writes_nothing(tmp_path, caps
     assert "unknown rows ['no_such_row']; valid rows: a, a_lr0.023" in capsys.readouterr().err
 
 
+def test_protocol_trains_a_teacher_row_before_the_rows_it_teaches(tmp_path, capsys):
+    """Self-training (issue #35, item 2): teacher_k20 labels Dataset224 and teaches s_recokd; it is trained first,
+    once (its seed-0 model serves every student seed), and named in the plan."""
+    protocol = _protocol()
+    rows = [protocol.ROWS[r] for r in ("s_student", "s_recokd", "a")]
+    assert [r.name for r in protocol.teacher_rows(rows)] == ["teacher_k20"]
+    assert protocol.teacher_rows([protocol.ROWS["c_recokd"], protocol.ROWS["b"]]) == []  # the shared teacher
+    assert protocol.main(["--rows", "s_recokd", "--seeds", "0", "1", "--plan", "--work", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "first teacher_k20 seed 0 (it teaches these rows or labels their dataset)"
+    teacher = json.loads(out[2].split("config ", 1)[1])["teacher"]  # seed 1's student: the seed-0 teacher
+    assert teacher == str(tmp_path / "results_teacher_k20" / "s0" / "Dataset104_HippoK20"
+                          / "nnUNetTrainerTeacher__nnUNetPlans__3d_fullres")
+    paths = protocol.Paths(tmp_path, tmp_path / "shared")
+    with pytest.raises(RuntimeError, match="labelled by row teacher_k20's model, which is not trained: python "
+                                           "protocol.py --rows teacher_k20"):
+        (tmp_path / "preprocessed" / "Dataset104_HippoK20").mkdir(parents=True)
+        (tmp_path / "preprocessed" / "Dataset104_HippoK20" / ".recokd_3d_fullres_done").touch()
+        protocol.prepare(paths, "HippoK20SelfTaught", "cpu")
+
+
 def test_protocol_fails_loudly_naming_each_failed_row_after_the_others_ran(tmp_path, monkeypatch, capsys):
     protocol = _protocol()
     ran = []

@@ -39,6 +39,7 @@ REPOSITORY = HERE.parents[1]
 SHARED_TEACHER = "teachers/Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres"  # under SHARED
 SOURCE = "data/Dataset004_Hippocampus"  # under SHARED
 PROTOCOL_BUDGET = (15, 100)  # epochs x iterations of every row unless it says otherwise
+TEACHER_SEED = 0  # a row that teaches other rows (a teacher row, a dataset's labeller) serves them with this seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,9 @@ DATASETS = {d.name: d for d in [
     Dataset(605, "HippoK5", "labelled", k=5),
     Dataset(705, "HippoK5Unlabeled", "derived", labelled="HippoK5"),
     Dataset(304, "HippoAllUnlabeled", "all-unlabeled"),
+    # self-training (issue #35, item 2): the other 146 fold-0 training cases labelled by a teacher trained on the same
+    # 20 labelled cases only (row teacher_k20): no model sees a label beyond the 20
+    Dataset(224, "HippoK20SelfTaught", "derived", labelled="HippoK20", teacher="teacher_k20"),
     Dataset(4, "Hippocampus", "full"),
 ]}
 
@@ -169,6 +173,18 @@ ROWS = {r.name: r for r in [
     Row("u_c", "HippoK20HalfUnlabeled", "nnUNetTrainerStudent",
         "control trainer on Dataset205: 20 labelled + 21 scans the teacher never saw, teacher-labelled",
         held_out="HippoK20Half"),
+    Row("teacher_k20", "HippoK20", "nnUNetTrainerTeacher",
+        "full-width nnU-Net teacher (`nnUNetTrainerTeacher`) trained on the 20 labelled cases only (Dataset104)",
+        label="full-width teacher, 20 labels"),
+    Row("s_student", "HippoK20SelfTaught", "nnUNetTrainerStudent",
+        "control trainer on Dataset224: 20 labelled + 146 labelled by teacher_k20 (self-training: no label beyond "
+        "the 20)", label="(s) self-training, pseudo-labels alone"),
+    Row("s_recokd", "HippoK20SelfTaught", "nnUNetTrainerReCoKD",
+        "`nnUNetTrainerReCoKD` on Dataset224 with teacher_k20 as the teacher (self-training + MS-SARD/MS-CA)",
+        teacher="teacher_k20", label="(s) self-training + ReCo-KD"),
+    Row("s_logitkd_cwd", "HippoK20SelfTaught", "nnUNetTrainerLogitKD_CWD",
+        "`nnUNetTrainerLogitKD_CWD` on Dataset224 with teacher_k20 as the teacher (self-training + channel-wise "
+        "logit KD)", teacher="teacher_k20", label="(s) self-training + CWD"),
     Row("w8_a", "HippoK20", "nnUNetTrainerStudent_w8", "control, width 1/8, 20 labelled cases (Dataset104)"),
     Row("w8_c", "HippoK20Unlabeled", "nnUNetTrainerStudent_w8",
         "control trainer, width 1/8, on Dataset204 (pseudo-labels alone)"),
@@ -203,13 +219,14 @@ class Paths:
     def source(self) -> Path:
         return self.shared / SOURCE
 
-    def teacher(self, teacher: Optional[str], seed: int = 0) -> Optional[Path]:
-        """The model folder of a teacher: the shared one, or a row's (trained with `seed`)."""
+    def teacher(self, teacher: Optional[str]) -> Optional[Path]:
+        """The model folder of a teacher: the shared one, or a row's (its seed-0 model: one teacher serves every
+        student seed)."""
         if teacher is None:
             return None
         if teacher == "shared":
             return self.shared / SHARED_TEACHER
-        return model_folder(self, ROWS[teacher], seed)
+        return model_folder(self, ROWS[teacher], TEACHER_SEED)
 
 
 def model_folder(paths: Paths, row: Row, seed: int) -> Path:
@@ -250,6 +267,9 @@ def prepare(paths: Paths, name: str, device: str) -> Dataset:
         labelled = prepare(paths, d.labelled, device) if d.labelled else None
         images = unlabeled_folder(paths, labelled) if labelled else all_unlabeled_images(paths)
         teacher = paths.teacher(d.teacher)
+        if not (teacher / "fold_0" / "checkpoint_final.pth").exists() and d.teacher != "shared":
+            raise RuntimeError(f"dataset {d.folder_name} is labelled by row {d.teacher}'s model, which is not "
+                               f"trained: python {Path(__file__).name} --rows {d.teacher}")
         command = ["nnunetv2_recokd", "add-unlabeled", "-i", str(images), "-t", str(teacher), "--id", str(d.id),
                    "--name", d.name, "-device", device, "-np", "2", "--threads", "2", *d.flags]
         if labelled:
@@ -271,7 +291,8 @@ def prepare(paths: Paths, name: str, device: str) -> Dataset:
 
 
 def unlabeled_folder(paths: Paths, d: Dataset) -> Path:
-    """The unlabeled images that come with a labelled dataset (the folder names of the shell script it replaced, kept: a work folder made then is reused)."""
+    """The unlabeled images that come with a labelled dataset (the shell script's folder names, kept: a work folder
+    it made is reused)."""
     return paths.work / ("unlabeled_valhalf" if d.unlabeled == "val-half" else f"unlabeled_k{d.k}")
 
 
@@ -317,7 +338,7 @@ def row_config(paths: Paths, row: Row, seed: int, threads: Optional[int]) -> dic
               "num_val_iterations_per_epoch": 5, "save_every": 1, "seed": seed, **row.settings}
     if threads:
         config["cpu_threads"] = threads
-    teacher = paths.teacher(row.teacher, seed)
+    teacher = paths.teacher(row.teacher)
     if teacher is not None:
         config["teacher"] = str(teacher)
     return config
@@ -402,9 +423,30 @@ def write_table(paths: Paths) -> str:
     return text
 
 
+def teacher_rows(rows: list[Row]) -> list[Row]:
+    """The rows whose model teaches `rows` (as their teacher, or as the labeller of their dataset), teachers of
+    teachers first."""
+    needed: list[Row] = []
+
+    def visit(name: Optional[str]) -> None:
+        if name is None or name == "shared" or ROWS[name] in needed:
+            return
+        teacher = ROWS[name]
+        visit(teacher.teacher)
+        visit(DATASETS[teacher.dataset].teacher if DATASETS[teacher.dataset].kind == "derived" else None)
+        needed.append(teacher)
+
+    for row in rows:
+        visit(row.teacher)
+        dataset = DATASETS[row.dataset]
+        visit(dataset.teacher if dataset.kind == "derived" else None)
+    return needed
+
+
 def plan(paths: Paths, rows: list[Row], seeds: list[int], threads: Optional[int]) -> str:
     """What would run: each row's dataset, trainer, budget and config (nothing is written)."""
-    out = []
+    out = [f"first {t.name} seed {TEACHER_SEED} (it teaches these rows or labels their dataset)"
+           for t in teacher_rows(rows)]
     for row in rows:
         for seed in seeds:
             out.append(f"{row.name} seed {seed}: {row.trainer} on {DATASETS[row.dataset].folder_name} fold {row.fold} "
@@ -442,6 +484,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(plan(paths, rows, args.seeds, threads))
         return 0
     failed = []
+    for teacher in teacher_rows(rows):  # a row that teaches the others is trained (and scored) first
+        try:
+            train_and_score(paths, teacher, TEACHER_SEED, args.device, args.threads)
+        except RuntimeError as e:
+            print(f"FAILED row {teacher.name} seed {TEACHER_SEED}, the teacher of other rows: {e}", file=sys.stderr)
+            return 1
     for name in dict.fromkeys([r.dataset for r in rows] + [r.held_out for r in rows]):
         prepare(paths, name, args.device)  # before any row runs: rows side by side share them
     for row in rows:
