@@ -185,6 +185,9 @@ ROWS = {r.name: r for r in [
     Row("s_logitkd_cwd", "HippoK20SelfTaught", "nnUNetTrainerLogitKD_CWD",
         "`nnUNetTrainerLogitKD_CWD` on Dataset224 with teacher_k20 as the teacher (self-training + channel-wise "
         "logit KD)", teacher="teacher_k20", label="(s) self-training + CWD"),
+    Row("u_recokd", "HippoK20HalfUnlabeled", "nnUNetTrainerReCoKD",
+        "`nnUNetTrainerReCoKD` on Dataset205 (20 labelled + 21 scans the teacher never saw, teacher-labelled) with the "
+        "shared teacher", held_out="HippoK20Half", teacher="shared"),
     Row("w8_a", "HippoK20", "nnUNetTrainerStudent_w8", "control, width 1/8, 20 labelled cases (Dataset104)"),
     Row("w8_c", "HippoK20Unlabeled", "nnUNetTrainerStudent_w8",
         "control trainer, width 1/8, on Dataset204 (pseudo-labels alone)"),
