@@ -61,6 +61,9 @@ class DistillSettings:
     teacher_trainer: str
     teacher_plans: Optional[str]
     teacher_checkpoint: str
+    # the teacher dataset's splits_final.json, for the leakage checks when that dataset's nnUNet_preprocessed folder is
+    # not on this machine (None: nnUNet_preprocessed/<the teacher's plans dataset_name>/splits_final.json)
+    teacher_splits: Optional[str]
     # True: accept a teacher that was trained on some of the student's validation cases (another fold, fold_all,
     # an ensemble of folds); the student's fold validation is then marked optimistic in the log and the report
     allow_leaky_teacher: bool

@@ -22,7 +22,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -387,31 +387,69 @@ class Leakage:
                 "source": self.source}
 
 
-def teacher_held_out_cases(teacher: LoadedTeacher, splits: Optional[list[dict]]) -> tuple[Optional[list[str]], str]:
-    """The cases the teacher was NOT trained on, and where that comes from; (None, why) when it cannot be told.
+def teacher_splits(plans: dict, splits_file: Optional[Union[str, Path]] = None) -> tuple[Optional[list[dict]], str]:
+    """The teacher's OWN cross-validation split (never the student's: a student's split re-drawn for another dataset
+    says nothing about what the teacher was trained on): the file given (the `teacher_splits` setting), else the
+    splits_final.json of the dataset the teacher's plans name, under nnUNet_preprocessed. (None, why) when neither
+    exists.
 
-    A fold_all teacher first: it was trained on every case, and nnU-Net's fold `all` validates on its own training
-    cases, so its validation summary names no held-out case. Then the teacher's own validation summary (the cases
-    nnU-Net validated it on: exactly its held-out set), else the fold of the dataset's splits_final.json that the
-    teacher's checkpoint names.
+    Raises:
+        TeacherError: a given file that does not exist or is no list of folds.
     """
-    fold = teacher.fold
+    if splits_file is not None:
+        path = Path(splits_file)
+        try:
+            splits = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise TeacherError(f"teacher_splits {path}: not a readable splits_final.json ({e})") from None
+        if not isinstance(splits, list) or not all(isinstance(f, dict) and "val" in f for f in splits):
+            raise TeacherError(f"teacher_splits {path}: expected nnU-Net's splits_final.json, a list of "
+                               f"{{\"train\": [...], \"val\": [...]}} folds")
+        return splits, str(path)
+    name = plans.get("dataset_name")
+    root = os.environ.get("nnUNet_preprocessed")
+    if name and root and (Path(root) / name / "splits_final.json").is_file():
+        path = Path(root) / name / "splits_final.json"
+        return json.loads(path.read_text()), str(path)
+    return None, (f"no splits_final.json of the teacher's dataset {name} under nnUNet_preprocessed ({root}) and no "
+                  f"teacher_splits setting")
+
+
+def held_out_cases(fold_folder: Path, fold: Union[int, str, None], file_ending: str,
+                   splits: Optional[list[dict]], splits_source: str = "splits_final.json"
+                   ) -> tuple[Optional[list[str]], str]:
+    """The cases a model's fold was NOT trained on, and where that comes from; (None, why) when it cannot be told.
+
+    A fold_all model first: it was trained on every case, and nnU-Net's fold `all` validates on its own training
+    cases, so its validation summary names no held-out case. Then the fold's own validation summary (the cases
+    nnU-Net validated it on: exactly its held-out set), else that fold of the model's own split (`splits`, see
+    teacher_splits).
+    """
     if fold == "all":
         return [], "fold_all (trained on every case)"
-    summary = teacher.location.checkpoint.parent / "validation" / "summary.json"
-    ending = teacher.dataset_json.get("file_ending", "")
+    summary = fold_folder / "validation" / "summary.json"
     if summary.is_file():
         try:
             per_case = json.loads(summary.read_text()).get("metric_per_case", [])
             names = [Path(c["reference_file"]).name for c in per_case]
-            return [n[:-len(ending)] if ending and n.endswith(ending) else n for n in names], str(summary)
+            cases = [n[:-len(file_ending)] if file_ending and n.endswith(file_ending) else n for n in names]
+            return cases, str(summary)
         except (OSError, ValueError, KeyError, TypeError):
             pass  # an unreadable summary: fall back to the split
     if isinstance(fold, int) and splits is not None and 0 <= fold < len(splits):
-        return list(splits[fold]["val"]), f"splits_final.json, fold {fold}"
+        return list(splits[fold]["val"]), f"{splits_source}, fold {fold}"
     if fold is None:
         return None, "the teacher checkpoint names no fold"
-    return None, f"splits_final.json has no fold {fold} (nnU-Net then drew a random split)"
+    if splits is None:
+        return None, splits_source
+    return None, f"{splits_source} has no fold {fold}"
+
+
+def teacher_held_out_cases(teacher: LoadedTeacher, splits: Optional[list[dict]],
+                           splits_source: str = "splits_final.json") -> tuple[Optional[list[str]], str]:
+    """held_out_cases of a loaded teacher (`splits`: the teacher's own split, see teacher_splits)."""
+    return held_out_cases(teacher.location.checkpoint.parent, teacher.fold, teacher.dataset_json.get("file_ending", ""),
+                          splits, splits_source)
 
 
 def combined_leakage(leaks: list[Optional[Leakage]]) -> Optional[Leakage]:
@@ -427,15 +465,40 @@ def combined_leakage(leaks: list[Optional[Leakage]]) -> Optional[Leakage]:
 
 
 def find_leakage(teacher: LoadedTeacher, student_fold: Union[int, str], student_validation: list[str],
-                 splits: Optional[list[dict]]) -> Optional[Leakage]:
+                 splits: Optional[list[dict]], splits_source: str = "splits_final.json",
+                 same_dataset: bool = False) -> Optional[Leakage]:
     """The student's validation cases that the teacher was trained on (None: none, or the student has no
-    held-out validation, fold 'all'). A teacher whose held-out cases cannot be told counts as having seen all."""
+    held-out validation, fold 'all'). `splits` is the TEACHER's own split (teacher_splits). A teacher whose held-out
+    cases cannot be told counts as having seen all, except the same fold of the same dataset (the same split)."""
     if student_fold == "all":
         return None
-    held_out, source = teacher_held_out_cases(teacher, splits)
-    if held_out is None and teacher.fold == student_fold:  # same fold of the same dataset: the same split
+    held_out, source = teacher_held_out_cases(teacher, splits, splits_source)
+    if held_out is None and same_dataset and teacher.fold == student_fold:
         return None
     seen = sorted(student_validation) if held_out is None else sorted(set(student_validation) - set(held_out))
     if not seen:
         return None
     return Leakage(cases=seen, n_validation=len(student_validation), teacher_fold=teacher.fold, source=source)
+
+
+def labeller_leakage(model_folder: Union[str, Path], folds: Sequence[Union[int, str]], student_fold: Union[int, str],
+                     student_validation: list[str], splits_file: Optional[Union[str, Path]] = None
+                     ) -> Optional[Leakage]:
+    """The student's validation cases that the teacher folds which LABELLED its dataset (add-unlabeled's
+    `teacher_folds`) were trained on: the student learns from their labels, so what they saw reaches it too. The
+    folds' held-out cases come from their validation summaries or the teacher's own split (teacher_splits); a fold
+    whose held-out cases cannot be told counts as having seen every validation case."""
+    if student_fold == "all":
+        return None
+    folder = Path(model_folder)
+    plans = load_json(str(folder / "plans.json"))
+    ending = load_json(str(folder / "dataset.json")).get("file_ending", "")
+    splits, source = teacher_splits(plans, splits_file)
+    leaks = []
+    for fold in folds:
+        fold = int(fold) if isinstance(fold, str) and fold.isdigit() else fold
+        held_out, why = held_out_cases(folder / f"fold_{fold}", fold, ending, splits, source)
+        seen = sorted(student_validation) if held_out is None else sorted(set(student_validation) - set(held_out))
+        if seen:
+            leaks.append(Leakage(cases=seen, n_validation=len(student_validation), teacher_fold=fold, source=why))
+    return combined_leakage(leaks)

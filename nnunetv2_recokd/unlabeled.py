@@ -57,6 +57,11 @@ def dataset_teacher(dataset_json: dict) -> Optional[str]:
     return (dataset_json.get(DATASET_KEY) or {}).get("teacher")
 
 
+def dataset_teacher_folds(dataset_json: dict) -> Optional[list]:
+    """The folds of the teacher that labelled a derived dataset (None for an ordinary dataset)."""
+    return (dataset_json.get(DATASET_KEY) or {}).get("teacher_folds")
+
+
 def dataset_min_agreement(dataset_json: dict) -> Optional[float]:
     """The agreement of the teacher's mirrorings below which a derived dataset holds the ignore label (None: every
     teacher label kept)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,8 +12,17 @@ import pytest
 import torch
 
 from nnunetv2_recokd.config import SettingsError
-from nnunetv2_recokd.teacher import LoadedTeacher, TeacherError, TeacherLocation, check_compatible, find_leakage
+from nnunetv2_recokd.teacher import (
+    LoadedTeacher,
+    TeacherError,
+    TeacherLocation,
+    check_compatible,
+    find_leakage,
+    labeller_leakage,
+    teacher_splits,
+)
 from nnunetv2_recokd.trainers import nnUNetTrainerReCoKD, nnUNetTrainerStudent, nnUNetTrainerStudent_w8
+from nnunetv2_recokd.unlabeled import DATASET_KEY
 from tests.tiny_nnunet import make_trainer, setup_env, tiny_batch
 
 CFG = "3d_fullres"
@@ -168,10 +178,65 @@ def test_the_teachers_own_validation_summary_wins_over_the_split(tmp_path):
     assert find_leakage(teacher, 2, ["c", "d"], SPLITS).cases == ["c", "d"]
 
 
-def test_unknown_teacher_split_counts_as_seen_unless_same_fold(tmp_path):
+def test_unknown_teacher_split_counts_as_seen_unless_same_fold_of_the_same_dataset(tmp_path):
     assert find_leakage(_loaded(tmp_path, 7), 0, ["a"], SPLITS).cases == ["a"]  # no fold 7 in the splits
-    assert find_leakage(_loaded(tmp_path, 7), 7, ["a"], SPLITS) is None  # the same random split as the student's
+    # the same fold of the same dataset: the same random split as the student's
+    assert find_leakage(_loaded(tmp_path, 7), 7, ["a"], SPLITS, same_dataset=True) is None
+    # a teacher of another dataset (e.g. the student's is a derived dataset): its fold 7 says nothing
+    assert find_leakage(_loaded(tmp_path, 7), 7, ["a"], None).cases == ["a"]
     assert find_leakage(_loaded(tmp_path, None), 0, ["a"], SPLITS).cases == ["a"]
+
+
+def test_the_teachers_split_is_its_own_datasets_or_the_setting_never_the_students(tmp_path, monkeypatch):
+    pre = tmp_path / "pre"
+    (pre / "DatasetT").mkdir(parents=True)
+    (pre / "DatasetT" / "splits_final.json").write_text(json.dumps(SPLITS))
+    monkeypatch.setenv("nnUNet_preprocessed", str(pre))
+    splits, source = teacher_splits({"dataset_name": "DatasetT"})
+    assert splits == SPLITS and source == str(pre / "DatasetT" / "splits_final.json")
+    splits, why = teacher_splits({"dataset_name": "DatasetGone"})
+    assert splits is None and "no splits_final.json of the teacher's dataset DatasetGone" in why
+    own = tmp_path / "teacher_splits.json"  # the setting wins: a teacher whose dataset is not on this machine
+    own.write_text(json.dumps([{"train": ["a"], "val": ["b", "c", "d"]}]))
+    assert teacher_splits({"dataset_name": "DatasetT"}, own) == ([{"train": ["a"], "val": ["b", "c", "d"]}], str(own))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(TeacherError, match="expected nnU-Net's splits_final.json"):
+        teacher_splits({}, tmp_path / "bad.json")
+    with pytest.raises(TeacherError, match="not a readable splits_final.json"):
+        teacher_splits({}, tmp_path / "missing.json")
+
+
+def _labeller(tmp_path: Path, folds: list, summary: dict = None) -> Path:
+    """A teacher model folder (plans naming DatasetT, dataset.json, fold folders) that labelled a dataset."""
+    folder = tmp_path / "labeller"
+    folder.mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps({"dataset_name": "DatasetT"}))
+    (folder / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz"}))
+    for fold in folds:
+        (folder / f"fold_{fold}").mkdir()
+    for fold, cases in (summary or {}).items():
+        (folder / f"fold_{fold}" / "validation").mkdir()
+        (folder / f"fold_{fold}" / "validation" / "summary.json").write_text(json.dumps({"metric_per_case": [
+            {"reference_file": f"/gt/{c}.nii.gz"} for c in cases]}))
+    return folder
+
+
+def test_the_teacher_folds_that_labelled_a_dataset_must_not_have_trained_on_its_validation(tmp_path, monkeypatch):
+    pre = tmp_path / "pre"
+    (pre / "DatasetT").mkdir(parents=True)
+    (pre / "DatasetT" / "splits_final.json").write_text(json.dumps(SPLITS))  # the TEACHER's split
+    monkeypatch.setenv("nnUNet_preprocessed", str(pre))
+    folder = _labeller(tmp_path, [0, 1, 2])
+    assert labeller_leakage(folder, [0], 0, ["a"]) is None  # fold 0 held out a
+    leak = labeller_leakage(folder, [0, 1, 2], 0, ["a"])  # folds 1 and 2 trained on a
+    assert leak.cases == ["a"] and leak.teacher_fold == [1, 2]
+    assert labeller_leakage(folder, [2], 2, ["c", "d"]) is None and labeller_leakage(folder, [0], "all", ["a"]) is None
+    # the teacher's split unknown: every validation case counts as seen
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "elsewhere"))
+    assert labeller_leakage(folder, [0], 0, ["a"]).cases == ["a"]
+    # a fold's validation summary says what it held out, whatever the split
+    summarised = _labeller(tmp_path / "s", [1], summary={1: ["a", "b"]})
+    assert labeller_leakage(summarised, [1], 0, ["a"]) is None
 
 
 def test_student_fold_all_has_no_held_out_validation_to_protect(tmp_path):
@@ -193,11 +258,34 @@ def test_allowed_leaky_teacher_marks_the_validation_optimistic(tiny, tmp_path, m
     _config(tmp_path, monkeypatch, allow_leaky_teacher=True)
     trainer = make_trainer(nnUNetTrainerReCoKD, *tiny)
     trainer.initialize()
-    assert trainer._leakage == {"cases": 1, "of": 1, "teacher_fold": 1, "source": "splits_final.json, fold 1"}
+    source = str(Path(os.environ["nnUNet_preprocessed"]) / tiny[0]["dataset_name"] / "splits_final.json")
+    assert trainer._leakage == {"cases": 1, "of": 1, "teacher_fold": 1, "source": f"{source}, fold 1"}
     assert "OPTIMISTIC" in Path(trainer.log_file).read_text()
     path = tmp_path / "ckpt.pth"
     trainer.save_checkpoint(str(path))
     assert torch.load(path, weights_only=False)["recokd"]["teacher_saw_validation_cases"]["cases"] == 1
+
+
+def test_a_dataset_labelled_by_teacher_folds_that_saw_the_validation_is_refused_even_for_the_control(
+        tiny, tmp_path, monkeypatch):
+    """add-unlabeled's teacher_folds read back: labels made by teacher fold 1, which trained on case_001, would carry
+    fold 0's validation case into any student of fold 0, the control trainer's too."""
+    _two_fold_split(tiny[0])
+    plans, dataset = tiny
+    labeller = os.environ["RECOKD_TEACHER"]  # a model folder of the same dataset: its split is the two-fold one
+
+    def derived(folds):
+        return {**dataset, DATASET_KEY: {"teacher": labeller, "teacher_folds": folds, "teacher_labelled": ["u0"]}}
+
+    make_trainer(nnUNetTrainerStudent, plans, derived([0])).initialize()  # the student's own fold labelled: fine
+    with pytest.raises(TeacherError) as e:
+        make_trainer(nnUNetTrainerStudent, plans, derived([0, 1])).initialize()
+    assert "folds 0, 1" in str(e.value) and "case_001" in str(e.value) and "add-unlabeled ... -f 0" in str(e.value)
+    _config(tmp_path, monkeypatch, allow_leaky_teacher=True)
+    trainer = make_trainer(nnUNetTrainerStudent, plans, derived([0, 1]))
+    trainer.initialize()
+    assert trainer._leakage["cases"] == 1 and trainer._leakage["teacher_fold"] == 1
+    assert "OPTIMISTIC" in Path(trainer.log_file).read_text()
 
 
 def test_teacher_whose_summary_holds_out_the_students_cases_is_accepted(tiny, tmp_path, monkeypatch):

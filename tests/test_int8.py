@@ -55,26 +55,30 @@ def _labels(folder: Path) -> dict[str, np.ndarray]:
 
 
 def test_calibration_cases_are_evenly_spaced_and_the_folds_training_cases(world, tmp_path, monkeypatch):
+    """(tests/test_calibration.py tests the choice per fold, the refusals and a student's channels in detail.)"""
     root, student = world
     model = open_model_folder(student, [1])
     raw = root / "raw"
     monkeypatch.setenv("nnUNet_raw", str(raw))
     monkeypatch.delenv("nnUNet_preprocessed", raising=False)
-    picked = quantize.calibration_cases(model, num_cases=2)
+    picked = quantize.calibration_cases(model, num_cases=2, fold="all")  # fold all: trained on every case
     assert [Path(c[0]).name for c in picked] == ["case_000_0000.nii.gz", "case_003_0000.nii.gz"]  # ends of 0..3
+    # a numbered fold without the dataset's splits: its held-out cases are unknown, so no image is used
+    with pytest.raises(DeployError, match="fold 1 .*nnUNet_preprocessed is not set"):
+        quantize.calibration_cases(model, num_cases=8, fold=1)
     # with the dataset's splits: fold 1's training cases only (held-out cases stay held out)
     pre = tmp_path / "pre" / sandbox.SANDBOX_DATASET
     pre.mkdir(parents=True)
     (pre / "splits_final.json").write_text(json.dumps([{"train": ["case_000"], "val": ["case_001", "case_002"]},
                                                        {"train": ["case_001", "case_002"], "val": ["case_000"]}]))
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
-    picked = quantize.calibration_cases(model, num_cases=8)
+    picked = quantize.calibration_cases(model, num_cases=8, fold=1)
     assert [Path(c[0]).name for c in picked] == ["case_001_0000.nii.gz", "case_002_0000.nii.gz"]
     # a named folder wins; no folder and no raw dataset: the error says what to give
-    assert len(quantize.calibration_cases(model, str(root / "images"))) == 2
+    assert len(quantize.calibration_cases(model, str(root / "images"), fold=1)) == 2
     monkeypatch.setenv("nnUNet_raw", str(tmp_path / "nowhere"))
     with pytest.raises(DeployError, match="--calibration FOLDER"):
-        quantize.calibration_cases(model)
+        quantize.calibration_cases(model, fold=1)
 
 
 def test_int8_prediction_is_calibrated_once_cached_and_agrees_with_f32(world, tmp_path, monkeypatch):

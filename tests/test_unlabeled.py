@@ -318,6 +318,8 @@ def test_protocol_plan_prints_each_runs_config_and_writes_nothing(tmp_path, caps
     oracle = json.loads(out[0].split("config ", 1)[1])
     assert oracle["logit_oracle_margin"] == 17.5 and oracle["cpu_threads"] == 1 and oracle["seed"] == 0
     assert oracle["teacher"].endswith("teachers/Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres")
+    # the leakage checks read the shared teacher's own split, written into WORK when rows run
+    assert oracle["teacher_splits"] == str(work / "splits_Dataset004_Hippocampus.json")
     control = json.loads(out[3].split("config ", 1)[1])
     assert control == {"num_epochs": 15, "num_iterations_per_epoch": 100, "num_val_iterations_per_epoch": 5,
                        "save_every": 1, "seed": 2, "cpu_threads": 1}

@@ -344,7 +344,27 @@ def row_config(paths: Paths, row: Row, seed: int, threads: Optional[int]) -> dic
     teacher = paths.teacher(row.teacher)
     if teacher is not None:
         config["teacher"] = str(teacher)
+    dataset = DATASETS[row.dataset]
+    if "shared" in (row.teacher, dataset.teacher if dataset.kind in ("derived", "all-unlabeled") else None):
+        # the leakage checks read the teacher's own split; Dataset004 is not preprocessed in WORK (row e aside)
+        config["teacher_splits"] = str(paths.work / SHARED_SPLITS)
     return config
+
+
+SHARED_SPLITS = "splits_Dataset004_Hippocampus.json"
+
+
+def write_shared_teacher_splits(paths: Paths) -> Path:
+    """The shared teacher's own split (nnU-Net's 5-fold split of Dataset004, generate_crossval_split over the sorted
+    case identifiers, seed 12345: what nnU-Net draws without a splits_final.json; the teacher is its fold 0)."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    out = paths.work / SHARED_SPLITS
+    if not out.is_file():
+        cases = sorted(f.name[:-7] for f in (paths.source / "labelsTr").iterdir() if f.name.endswith(".nii.gz"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(generate_crossval_split(cases, seed=12345, n_splits=5), indent=1))
+    return out
 
 
 def train_and_score(paths: Paths, row: Row, seed: int, device: str, threads: Optional[int]) -> dict:
@@ -487,6 +507,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(plan(paths, rows, args.seeds, threads))
         return 0
     failed = []
+    write_shared_teacher_splits(paths)
     for teacher in teacher_rows(rows):  # a row that teaches the others is trained (and scored) first
         try:
             train_and_score(paths, teacher, TEACHER_SEED, args.device, args.threads)

@@ -34,8 +34,10 @@ def add_model_arguments(p: argparse.ArgumentParser, trainer_default: str = "nnUN
 
 
 def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calibration", help="int8: folder of images in nnU-Net's naming to calibrate on (a few training "
-                                         "cases; default: $nnUNet_raw/<dataset>/imagesTr, the fold's training cases)")
+    p.add_argument("--calibration", help="int8: folder of images in nnU-Net's naming to calibrate every fold on (a few "
+                                         "training cases; a student that reads fewer channels takes the dataset's "
+                                         "layout too; default: $nnUNet_raw/<dataset>/imagesTr, each fold's own "
+                                         "training cases per $nnUNet_preprocessed/<dataset>/splits_final.json)")
     p.add_argument("--calibration_cases", type=int, default=CALIBRATION_CASES,
                    help=f"int8: how many cases of the calibration folder are used (default {CALIBRATION_CASES})")
 
@@ -138,17 +140,9 @@ def export_main(args: argparse.Namespace) -> int:
 def dataset_layout(folder: str, model: ModelFolder) -> bool:
     """True when `folder` holds more channel files per case than a student that reads fewer channels needs (the
     dataset's layout: its channel files are then picked by inputs.channels.student_input_files)."""
-    from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
+    from nnunetv2_recokd.inputs.channels import holds_dataset_layout
 
-    from nnunetv2_recokd.inputs.channels import DATASET_KEY
-
-    mapping = model.dataset_json.get(DATASET_KEY)
-    if not mapping or not os.path.isdir(folder):
-        return False
-    ending = model.dataset_json["file_ending"]
-    files = [f for f in os.listdir(folder) if f.endswith(ending)]
-    cases = get_identifiers_from_splitted_dataset_folder(folder, ending)  # nnU-Net's reading of <case>_XXXX<ending>
-    return len(cases) > 0 and len(files) > len(cases) * len(mapping)
+    return holds_dataset_layout(folder, model.dataset_json)
 
 
 def student_inputs_main(args: argparse.Namespace) -> int:

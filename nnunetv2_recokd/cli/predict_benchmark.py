@@ -91,7 +91,8 @@ def per_patch(folder: Path, checkpoint: str, runtimes: Sequence[str], runs: int,
     """ms per forward of one patch (batch 1) of the folder's first fold: PyTorch eager and each runtime (with
     plain_graph also each runtime on the export without deploy/graph.py's rewrites, key "<runtime> plain"; with
     precisions other than f32 also OpenVINO at each of them, key "openvino <precision>", int8 calibrated on the
-    cases of the calibration folder; with cache_dir the int8 network quantized by an earlier load is reused)."""
+    cases of the calibration folder, default: the first fold's training cases; with cache_dir the int8 network
+    quantized by an earlier load is reused)."""
     import torch
 
     from nnunetv2_recokd.deploy.modelfolder import open_model_folder
@@ -117,7 +118,7 @@ def per_patch(folder: Path, checkpoint: str, runtimes: Sequence[str], runs: int,
             from nnunetv2_recokd.deploy.quantize import calibration_cases, calibration_key, calibration_tiles
             from nnunetv2_recokd.deploy.runtime import onnx_cache_file
 
-            cases = calibration_cases(model, str(calibration) if calibration else None)
+            cases = calibration_cases(model, str(calibration) if calibration else None, fold=model.folds[0])
             extra = {"calibration": lambda: calibration_tiles(predictor, cases)}
             if cache_dir is not None:  # the predictor's cache name for this fold, checkpoint and calibration
                 onnx_file = onnx_cache_file(model.checkpoint_path(model.folds[0]), x.shape, cache_dir)
@@ -171,8 +172,8 @@ def run(teacher: Path, student: Path, images: Path, out: Path, runtimes: Sequenc
         patch_runtimes: Optional[Sequence[str]] = None, patch_plain_graph: bool = False,
         precisions: Sequence[str] = ("f32",), calibration: Optional[Path] = None) -> dict:
     """Every row of the benchmark (see the module's docstring). precisions other than f32 add, for the student,
-    `predict --runtime openvino --precision P` rows (int8 calibrated on the calibration folder's cases, default: the
-    model's training images) and per-patch latencies; their Dice against the labels is compared with f32's."""
+    `predict --runtime openvino --precision P` rows (int8 calibrated on the calibration folder's cases, default: each
+    fold's own training images) and per-patch latencies; their Dice against the labels is compared with f32's."""
     from nnunetv2_recokd.deploy.modelfolder import open_model_folder
     from nnunetv2_recokd.deploy.predictor import dice_per_class
 
@@ -384,8 +385,8 @@ def add_parser(sub) -> None:
                    help="also time each patch runtime on the plain ONNX export (no skip-concatenation rewrite)")
     p.add_argument("--precisions", nargs="+", choices=("f32", "bf16", "int8"), default=["f32"],
                    help="OpenVINO precisions of the student's rows and patch timings (default f32; e.g. f32 int8)")
-    p.add_argument("--calibration", help="int8: images to calibrate on (default: the model's training images; the "
-                                         "large workload: its own volume)")
+    p.add_argument("--calibration", help="int8: images to calibrate on (default: each fold's own training images; "
+                                         "the large workload: its own volume)")
     p.add_argument("--tta", nargs="+", choices=TTA_CHOICES,
                    help="TTA settings (default: on and off for folders, off for large)")
     p.add_argument("--large-cases", type=int, default=1, help="volumes of the large workload")

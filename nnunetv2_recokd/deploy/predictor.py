@@ -100,33 +100,39 @@ class RuntimePredictor(nnUNetPredictor):
             cache = onnx_cache_file(checkpoint, input_shape, self.cache_dir) if self.use_cache else None
             extra = {}
             if int8 is not None:
-                tiles, key, model = int8
+                model, calibrations = int8
+                tiles, key = calibrations.get(fold, (None, "exported"))
                 extra = {"calibration": tiles, "int8_file": exported_int8(model, fold),
                          "int8_cache": cache.with_name(f"{cache.stem}.int8-{key}.xml") if cache else None}
             self.fold_networks.append(compile_network(network, input_shape, self.runtime, self.threads, cache,
                                                       self.precision, **extra))
         self.compile_seconds = time.perf_counter() - start
 
-    def _int8_inputs(self, folder: str, folds: list, checkpoint_name: str):
-        """(calibration tiles, computed once on first use; calibration key; model folder) for int8. Calibration
-        cases are resolved only when a fold lacks an exported int8 network."""
+    def _int8_inputs(self, folder: str, folds: list, checkpoint_name: str) -> tuple[ModelFolder, dict]:
+        """(model folder, {fold: (calibration tiles, computed on first use; calibration key)}) for int8, one entry
+        per fold that lacks an exported int8 network: each fold is calibrated on its own cases (calibration_cases),
+        all of them resolved here, before anything is compiled. Folds in a row with the same cases (--calibration)
+        share one computation of the tiles; only the latest tiles are kept in memory.
+
+        Raises:
+            DeployError: a cascade stage, NNCF not installed, or a fold's calibration cases not found.
+        """
         from nnunetv2_recokd.deploy.modelfolder import open_model_folder
 
         model = open_model_folder(folder, folds, checkpoint_name)
         if self.configuration_manager.previous_stage_name is not None:
             raise DeployError("--precision int8 is not available for a cascade stage (its calibration would need the "
                               "previous stage's segmentations); use f32")
-        if all(exported_int8(model, fold) is not None for fold in folds):
-            return None, "exported", model
+        missing = [fold for fold in folds if exported_int8(model, fold) is None]
+        if not missing:
+            return model, {}
         require_nncf()
-        cases = calibration_cases(model, self.calibration, self.calibration_cases)
-        memo: list = []
-
-        def tiles():
-            if not memo:
-                memo.append(calibration_tiles(self, cases))
-            return memo[0]
-        return tiles, calibration_key(cases), model
+        latest: dict = {}  # {cases: tiles}, at most one entry
+        calibrations = {}
+        for fold in missing:
+            cases = calibration_cases(model, self.calibration, self.calibration_cases, fold=fold)
+            calibrations[fold] = (_tiles_on_first_use(self, cases, latest), calibration_key(cases))
+        return model, calibrations
 
     def num_input_channels(self) -> int:
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
@@ -146,6 +152,20 @@ class RuntimePredictor(nnUNetPredictor):
         if len(self.fold_networks) > 1:
             prediction /= len(self.fold_networks)
         return prediction
+
+
+def _tiles_on_first_use(predictor: nnUNetPredictor, cases: list[list[str]],
+                        latest: dict) -> Callable[[], list[np.ndarray]]:
+    """A function returning the calibration tiles of the cases, computed when first called; `latest` holds the last
+    computed tiles by their cases, reused while the cases are the same (one set of tiles in memory at a time)."""
+    key = tuple(map(tuple, cases))
+
+    def tiles() -> list[np.ndarray]:
+        if key not in latest:
+            latest.clear()
+            latest[key] = calibration_tiles(predictor, cases)
+        return latest[key]
+    return tiles
 
 
 @contextlib.contextmanager

@@ -6,12 +6,15 @@ convolutions with int8 kernels (VNNI/AMX where the CPU has them) and everything 
 the final 1x1 convolution's output) in float32.
 
 Calibration: the activation ranges come from the sliding-window tiles of a few of the user's own cases, preprocessed
-by the model's own nnU-Net preprocessor, exactly what the network sees at prediction. Which cases:
-``--calibration FOLDER`` (images in nnU-Net's naming), else the training images of the model's raw dataset
-(``$nnUNet_raw/<dataset>/imagesTr``; only the fold's training cases where ``splits_final.json`` is found, so
-held-out cases stay held out). The quantized network is cached beside the ONNX export (keyed by the checkpoint, the
-calibration files and this module's settings); ``export --precision int8`` writes it into the model folder, where
-``predict --precision int8`` uses it without any calibration images.
+by the model's own nnU-Net preprocessor, exactly what the network sees at prediction. Each fold is calibrated on its
+own cases (calibration_cases): ``--calibration FOLDER`` (images in nnU-Net's naming; the same cases for every fold),
+else that fold's own training cases per ``$nnUNet_preprocessed/<dataset>/splits_final.json`` among the images of
+the model's raw dataset (``$nnUNet_raw/<dataset>/imagesTr``; fold ``all``: every image). A fold's held-out cases are
+never used: no split, or none of the fold's training cases among the images, is an error that says what to give. A
+student that reads fewer channels than its dataset (``student_channels``) is fed the dataset channels it reads, in
+its order (``recokd_student_channels`` of its dataset.json). The quantized network is cached beside the ONNX export
+(keyed by the checkpoint, the calibration files and this module's settings); ``export --precision int8`` writes it
+into the model folder, where ``predict --precision int8`` uses it without any calibration images.
 
 Judge int8 by Dice against ground truth on held-out cases (within 0.005 of float32 per class is this project's
 bar) and by label agreement with float32: ``nnunetv2_recokd benchmark-predict --precisions f32 int8``.
@@ -29,7 +32,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from nnunetv2_recokd.deploy.modelfolder import DeployError, ModelFolder
+from nnunetv2_recokd.deploy.modelfolder import DeployError, Fold, ModelFolder
 
 CALIBRATION_CASES = 8  # cases whose tiles calibrate the activation ranges
 MAX_TILES = 64  # at most this many tiles (evenly spaced over all the cases' tiles): NNCF's statistics converge fast
@@ -52,33 +55,72 @@ def exported_int8(model: ModelFolder, fold) -> Optional[Path]:
     return candidate if candidate.is_file() and candidate.with_suffix(".bin").is_file() else None
 
 
-def calibration_cases(model: ModelFolder, folder: Optional[str] = None,
-                      num_cases: int = CALIBRATION_CASES) -> list[list[str]]:
-    """The channel files of the cases that calibrate int8, evenly spaced over the candidates (sorted by name).
+def calibration_cases(model: ModelFolder, folder: Optional[str] = None, num_cases: int = CALIBRATION_CASES, *,
+                      fold: Fold) -> list[list[str]]:
+    """The channel files of the cases that calibrate int8 for one fold, evenly spaced over the candidates (sorted by
+    name); each case's files are in the order the network reads its channels.
+
+    Args:
+        model: the model folder (its dataset.json says which channels the network reads).
+        folder: images in nnU-Net's naming, numbered as the model's dataset.json (for a student that reads fewer
+            channels, the dataset's layout is taken too: its channels are then picked). None: the images of the model's
+            raw dataset, ``$nnUNet_raw/<dataset>/imagesTr``, of the fold's own training cases only (per
+            ``$nnUNet_preprocessed/<dataset>/splits_final.json``; fold "all": every case), so that no held-out case
+            of the fold calibrates it; a student that reads fewer channels gets the dataset channels it reads, in its
+            order.
+        num_cases: at most this many cases.
+        fold: the fold whose network is calibrated.
+
+    Returns:
+        One list of C file paths per case (C: the channels of the model's dataset.json).
 
     Raises:
-        DeployError: no folder given and the model's raw training images not found, or a folder whose files do not
-            match the model's channels.
+        DeployError: num_cases below 1; no folder given and the raw images, the dataset's splits, the fold in them or
+            any of the fold's training cases among the images not found (never a fallback to held-out cases); a
+            folder whose files do not match the model's channels.
     """
     from nnunetv2_recokd.deploy.predictor import check_input_folder
+    from nnunetv2_recokd.inputs.channels import (
+        DATASET_KEY,
+        ChannelError,
+        holds_dataset_layout,
+        student_case_files,
+    )
 
-    if folder is None:
-        raw = os.environ.get("nnUNet_raw")
-        candidate = Path(raw) / model.dataset_name / "imagesTr" if raw else None
-        if candidate is None or not candidate.is_dir():
-            raise DeployError("--precision int8 calibrates the network on a few of your own cases: give a folder of "
-                              "training images in nnU-Net's naming with --calibration FOLDER (or set nnUNet_raw so "
-                              f"that {model.dataset_name}/imagesTr is found)")
-        folder = str(candidate)
-        cases = check_input_folder(folder, model.dataset_json)
-        train = _training_cases(model)
-        if train is not None:
-            kept = [c for c in cases if _case_name(c[0], model.dataset_json["file_ending"]) in train]
-            cases = kept or cases
-    else:
-        cases = check_input_folder(folder, model.dataset_json)
     if num_cases < 1:
         raise DeployError("--calibration_cases must be at least 1")
+    student = DATASET_KEY in model.dataset_json  # a student that reads a subset of the dataset's channels
+    try:
+        if folder is None:
+            raw = os.environ.get("nnUNet_raw")
+            candidate = Path(raw) / model.dataset_name / "imagesTr" if raw else None
+            if candidate is None or not candidate.is_dir():
+                raise DeployError(
+                    "--precision int8 calibrates the network on a few of your own cases: give a folder of training "
+                    "images in nnU-Net's naming with --calibration FOLDER (or set nnUNet_raw so that "
+                    f"{model.dataset_name}/imagesTr is found; looked for "
+                    f"{candidate if candidate is not None else '$nnUNet_raw (not set)'})")
+            train = fold_training_cases(model, fold)
+            # the raw dataset's images hold every channel of the dataset: a student's channels are picked from them
+            cases = (student_case_files(candidate, model.dataset_json) if student
+                     else check_input_folder(candidate, model.dataset_json))
+            if train is not None:
+                ending = model.dataset_json["file_ending"]
+                kept = [c for c in cases if _case_name(c[0], ending) in train]
+                if not kept:
+                    raise DeployError(
+                        f"int8 calibration of fold {fold} uses only that fold's own training cases ({len(train)} in "
+                        f"{_splits_file(model)}: {_listing(sorted(train))}), and none of them is in {candidate} "
+                        f"({len(cases)} case(s): {_listing([_case_name(c[0], ending) for c in cases])}); held-out "
+                        "cases are never used. Point nnUNet_raw and nnUNet_preprocessed at the dataset this model was "
+                        "trained on, or give a folder of its training images with --calibration FOLDER")
+                cases = kept
+        elif student and holds_dataset_layout(folder, model.dataset_json):
+            cases = student_case_files(folder, model.dataset_json)
+        else:
+            cases = check_input_folder(folder, model.dataset_json)
+    except ChannelError as e:
+        raise DeployError(f"int8 calibration: {e}") from None
     picks = np.unique(np.linspace(0, len(cases) - 1, min(num_cases, len(cases))).round().astype(int))
     return [cases[i] for i in picks]
 
@@ -87,23 +129,46 @@ def _case_name(first_file: str, ending: str) -> str:
     return os.path.basename(first_file)[: -len(ending) - 5]
 
 
-def _training_cases(model: ModelFolder) -> Optional[set[str]]:
-    """The training cases of the model's first fold per $nnUNet_preprocessed/<dataset>/splits_final.json (None if
-    not found or the fold is not a split index, e.g. fold 'all')."""
-    pre = os.environ.get("nnUNet_preprocessed")
-    fold = model.folds[0]
-    if not pre or not str(fold).isdigit():
+def _listing(names: Sequence[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def _splits_file(model: ModelFolder) -> Path:
+    return Path(os.environ.get("nnUNet_preprocessed") or "$nnUNet_preprocessed") / model.dataset_name / \
+        "splits_final.json"
+
+
+def fold_training_cases(model: ModelFolder, fold: Fold) -> Optional[set[str]]:
+    """The training cases of the fold per ``$nnUNet_preprocessed/<dataset>/splits_final.json`` (nnU-Net's split,
+    written when the model was trained); None for fold "all", which nnU-Net trains on every case.
+
+    Raises:
+        DeployError: a numbered fold whose split is not found (nnUNet_preprocessed not set, no splits_final.json, or
+            the fold not in it): its held-out cases cannot be told apart, so none of the images is used.
+    """
+    if str(fold) == "all":
         return None
-    splits = Path(pre) / model.dataset_name / "splits_final.json"
-    if not splits.is_file():
-        return None
+    if not str(fold).isdigit():
+        raise DeployError(f"fold {fold!r} is neither a number nor 'all': its training cases are unknown")
+    splits = _splits_file(model)
+    remedy = (f"point nnUNet_preprocessed at the preprocessed data this model was trained from (nnU-Net writes "
+              f"{model.dataset_name}/splits_final.json there), or give a folder of the fold's training images with "
+              "--calibration FOLDER")
+    if not os.environ.get("nnUNet_preprocessed") or not splits.is_file():
+        where = f"{splits} is missing" if os.environ.get("nnUNet_preprocessed") else "nnUNet_preprocessed is not set"
+        raise DeployError(f"int8 calibration of fold {fold} uses only that fold's own training cases, listed in "
+                          f"nnU-Net's splits_final.json, but {where} (held-out cases are never used): {remedy}")
     folds = json.loads(splits.read_text())
-    return set(folds[int(fold)]["train"]) if int(fold) < len(folds) else None
+    if int(fold) >= len(folds):
+        raise DeployError(f"int8 calibration of fold {fold}: {splits} has {len(folds)} fold(s), not fold {fold} "
+                          f"(held-out cases are never used): {remedy}")
+    return set(folds[int(fold)]["train"])
 
 
 def calibration_tiles(predictor, cases: Sequence[Sequence[str]], max_tiles: int = MAX_TILES) -> list[np.ndarray]:
     """Sliding-window tiles (1, C, *patch) of the cases, preprocessed and padded as nnU-Net's prediction does,
-    at most max_tiles of them, evenly spaced."""
+    at most max_tiles of them, evenly spaced. cases: C files per case (calibration_cases), the network's channels in
+    its order."""
     import torch
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
@@ -182,8 +247,14 @@ def save_int8(model, target: Path) -> None:
 
 def write_int8_networks(model: ModelFolder, target_root: Path, calibration: Optional[str] = None,
                         num_cases: int = CALIBRATION_CASES) -> list[Path]:
-    """Quantize every fold of the model and write ``<target_root>/fold_<f>/<checkpoint stem>.int8.xml`` (+ .bin),
-    which ``predict --precision int8`` then uses without calibration images. Returns the written .xml files."""
+    """Quantize every fold of the model, each calibrated on its own cases (calibration_cases), and write
+    ``<target_root>/fold_<f>/<checkpoint stem>.int8.xml`` (+ .bin), which ``predict --precision int8`` then uses
+    without calibration images. Returns the written .xml files.
+
+    Raises:
+        DeployError: NNCF not installed, a cascade stage, or a fold's calibration cases not found (every fold's are
+            looked up before anything is quantized).
+    """
     import tempfile
 
     import onnx
@@ -198,11 +269,15 @@ def write_int8_networks(model: ModelFolder, target_root: Path, calibration: Opti
     if reference.configuration_manager.previous_stage_name is not None:
         raise DeployError("int8 is not available for a cascade stage (its calibration would need the previous "
                           "stage's segmentations)")
-    tiles = calibration_tiles(reference, calibration_cases(model, calibration, num_cases))
+    cases = {fold: calibration_cases(model, calibration, num_cases, fold=fold) for fold in model.folds}
     network = getattr(reference.network, "_orig_mod", reference.network).eval()
     shape = (1, reference.num_input_channels(), *reference.configuration_manager.patch_size)
     written = []
+    tiles, tiles_cases = None, None  # the last fold's tiles, reused while the cases are the same (--calibration)
     for fold, params in zip(model.folds, reference.list_of_parameters):
+        if cases[fold] != tiles_cases:
+            tiles, tiles_cases = None, None  # the previous fold's tiles are freed before the next are made
+            tiles, tiles_cases = calibration_tiles(reference, cases[fold]), cases[fold]
         network.load_state_dict(params)
         with tempfile.TemporaryDirectory(prefix="recokd_int8_") as tmp:
             onnx_file = Path(tmp) / "network.onnx"

@@ -110,6 +110,57 @@ def blank_values(normalization_schemes: Sequence[str], intensity_properties: dic
     return values
 
 
+def student_channel_order(student_dataset: dict[str, Any]) -> Optional[list[int]]:
+    """The dataset channel each of the student's channels is, in the student's order (its channel i reads dataset
+    channel ``result[i]``); None when the dataset.json is not a student's that reads a subset (no DATASET_KEY)."""
+    mapping = student_dataset.get(DATASET_KEY)
+    if not mapping:
+        return None
+    return [int(entry["dataset_channel"]) for _, entry in sorted(mapping.items(), key=lambda kv: int(kv[0]))]
+
+
+def holds_dataset_layout(folder: Union[str, Path], student_dataset: dict[str, Any]) -> bool:
+    """True when `folder` holds more channel files per case than the student (a student's dataset.json with
+    DATASET_KEY) reads: the dataset's layout, whose files student_case_files or student_input_files pick. False for
+    a model that reads every channel, a missing folder, or a folder numbered as the student's."""
+    from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
+
+    mapping = student_dataset.get(DATASET_KEY)
+    if not mapping or not os.path.isdir(folder):
+        return False
+    ending = student_dataset["file_ending"]
+    files = [f for f in os.listdir(folder) if f.endswith(ending)]
+    cases = get_identifiers_from_splitted_dataset_folder(str(folder), ending)  # nnU-Net's <case>_XXXX<ending>
+    return len(cases) > 0 and len(files) > len(cases) * len(mapping)
+
+
+def student_case_files(folder: Union[str, Path], student_dataset: dict[str, Any]) -> list[list[str]]:
+    """Every case of `folder` (the dataset's layout: ``<case>_<dataset channel:04d><file_ending>``), sorted by name,
+    as the list of files the student reads, in its channel order: file i is dataset channel
+    ``student_channel_order(student_dataset)[i]``. Nothing is written (student_input_files links such files).
+
+    Raises:
+        ChannelError: `student_dataset` is not a student's dataset.json, `folder` holds no case, or a case lacks one
+            of the files.
+    """
+    order = student_channel_order(student_dataset)
+    if order is None:
+        raise ChannelError(f"this dataset.json has no {DATASET_KEY} entry: the model reads every channel of the "
+                           f"dataset, its files need no picking")
+    ending = student_dataset["file_ending"]
+    pattern = re.compile(rf"^(.*)_(\d{{4}}){re.escape(ending)}$")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    cases = sorted({m.group(1) for f in names if (m := pattern.match(f))})
+    if not cases:
+        raise ChannelError(f"no case in {folder}: expected the dataset's files <case>_XXXX{ending}")
+    files = [[str(Path(folder) / f"{case}_{c:04d}{ending}") for c in order] for case in cases]
+    missing = [os.path.basename(f) for case_files in files for f in case_files if not os.path.isfile(f)]
+    if missing:
+        raise ChannelError(f"{len(missing)} channel file(s) of the student are missing in {folder}: "
+                           f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return files
+
+
 def student_input_files(input_folder: Union[str, Path], output_folder: Union[str, Path],
                         student_dataset: dict[str, Any]) -> list[str]:
     """Link the student's channel files of every case in `input_folder` (the dataset's layout) into `output_folder`

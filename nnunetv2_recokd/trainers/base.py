@@ -61,8 +61,10 @@ from nnunetv2_recokd.teacher import (
     TeacherError,
     combined_leakage,
     find_leakage,
+    labeller_leakage,
     load_teachers,
     resolve_teachers,
+    teacher_splits,
 )
 from nnunetv2_recokd.trainers.ddp import all_reduce_gradients
 from nnunetv2_recokd.unlabeled import (
@@ -70,6 +72,7 @@ from nnunetv2_recokd.unlabeled import (
     count_training_cases,
     dataset_min_agreement,
     dataset_teacher,
+    dataset_teacher_folds,
     min_agreement_note,
     teacher_labelled_cases,
 )
@@ -161,6 +164,8 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
             seed = self.settings.seed + self.local_rank
             seed_everything(seed)
             self.print_to_log_file(f"random seed {seed}")
+        if self.teacher_labelled and not self._validation_only:
+            self._check_labeller_split()
         if self.distill and self._validation_only:
             self.print_to_log_file("validation only: the teacher and the distillation modules are not loaded")
         elif self.distill:
@@ -260,14 +265,16 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
             f"nnUNetTrainerReCoKD_w8 or a subclass of yours), or remove that model folder first.")
 
     def _check_teacher_split(self) -> None:
-        """Stop when the teacher was trained on the student's validation cases (unless allow_leaky_teacher)."""
+        """Stop when the teacher was trained on the student's validation cases (unless allow_leaky_teacher). The
+        teacher's held-out cases come from its own validation summary or its own split (teacher_splits), never from
+        the student's split."""
         _, validation = self.do_split()
-        splits_file = os.path.join(self.preprocessed_dataset_folder_base, "splits_final.json")
-        splits = None
-        if os.path.isfile(splits_file):
-            with open(splits_file) as f:
-                splits = json.load(f)
-        leakage = combined_leakage([find_leakage(t, self.fold, list(validation), splits) for t in self.teachers])
+        leaks = []
+        for t in self.teachers:
+            splits, source = teacher_splits(t.plans, self.settings.teacher_splits)
+            same_dataset = t.plans.get("dataset_name") == self.plans_manager.dataset_name
+            leaks.append(find_leakage(t, self.fold, list(validation), splits, source, same_dataset))
+        leakage = combined_leakage(leaks)
         if leakage is None:
             return
         if not self.settings.allow_leaky_teacher and len(self.teachers) > 1:
@@ -285,6 +292,33 @@ class nnUNetTrainerDistillBase(nnUNetTrainer):
         self._leakage = leakage.as_dict()
         self.print_to_log_file(f"WARNING: {leakage.describe()}. allow_leaky_teacher is set: this student's fold "
                                f"{self.fold} validation is OPTIMISTIC (the report marks it so).")
+
+    def _check_labeller_split(self) -> None:
+        """A dataset of add-unlabeled: stop when the teacher folds that labelled it (its dataset.json's
+        teacher_folds) were trained on this fold's validation cases, since their labels carry what they saw into the
+        student (unless allow_leaky_teacher: then the log and the report mark the validation optimistic)."""
+        folder, folds = dataset_teacher(self.dataset_json), dataset_teacher_folds(self.dataset_json)
+        if folder is None or not folds:
+            return
+        _, validation = self.do_split()
+        real_validation = [c for c in validation if c not in self.teacher_labelled]
+        if not os.path.isdir(folder):
+            raise TeacherError(f"this dataset's labels were made by the teacher {folder}, which is not on this "
+                               f"machine: its folds' training cases cannot be checked against this fold's validation "
+                               f"cases. Put the teacher there, or set \"allow_leaky_teacher\": true in {CONFIG_ENV}")
+        leakage = labeller_leakage(folder, folds, self.fold, real_validation, self.settings.teacher_splits)
+        if leakage is None:
+            return
+        if not self.settings.allow_leaky_teacher:
+            raise TeacherError(
+                f"this dataset's teacher labels were made by folds {', '.join(map(str, folds))} of {folder}; "
+                f"{leakage.describe()}, so their labels carry those cases into the student and its fold {self.fold} "
+                f"validation Dice would be inflated. Label with the teacher fold of this student's fold only "
+                f"(nnunetv2_recokd add-unlabeled ... -f {self.fold}), or set \"allow_leaky_teacher\": true in "
+                f"{CONFIG_ENV} to accept it; the validation is then marked optimistic.")
+        self._leakage = leakage.as_dict()
+        self.print_to_log_file(f"WARNING: the teacher folds that labelled this dataset: {leakage.describe()}. "
+                               f"allow_leaky_teacher is set: this student's fold {self.fold} validation is OPTIMISTIC.")
 
     @property
     def teacher(self) -> Optional[LoadedTeacher]:
