@@ -250,6 +250,8 @@ def check_inputs(teacher: Union[str, Path], images: Union[str, Path], dataset_id
                      for files in check_input_folder(images, tds)}
     except DeployError as e:
         raise UnlabeledError(f"unlabeled images: {e}") from None
+    if labelled_raw is not None:
+        _refuse_evaluation_images(labelled_raw, [f for files in unlabeled.values() for f in files])
     clash = sorted(set(unlabeled) & set(real_cases))
     if clash:
         raise UnlabeledError(f"{len(clash)} unlabeled case name(s) are labelled cases of {request.labelled_dataset} "
@@ -266,6 +268,50 @@ def check_inputs(teacher: Union[str, Path], images: Union[str, Path], dataset_id
             raise UnlabeledError(f"{inputs.staging(root)} holds an interrupted run with other inputs ({staged}); "
                                  f"rerun that command to finish it, or remove the folder")
     return inputs
+
+
+def _refuse_evaluation_images(labelled_raw: Path, unlabeled_files: Sequence[str]) -> None:
+    """Refuse unlabeled images that are images of the labelled dataset (imagesTr: its training and validation cases;
+    imagesTs: its test cases): the same file (links resolved) or the same bytes under another name. A student
+    trained on the teacher's label of its own evaluation scan would be scored on what it was taught.
+
+    Raises:
+        UnlabeledError: naming each such image and the labelled dataset's file it is.
+    """
+    known: dict[Path, Path] = {}  # resolved path -> the labelled dataset's file
+    by_size: dict[int, list[Path]] = {}
+    for sub in ("imagesTr", "imagesTs"):
+        folder = labelled_raw / sub
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.iterdir()):
+            if f.is_file():
+                known[f.resolve()] = f
+                by_size.setdefault(f.stat().st_size, []).append(f)
+    found = []
+    for name in unlabeled_files:
+        path = Path(name)
+        same = known.get(path.resolve())
+        if same is None:
+            same = next((f for f in by_size.get(path.stat().st_size, []) if _same_bytes(path, f)), None)
+        if same is not None:
+            found.append(f"{path.name} is {same.parent.name}/{same.name}")
+    if found:
+        raise UnlabeledError(f"{len(found)} unlabeled image(s) are images of the labelled dataset "
+                             f"{labelled_raw.name} ({'; '.join(found[:5])}{'; ...' if len(found) > 5 else ''}): the "
+                             f"student would learn the teacher's labels of scans it is evaluated on. Remove them from "
+                             f"-i; unlabeled scans must be scans no model is scored on")
+
+
+def _same_bytes(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
+    """True when two files of equal size hold the same bytes."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(chunk), fb.read(chunk)
+            if x != y:
+                return False
+            if not x:
+                return True
 
 
 def _check_min_agreement(min_agreement: float, tta: bool, teacher_dataset: dict) -> None:
@@ -383,6 +429,17 @@ def add_unlabeled(inputs: Inputs, device: str = "cpu", num_processes: int = 2, l
         return raw_final
     raw, pre = inputs.staging(inputs.raw_root), inputs.staging(inputs.preprocessed_root)
     request = json.dumps(inputs.request.as_dict(), indent=1)
+    if (raw_final / "dataset.json").is_file():
+        # the raw dataset is complete (check_inputs found it made by the same request) but its preprocessed folder is
+        # gone, or this is another nnUNet_preprocessed: preprocess it again from its own labels, never relabel
+        log(f"{raw_final} exists with the teacher's labels; {pre_final} does not: preprocessing it again "
+            f"(the labels are kept)")
+        pre.mkdir(parents=True, exist_ok=True)
+        (pre / REQUEST_FILE).write_text(request)
+        _preprocess(inputs, raw_final, pre, json.loads((raw_final / "dataset.json").read_text()), num_processes, log)
+        os.replace(pre, pre_final)
+        _remove_staging(inputs)
+        return raw_final
     for folder in (raw, pre):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / REQUEST_FILE).write_text(request)
@@ -403,14 +460,23 @@ def add_unlabeled(inputs: Inputs, device: str = "cpu", num_processes: int = 2, l
         _preprocess(inputs, raw, pre, dataset_json, num_processes, log)
         os.replace(pre, pre_final)
     os.replace(raw, raw_final)
+    _remove_staging(inputs)
+    log(f"{raw_final}: {len(inputs.real_cases)} labelled + {len(inputs.unlabeled_cases)} teacher-labelled cases; "
+        f"preprocessed with the teacher's plans in {pre_final}")
+    return raw_final
+
+
+def _remove_staging(inputs: Inputs) -> None:
+    """Remove what is left of this dataset's staging (a raw staging folder that holds nothing but the request after
+    a re-preprocessing) and the staging roots when empty."""
+    raw = inputs.staging(inputs.raw_root)
+    if raw.is_dir() and not any(p.is_file() and p.name != REQUEST_FILE for p in raw.rglob("*")):
+        shutil.rmtree(raw)
     for root in (inputs.raw_root, inputs.preprocessed_root):
         try:
             (root / STAGING).rmdir()
         except OSError:
-            pass  # other staged datasets
-    log(f"{raw_final}: {len(inputs.real_cases)} labelled + {len(inputs.unlabeled_cases)} teacher-labelled cases; "
-        f"preprocessed with the teacher's plans in {pre_final}")
-    return raw_final
+            pass  # other staged datasets, or labels of an interrupted run kept for its rerun
 
 
 def _preprocess(inputs: Inputs, raw: Path, pre: Path, dataset_json: dict, num_processes: int,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,85 @@ def test_a_teacher_of_other_labels_and_a_taken_id_are_refused(tmp_path, monkeypa
     with pytest.raises(UnlabeledError, match="dataset id 991 is taken"):
         check_inputs(teacher, images, 991, "Derived")
     assert not (raw.parent / STAGING).exists()
+
+
+def test_unlabeled_images_that_are_the_labelled_datasets_images_are_refused(tmp_path, monkeypatch):
+    """A link to a labelled training/validation image, or a byte copy of a test image under another name: the student
+    would be trained on the teacher's labels of scans it is scored on."""
+    teacher, images, raw = _world(tmp_path, monkeypatch)
+    (images / "scan_009_0000.nii.gz").symlink_to(raw / "imagesTr" / "case_001_0000.nii.gz")
+    with pytest.raises(UnlabeledError, match=r"1 unlabeled image\(s\) are images of the labelled dataset "
+                                             r"Dataset991_Sandbox \(scan_009_0000.nii.gz is imagesTr/case_001_0000"):
+        check_inputs(teacher, images, 500, "Derived", labelled="991")
+    (images / "scan_009_0000.nii.gz").unlink()
+    (raw / "imagesTs").mkdir()
+    shutil.copy(images / "scan_001_0000.nii.gz", raw / "imagesTs" / "test_000_0000.nii.gz")
+    with pytest.raises(UnlabeledError, match="scan_001_0000.nii.gz is imagesTs/test_000_0000.nii.gz"):
+        check_inputs(teacher, images, 500, "Derived", labelled="991")
+    (raw / "imagesTs" / "test_000_0000.nii.gz").unlink()
+    check_inputs(teacher, images, 500, "Derived", labelled="991")  # none of them: accepted
+
+
+def _label_times(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted((folder / "labelsTr").glob("scan_*"))}
+
+
+def _no_labelling(*args, **kwargs):
+    raise AssertionError("the teacher labelled again")
+
+
+def test_a_rerun_after_the_preprocessed_folder_was_removed_keeps_every_label(tmp_path, monkeypatch):
+    """Once relabelled every case and then failed on the existing raw folder, losing that run's labels; now it
+    preprocesses the raw dataset again from its own labels, also into another nnUNet_preprocessed."""
+    import os
+
+    from nnunetv2_recokd import unlabeled
+
+    teacher, images, raw = _world(tmp_path, monkeypatch)
+    raw_final = unlabeled.add_unlabeled(check_inputs(teacher, images, 500, "Derived", labelled="991", tta=False),
+                                        num_processes=1, log=lambda m: None)
+    labels = _label_times(raw_final)
+    assert len(labels) == 2
+    pre_final = Path(os.environ["nnUNet_preprocessed"]) / raw_final.name
+    shutil.rmtree(pre_final)
+    monkeypatch.setattr(unlabeled, "label_cases", _no_labelling)
+    log: list[str] = []
+    again = unlabeled.add_unlabeled(check_inputs(teacher, images, 500, "Derived", labelled="991", tta=False),
+                                    num_processes=1, log=log.append)
+    assert again == raw_final and _label_times(raw_final) == labels
+    assert (pre_final / "splits_final.json").is_file() and any(pre_final.glob("nnUNetPlans_3d_fullres/*"))
+    assert "preprocessing it again (the labels are kept)" in log[0]
+    assert not (raw.parent / STAGING).exists() and not (pre_final.parent / STAGING).exists()
+    other = tmp_path / "other_preprocessed"  # another nnUNet_preprocessed, the same raw dataset
+    other.mkdir()
+    monkeypatch.setenv("nnUNet_preprocessed", str(other))
+    unlabeled.add_unlabeled(check_inputs(teacher, images, 500, "Derived", labelled="991", tta=False),
+                            num_processes=1, log=lambda m: None)
+    assert (other / raw_final.name / "splits_final.json").is_file() and _label_times(raw_final) == labels
+
+
+def test_a_rerun_after_a_kill_during_preprocessing_keeps_every_label(tmp_path, monkeypatch):
+    from nnunetv2_recokd import unlabeled
+
+    teacher, images, raw = _world(tmp_path, monkeypatch)
+    preprocess = unlabeled._preprocess
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while preprocessing")
+
+    monkeypatch.setattr(unlabeled, "_preprocess", killed)
+    with pytest.raises(KeyboardInterrupt):
+        unlabeled.add_unlabeled(check_inputs(teacher, images, 500, "Derived", labelled="991", tta=False),
+                                num_processes=1, log=lambda m: None)
+    staged = raw.parent / STAGING / "Dataset500_Derived"
+    labels = _label_times(staged)
+    assert len(labels) == 2  # the teacher's labels, kept in staging
+    monkeypatch.setattr(unlabeled, "_preprocess", preprocess)
+    monkeypatch.setattr(unlabeled, "label_cases", lambda inputs, out, *a, **k: unlabeled.__dict__["_count"](out))
+    monkeypatch.setattr(unlabeled, "_count", lambda out: len(list(out.glob("scan_*"))), raising=False)
+    raw_final = unlabeled.add_unlabeled(check_inputs(teacher, images, 500, "Derived", labelled="991", tta=False),
+                                        num_processes=1, log=lambda m: None)
+    assert _label_times(raw_final) == labels  # the same files, moved into place, never rewritten
 
 
 def _headline():

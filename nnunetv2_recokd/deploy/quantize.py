@@ -98,8 +98,8 @@ def calibration_cases(model: ModelFolder, folder: Optional[str] = None, num_case
                 raise DeployError(
                     "--precision int8 calibrates the network on a few of your own cases: give a folder of training "
                     "images in nnU-Net's naming with --calibration FOLDER (or set nnUNet_raw so that "
-                    f"{model.dataset_name}/imagesTr is found; looked for "
-                    f"{candidate if candidate is not None else '$nnUNet_raw (not set)'})")
+                    f"{model.dataset_name}/imagesTr is found: "
+                    f"{f'{candidate} does not exist' if candidate is not None else 'nnUNet_raw is not set'})")
             train = fold_training_cases(model, fold)
             # the raw dataset's images hold every channel of the dataset: a student's channels are picked from them
             cases = (student_case_files(candidate, model.dataset_json) if student
@@ -134,8 +134,8 @@ def _listing(names: Sequence[str], limit: int = 5) -> str:
 
 
 def _splits_file(model: ModelFolder) -> Path:
-    return Path(os.environ.get("nnUNet_preprocessed") or "$nnUNet_preprocessed") / model.dataset_name / \
-        "splits_final.json"
+    pre = os.environ.get("nnUNet_preprocessed") or "$nnUNet_preprocessed"
+    return Path(pre) / model.dataset_name / "splits_final.json"
 
 
 def fold_training_cases(model: ModelFolder, fold: Fold) -> Optional[set[str]]:
@@ -149,7 +149,8 @@ def fold_training_cases(model: ModelFolder, fold: Fold) -> Optional[set[str]]:
     if str(fold) == "all":
         return None
     if not str(fold).isdigit():
-        raise DeployError(f"fold {fold!r} is neither a number nor 'all': its training cases are unknown")
+        raise DeployError(f"fold {fold!r} is neither a number nor 'all': its training cases are unknown; give a "
+                          "folder of its training images with --calibration FOLDER")
     splits = _splits_file(model)
     remedy = (f"point nnUNet_preprocessed at the preprocessed data this model was trained from (nnU-Net writes "
               f"{model.dataset_name}/splits_final.json there), or give a folder of the fold's training images with "
