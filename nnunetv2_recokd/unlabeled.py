@@ -336,20 +336,28 @@ def ignore_label_of(dataset_json: dict) -> int:
 
 # ----------------------------------------------------------------------------------------------- labelling
 def label_cases(inputs: Inputs, output: Path, device: str = "cpu", log: Callable[[str], None] = print,
-                num_threads: Optional[int] = None) -> int:
-    """The teacher's segmentation of every unlabeled case into `output` (nnU-Net's prediction: every requested fold,
-    mirroring unless disabled). Cases whose label exists are skipped (a rerun resumes); returns how many were
-    labelled now."""
+                num_threads: Optional[int] = None, part_id: int = 0, num_parts: int = 1) -> int:
+    """The teacher's segmentation of the unlabeled cases of one part (every case with one part; part i of N: the
+    sorted cases i, i + N, ...) into `output` (nnU-Net's prediction: every requested fold, mirroring unless
+    disabled). Cases whose label exists are skipped (a rerun resumes); returns how many were labelled now.
+
+    With several parts each labels into its own folder beside `output` (nnU-Net's predictor clears its staging folder
+    when it starts) and moves every finished label into `output`, one complete file at a time."""
     from nnunetv2_recokd.deploy.predictor import build_predictor, predict_cases
 
     ending = inputs.teacher.dataset_json["file_ending"]
-    todo = [files for case, files in sorted(inputs.unlabeled_cases.items())
-            if not (output / f"{case}{ending}").is_file()]
-    done = len(inputs.unlabeled_cases) - len(todo)
+    share = sorted(inputs.unlabeled_cases)[part_id::num_parts]
+    target = output if num_parts == 1 else output.parent / f".{output.name}.part{part_id}of{num_parts}"
+    if target != output:
+        _move_labels(target, output, ending)  # finished labels of an interrupted run of this part
+    todo = [inputs.unlabeled_cases[case] for case in share if not (output / f"{case}{ending}").is_file()]
+    done = len(share) - len(todo)
+    what = "unlabeled cases" if num_parts == 1 else f"cases of part {part_id} of {num_parts}"
     if not todo:
-        log(f"all {len(inputs.unlabeled_cases)} unlabeled cases are labelled already")
+        log(f"all {len(share)} {what} are labelled already")
         return 0
-    log(f"the teacher labels {len(todo)} case(s)" + (f" ({done} done before)" if done else "")
+    log(f"the teacher labels {len(todo)} case(s)" + (f" of part {part_id} of {num_parts}" if num_parts > 1 else "")
+        + (f" ({done} done before)" if done else "")
         + f": {inputs.teacher.describe()}, mirroring {'on' if inputs.request.tta else 'off'}, {device}")
     if device == "cpu":
         from nnunetv2_recokd.deploy.runtime import require_runtime
@@ -370,7 +378,7 @@ def label_cases(inputs: Inputs, output: Path, device: str = "cpu", log: Callable
                                         allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(inputs.teacher.path), inputs.teacher.folds,
                                                        inputs.teacher.checkpoint_name)
-    counter = iter(range(done + 1, len(inputs.unlabeled_cases) + 1))
+    counter = iter(range(done + 1, len(share) + 1))
     hooks = {}
     t = inputs.request.min_agreement
     if t is not None:
@@ -386,11 +394,24 @@ def label_cases(inputs: Inputs, output: Path, device: str = "cpu", log: Callable
             return (f"{n['ignored']} voxels ignored, {n['ignored_foreground']} of the {n['foreground']} teacher "
                     f"foreground voxels")
         hooks = {"predict": lambda data: predict_with_agreement(predictor, data), "export": export}
-    predict_cases(predictor, todo, output, overwrite=False,
-                  log=lambda m: log(f"[{next(counter)}/{len(inputs.unlabeled_cases)}] {m}"), **hooks)
+    target.mkdir(parents=True, exist_ok=True)
+    predict_cases(predictor, todo, target, overwrite=False,
+                  log=lambda m: log(f"[{next(counter)}/{len(share)}] {m}"), **hooks)
     for name in ("dataset.json", "plans.json"):  # predict_cases describes its output folder; labelsTr holds labels
-        (output / name).unlink(missing_ok=True)
+        (target / name).unlink(missing_ok=True)
+    if target != output:
+        _move_labels(target, output, ending)
+        shutil.rmtree(target, ignore_errors=True)
     return len(todo)
+
+
+def _move_labels(source: Path, output: Path, ending: str) -> None:
+    """Move the finished label files of a part's folder into `output` (each rename is atomic)."""
+    if not source.is_dir():
+        return
+    for f in sorted(source.glob(f"*{ending}")):
+        if f.is_file():
+            os.replace(f, output / f.name)
 
 
 # ----------------------------------------------------------------------------------------------- the dataset
@@ -420,9 +441,18 @@ def derived_dataset_json(inputs: Inputs) -> dict:
 
 
 def add_unlabeled(inputs: Inputs, device: str = "cpu", num_processes: int = 2, log: Callable[[str], None] = print,
-                  num_threads: Optional[int] = None) -> Path:
-    """Label, assemble and preprocess the derived dataset (see the module docstring); returns its raw folder.
-    A rerun of the same request resumes where it stopped."""
+                  num_threads: Optional[int] = None, part_id: int = 0, num_parts: int = 1) -> Optional[Path]:
+    """Label, assemble and preprocess the derived dataset (see the module docstring); returns its raw folder, or None
+    when this part is done and other parts' cases are still unlabeled (or another part is assembling the dataset).
+    A rerun of the same request resumes where it stopped.
+
+    Sharding (nnUNetv2_predict's -num_parts / -part_id): part i labels the sorted unlabeled cases i, i + N, ...;
+    parts may run at once on one nnUNet_raw (a SLURM array, several GPUs or machines). The part that finds every case
+    labelled assembles and preprocesses the dataset, once: a lock (released by the system if its holder dies) keeps
+    two parts from doing it together.
+    """
+    if not 0 <= part_id < num_parts:
+        raise UnlabeledError(f"-part_id {part_id} with -num_parts {num_parts}: part ids run from 0 to num_parts - 1")
     raw_final, pre_final = inputs.raw_folder, inputs.preprocessed_folder
     if (raw_final / "dataset.json").is_file() and (pre_final / "splits_final.json").is_file():
         log(f"{raw_final} exists already (made by the same command): nothing to do")
@@ -430,40 +460,97 @@ def add_unlabeled(inputs: Inputs, device: str = "cpu", num_processes: int = 2, l
     raw, pre = inputs.staging(inputs.raw_root), inputs.staging(inputs.preprocessed_root)
     request = json.dumps(inputs.request.as_dict(), indent=1)
     if (raw_final / "dataset.json").is_file():
-        # the raw dataset is complete (check_inputs found it made by the same request) but its preprocessed folder is
-        # gone, or this is another nnUNet_preprocessed: preprocess it again from its own labels, never relabel
-        log(f"{raw_final} exists with the teacher's labels; {pre_final} does not: preprocessing it again "
-            f"(the labels are kept)")
-        pre.mkdir(parents=True, exist_ok=True)
-        (pre / REQUEST_FILE).write_text(request)
-        _preprocess(inputs, raw_final, pre, json.loads((raw_final / "dataset.json").read_text()), num_processes, log)
-        os.replace(pre, pre_final)
-        _remove_staging(inputs)
+        with _assembly_lock(inputs) as held:
+            if not held:
+                log("another run is preprocessing this dataset now: nothing to do here")
+                return None
+            if not (pre_final / "splits_final.json").is_file():
+                _preprocess_again(inputs, request, num_processes, log)
         return raw_final
     for folder in (raw, pre):
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / REQUEST_FILE).write_text(request)
+        _write_atomic(folder / REQUEST_FILE, request)
     if not pre_final.exists():
-        ending = inputs.teacher.dataset_json["file_ending"]
         (raw / "imagesTr").mkdir(exist_ok=True)
         (raw / "labelsTr").mkdir(exist_ok=True)
-        label_cases(inputs, raw / "labelsTr", device, log, num_threads)
-        for case, (images, label) in inputs.real_cases.items():
-            for image in images:
-                _link(image, raw / "imagesTr" / Path(image).name)
-            _link(label, raw / "labelsTr" / f"{case}{ending}")
-        for files in inputs.unlabeled_cases.values():
-            for image in files:
-                _link(image, raw / "imagesTr" / Path(image).name)
-        dataset_json = derived_dataset_json(inputs)
-        (raw / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
-        _preprocess(inputs, raw, pre, dataset_json, num_processes, log)
-        os.replace(pre, pre_final)
-    os.replace(raw, raw_final)
-    _remove_staging(inputs)
+        label_cases(inputs, raw / "labelsTr", device, log, num_threads, part_id, num_parts)
+    with _assembly_lock(inputs) as held:
+        if not held:
+            log(f"part {part_id} of {num_parts}: done; another part is assembling the dataset now")
+            return None
+        if (raw_final / "dataset.json").is_file():  # another part assembled it while this one labelled
+            log(f"{raw_final} was assembled by another part: nothing to do")
+            return raw_final
+        if not pre_final.exists():
+            ending = inputs.teacher.dataset_json["file_ending"]
+            missing = [c for c in sorted(inputs.unlabeled_cases) if not (raw / "labelsTr" / f"{c}{ending}").is_file()]
+            if missing:
+                log(f"part {part_id} of {num_parts}: done; {len(missing)} case(s) of other parts are not labelled yet "
+                    f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): the part that labels the last "
+                    f"one assembles and preprocesses the dataset (or rerun any part once they are all labelled)")
+                return None
+            for case, (images, label) in inputs.real_cases.items():
+                for image in images:
+                    _link(image, raw / "imagesTr" / Path(image).name)
+                _link(label, raw / "labelsTr" / f"{case}{ending}")
+            for files in inputs.unlabeled_cases.values():
+                for image in files:
+                    _link(image, raw / "imagesTr" / Path(image).name)
+            dataset_json = derived_dataset_json(inputs)
+            (raw / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
+            _preprocess(inputs, raw, pre, dataset_json, num_processes, log)
+            os.replace(pre, pre_final)
+        os.replace(raw, raw_final)
+        _remove_staging(inputs)
     log(f"{raw_final}: {len(inputs.real_cases)} labelled + {len(inputs.unlabeled_cases)} teacher-labelled cases; "
         f"preprocessed with the teacher's plans in {pre_final}")
     return raw_final
+
+
+def _preprocess_again(inputs: Inputs, request: str, num_processes: int, log: Callable[[str], None]) -> None:
+    """The raw dataset is complete (check_inputs found it made by the same request) but its preprocessed folder is
+    gone, or this is another nnUNet_preprocessed: preprocess it again from its own labels, never relabel."""
+    raw_final, pre_final = inputs.raw_folder, inputs.preprocessed_folder
+    pre = inputs.staging(inputs.preprocessed_root)
+    log(f"{raw_final} exists with the teacher's labels; {pre_final} does not: preprocessing it again "
+        f"(the labels are kept)")
+    pre.mkdir(parents=True, exist_ok=True)
+    _write_atomic(pre / REQUEST_FILE, request)
+    _preprocess(inputs, raw_final, pre, json.loads((raw_final / "dataset.json").read_text()), num_processes, log)
+    os.replace(pre, pre_final)
+    _remove_staging(inputs)
+
+
+@contextlib.contextmanager
+def _assembly_lock(inputs: Inputs):
+    """An exclusive, non-blocking lock on this dataset's assembly (flock: the system releases it when its holder
+    exits or is killed); yields whether this process holds it."""
+    import fcntl
+
+    lock = inputs.raw_root / STAGING / f"{inputs.request.folder_name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            try:
+                lock.parent.rmdir()  # the staging root, once nothing else is staged
+            except OSError:
+                pass
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a file that concurrent readers see complete or not at all (parts write the same request at once)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _remove_staging(inputs: Inputs) -> None:

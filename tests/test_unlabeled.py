@@ -255,6 +255,40 @@ def test_a_rerun_after_a_kill_during_preprocessing_keeps_every_label(tmp_path, m
     assert _label_times(raw_final) == labels  # the same files, moved into place, never rewritten
 
 
+def test_two_parts_label_at_once_and_one_of_them_assembles_the_dataset(tmp_path, monkeypatch):
+    """-num_parts 2 in two processes at once on one nnUNet_raw: each labels its share (sorted cases 0, 2 / 1, 3), the
+    one that finds every case labelled assembles and preprocesses the dataset, the other says so and exits 0."""
+    import os
+    import subprocess
+
+    teacher, images, raw = _world(tmp_path, monkeypatch, n_unlabeled=4)
+    command = ["nnunetv2_recokd", "add-unlabeled", "-i", str(images), "-t", str(teacher), "-d", "991", "--id", "500",
+               "--name", "Derived", "--disable_tta", "-device", "cpu", "-np", "1", "--threads", "1", "-num_parts", "2"]
+    parts = [subprocess.Popen(command + ["-part_id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=os.environ.copy()) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in parts]
+    assert [p.returncode for p in parts] == [0, 0], outputs
+    derived = raw.parent / "Dataset500_Derived"
+    assert sorted(p.name for p in (derived / "labelsTr").glob("scan_*")) == [f"scan_{i:03d}.nii.gz" for i in range(4)]
+    assert (Path(os.environ["nnUNet_preprocessed"]) / derived.name / "splits_final.json").is_file()
+    assembled = [out for out in outputs if "preprocessed with the teacher's plans" in out]
+    assert len(assembled) == 1, outputs  # the dataset is assembled and preprocessed once
+    for i, out in enumerate(outputs):  # each part labelled its own share, nothing of the other's
+        assert "the teacher labels 2 case(s) of part" in out
+        mine = [f"scan_{c:03d}" for c in range(i, 4, 2)]
+        theirs = [f"scan_{c:03d}" for c in range(1 - i, 4, 2)]
+        assert all(c in out for c in mine) and not any(f"] {c}" in out for c in theirs), out
+    assert not (raw.parent / STAGING).exists()
+
+
+def test_a_part_id_outside_the_parts_is_refused(tmp_path, monkeypatch):
+    from nnunetv2_recokd import unlabeled
+
+    teacher, images, _ = _world(tmp_path, monkeypatch)
+    with pytest.raises(UnlabeledError, match="part ids run from 0 to num_parts - 1"):
+        unlabeled.add_unlabeled(check_inputs(teacher, images, 500, "Derived", labelled="991"), part_id=2, num_parts=2)
+
+
 def _headline():
     """examples/hippocampus/headline.py, loaded from its file (examples/ is not a package)."""
     import importlib.util

@@ -28,6 +28,11 @@ def add_parser(sub) -> None:
                    help="write nnU-Net's ignore label where fewer than this fraction of the teacher's mirrorings agree "
                         "with its label (e.g. 0.75: 6 of 8), so no loss trains on those voxels; default: keep every "
                         "teacher label")
+    p.add_argument("-num_parts", type=int, default=1,
+                   help="split the labelling into this many parts, run as separate commands at once (a SLURM array, "
+                        "several GPUs or machines sharing the folders), as nnUNetv2_predict's -num_parts; the part "
+                        "that labels the last case assembles and preprocesses the dataset")
+    p.add_argument("-part_id", type=int, default=0, help="which part this command labels: 0 .. num_parts - 1")
     p.add_argument("-device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("-np", type=int, default=2, help="processes for nnU-Net's preprocessing")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the teacher's runtime (default: all)")
@@ -47,8 +52,14 @@ def main(args: argparse.Namespace) -> int:
     except (UnlabeledError, DeployError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if not (args.num_parts >= 1 and 0 <= args.part_id < args.num_parts):
+        print(f"error: -part_id {args.part_id} with -num_parts {args.num_parts}: give 0 <= part_id < num_parts",
+              file=sys.stderr)
+        return 1
     folder = add_unlabeled(inputs, device=device, num_processes=args.np, log=lambda m: print(m, flush=True),
-                           num_threads=args.threads)
+                           num_threads=args.threads, part_id=args.part_id, num_parts=args.num_parts)
+    if folder is None:  # this part is done; another part assembles the dataset
+        return 0
     fold_hint = ("validation folds hold labelled cases only" if inputs.real_cases else
                  "no labelled case: validation measures agreement with the teacher")
     print(f"done ({fold_hint}). Train a student on it, the teacher is found from the dataset:\n"
