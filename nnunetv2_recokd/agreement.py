@@ -74,14 +74,19 @@ def predict_with_agreement(predictor, data: Tensor) -> tuple[Tensor, Tensor]:
     Only the running sum of logits and one label map per mirroring are kept (memory: one logits array plus M small
     label maps, not M logits arrays). With mirroring off there is one vote and the agreement is 1 everywhere.
     """
+    mean, votes = _mirroring_members(predictor, data)
+    return mean, agreement_with(votes, mean.argmax(0).to(torch.int16))
+
+
+def _mirroring_members(predictor, data: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """The mean of the mirrorings' logits (nnU-Net's mirrored prediction) and each mirroring's label map."""
     total, votes = None, []
     for axes in mirrorings(predictor.allowed_mirroring_axes if predictor.use_mirroring else None):
         with one_mirroring(predictor, axes):
             logits = predictor.predict_logits_from_preprocessed_data(data).float().cpu()
         votes.append(logits.argmax(0).to(torch.int16))
         total = logits if total is None else total.add_(logits)
-    mean = total / len(votes)
-    return mean, agreement_with(votes, mean.argmax(0).to(torch.int16))
+    return total / len(votes), votes
 
 
 def segmentation_in_image(logits: Tensor, properties: dict, predictor) -> np.ndarray:
@@ -121,3 +126,61 @@ def write_label_with_ignore(logits: Tensor, agreement: Tensor, min_agreement: fl
     predictor.plans_manager.image_reader_writer_class().write_seg(segmentation, str(Path(output_truncated)) + ending,
                                                                   properties)
     return counts
+
+
+# ------------------------------------------------------------------------------------------- agreement of a whole case
+# `add-unlabeled --min-case-agreement D` keeps a teacher-labelled case only when the teacher's members agree on it: its
+# folds when several label (the FLARE22 entries kept a pseudo-labelled case when their five fold models agreed, mean
+# pairwise Dice above 0.9 per organ), else its mirrorings.
+@contextlib.contextmanager
+def one_fold(predictor, index: int) -> Iterator[None]:
+    """Within the block, the predictor predicts with its fold ``index`` alone: nnU-Net's predictor loops over
+    list_of_parameters, the compiled runtime predictor (deploy/predictor.py) over fold_networks."""
+    networks = getattr(predictor, "fold_networks", None)
+    compiled = bool(networks) and all(n is not None for n in networks)
+    name = "fold_networks" if compiled else "list_of_parameters"
+    everything = getattr(predictor, name)
+    setattr(predictor, name, [everything[index]])
+    try:
+        yield
+    finally:
+        setattr(predictor, name, everything)
+
+
+def predict_with_members(predictor, data: Tensor) -> tuple[Tensor, list[Tensor], str]:
+    """nnU-Net's logits of a preprocessed case (C, *spatial) and one label map per member of the teacher, with what
+    the members are: its folds when it has several (each fold with nnU-Net's mirroring as configured; the folds' mean
+    is nnU-Net's fold ensemble), else its mirrorings (their mean is nnU-Net's mirrored prediction)."""
+    n_folds = len(predictor.list_of_parameters)
+    if n_folds > 1:
+        total, votes = None, []
+        for i in range(n_folds):
+            with one_fold(predictor, i):
+                logits = predictor.predict_logits_from_preprocessed_data(data).float().cpu()
+            votes.append(logits.argmax(0).to(torch.int16))
+            total = logits if total is None else total.add_(logits)
+        return total / n_folds, votes, f"{n_folds} folds"
+    mean, votes = _mirroring_members(predictor, data)
+    return mean, votes, f"{len(votes)} mirrorings"
+
+
+def pairwise_dice(votes: Sequence[Tensor], labels: Sequence[int]) -> dict[int, float]:
+    """Mean over every pair of members of the Dice of each label between their label maps (*spatial); 1.0 for a pair
+    where the label is absent from both, and for a single member.
+
+    Raises:
+        ValueError: label maps of different shapes.
+    """
+    for vote in votes[1:]:
+        if vote.shape != votes[0].shape:
+            raise ValueError(f"label maps of shapes {tuple(votes[0].shape)} and {tuple(vote.shape)}")
+    out = {}
+    for label in labels:
+        masks = [(v == label) for v in votes]
+        sizes = [float(m.sum()) for m in masks]
+        values = []
+        for i, j in itertools.combinations(range(len(masks)), 2):
+            denominator = sizes[i] + sizes[j]
+            values.append(1.0 if denominator == 0 else 2.0 * float((masks[i] & masks[j]).sum()) / denominator)
+        out[int(label)] = float(np.mean(values)) if values else 1.0
+    return out

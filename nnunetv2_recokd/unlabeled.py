@@ -126,6 +126,7 @@ class Request:
     dataset_id: int
     dataset_name: str
     min_agreement: Optional[float] = None  # teacher labels where fewer of its mirrorings agree become the ignore label
+    min_case_agreement: Optional[float] = None  # a case is kept when the teacher's members agree on it this well
 
     @property
     def folder_name(self) -> str:
@@ -186,16 +187,20 @@ def _own_request(folder: Path) -> Optional[dict]:
     path = folder / REQUEST_FILE
     if not path.is_file():
         return None
-    return {"min_agreement": None, **json.loads(path.read_text())}  # requests written before min_agreement existed
+    # requests written before min_agreement / min_case_agreement existed
+    return {"min_agreement": None, "min_case_agreement": None, **json.loads(path.read_text())}
 
 
 def check_inputs(teacher: Union[str, Path], images: Union[str, Path], dataset_id: int, dataset_name: str,
                  labelled: Optional[str] = None, folds: Optional[Sequence[Union[int, str]]] = None,
-                 tta: bool = True, min_agreement: Optional[float] = None) -> Inputs:
+                 tta: bool = True, min_agreement: Optional[float] = None,
+                 min_case_agreement: Optional[float] = None) -> Inputs:
     """Check every input before anything is written.
 
     min_agreement: where fewer than this fraction of the teacher's mirrorings agree with its label, the derived dataset
     holds nnU-Net's ignore label instead (nnunetv2_recokd/agreement.py); None keeps every teacher label.
+    min_case_agreement: a teacher-labelled case is kept only when the teacher's folds (one fold: its mirrorings) agree
+    on it with a mean pairwise Dice of at least this for every foreground label; None keeps every case.
 
     Raises:
         UnlabeledError / DeployError: the teacher is no model folder; the labelled dataset is missing or differs from
@@ -213,8 +218,11 @@ def check_inputs(teacher: Union[str, Path], images: Union[str, Path], dataset_id
     if min_agreement is not None:
         _check_min_agreement(float(min_agreement), tta, tds)
         min_agreement = float(min_agreement)
+    if min_case_agreement is not None:
+        _check_min_case_agreement(float(min_case_agreement), tta, len(model.folds), min_agreement, tds)
+        min_case_agreement = float(min_case_agreement)
     request = Request(str(model.path.resolve()), list(model.folds), bool(tta), None,
-                      str(Path(images).resolve()), dataset_id, dataset_name, min_agreement)
+                      str(Path(images).resolve()), dataset_id, dataset_name, min_agreement, min_case_agreement)
     real_cases: dict[str, tuple[list[str], str]] = {}
     labelled_raw, source_splits = None, None
     if labelled is not None:
@@ -314,6 +322,22 @@ def _same_bytes(a: Path, b: Path, chunk: int = 1 << 20) -> bool:
                 return True
 
 
+def _check_min_case_agreement(threshold: float, tta: bool, n_folds: int, min_agreement: Optional[float],
+                              teacher_dataset: dict) -> None:
+    if not 0 < threshold <= 1:
+        raise UnlabeledError(f"--min-case-agreement {threshold:g}: give the mean pairwise Dice the teacher's folds (or "
+                             f"mirrorings) must reach on a case for every foreground label, in (0, 1] (e.g. 0.9)")
+    if n_folds < 2 and not tta:
+        raise UnlabeledError("--min-case-agreement compares the teacher's folds, or with one fold its mirrorings: this "
+                             "teacher labels with one fold and no mirroring; leave mirroring on or give several folds")
+    if min_agreement is not None:
+        raise UnlabeledError("--min-case-agreement and --min-agreement cannot be combined yet; choose one (per case: "
+                             "drop cases the teacher is unsure of; per voxel: ignore its unsure voxels)")
+    if teacher_dataset.get("regions_class_order") is not None:
+        raise UnlabeledError("--min-case-agreement is for label maps; this teacher predicts regions "
+                             "(regions_class_order)")
+
+
 def _check_min_agreement(min_agreement: float, tta: bool, teacher_dataset: dict) -> None:
     if not 0 < min_agreement <= 1:
         raise UnlabeledError(f"--min-agreement {min_agreement:g}: give the fraction of the teacher's mirrorings that "
@@ -380,6 +404,8 @@ def label_cases(inputs: Inputs, output: Path, device: str = "cpu", log: Callable
                                                        inputs.teacher.checkpoint_name)
     counter = iter(range(done + 1, len(share) + 1))
     hooks = {}
+    if inputs.request.min_case_agreement is not None:
+        hooks = _case_agreement_hooks(predictor, output, log)
     t = inputs.request.min_agreement
     if t is not None:
         from nnunetv2_recokd.agreement import mirrorings, predict_with_agreement, write_label_with_ignore
@@ -405,6 +431,54 @@ def label_cases(inputs: Inputs, output: Path, device: str = "cpu", log: Callable
     return len(todo)
 
 
+CASE_AGREEMENT = "case_agreement"  # beside labelsTr: <case>.json, the teacher's members' agreement on each case
+
+
+def _case_agreement_hooks(predictor, output: Path, log: Callable[[str], None]) -> dict:
+    """predict_cases hooks that label with the teacher's members one at a time (agreement.predict_with_members) and
+    write each case's agreement (mean pairwise Dice per foreground label) beside labelsTr, before its label."""
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+
+    from nnunetv2_recokd.agreement import pairwise_dice, predict_with_members
+
+    folder = output.parent / CASE_AGREEMENT
+    folder.mkdir(parents=True, exist_ok=True)
+    foreground = predictor.plans_manager.get_label_manager(predictor.dataset_json).foreground_labels
+
+    def export(prediction, properties: dict, output_truncated: str) -> str:
+        logits, votes, members = prediction
+        agreement = pairwise_dice(votes, foreground)
+        case = Path(output_truncated).name
+        tmp = folder / f".{case}.json.tmp"
+        tmp.write_text(json.dumps({"members": members, "dice": {str(k): v for k, v in agreement.items()}}))
+        os.replace(tmp, folder / f"{case}.json")
+        export_prediction_from_logits(logits, properties, predictor.configuration_manager, predictor.plans_manager,
+                                      predictor.dataset_json, output_truncated, False)
+        return f"agreement of its {members}: " + ", ".join(f"{k}: {v:.3f}" for k, v in agreement.items())
+
+    return {"predict": lambda data: predict_with_members(predictor, data), "export": export}
+
+
+def case_agreements(raw: Path, cases: Sequence[str]) -> dict[str, dict[str, float]]:
+    """{case: {label: mean pairwise Dice}} of the teacher-labelled cases, from the files beside labelsTr.
+
+    Raises:
+        RuntimeError: a labelled case without its agreement (labelled by an older version of this command).
+    """
+    out, missing = {}, []
+    for case in cases:
+        path = raw / CASE_AGREEMENT / f"{case}.json"
+        if path.is_file():
+            out[case] = json.loads(path.read_text())["dice"]
+        else:
+            missing.append(case)
+    if missing:
+        raise RuntimeError(f"{len(missing)} teacher-labelled case(s) have no recorded agreement "
+                           f"({', '.join(missing[:3])}); remove their labels from {raw / 'labelsTr'} and rerun to "
+                           f"label them again")
+    return out
+
+
 def _move_labels(source: Path, output: Path, ending: str) -> None:
     """Move the finished label files of a part's folder into `output` (each rename is atomic)."""
     if not source.is_dir():
@@ -421,7 +495,7 @@ def _link(source: Union[str, Path], target: Path) -> None:
     target.symlink_to(Path(source).resolve())
 
 
-def derived_dataset_json(inputs: Inputs) -> dict:
+def derived_dataset_json(inputs: Inputs, dropped: Optional[dict] = None) -> dict:
     tds = inputs.teacher.dataset_json
     keep = {k: tds[k] for k in ("channel_names", "labels", "file_ending", "regions_class_order",
                                 "overwrite_image_reader_writer") if k in tds}
@@ -437,7 +511,10 @@ def derived_dataset_json(inputs: Inputs) -> dict:
                           "tta": inputs.request.tta, "min_agreement": inputs.request.min_agreement,
                           "labelled_dataset": inputs.request.labelled_dataset,
                           "real_labelled": len(inputs.real_cases),
-                          "teacher_labelled": sorted(inputs.unlabeled_cases)}}
+                          "teacher_labelled": sorted(inputs.unlabeled_cases),
+                          **({} if dropped is None else {
+                              "min_case_agreement": inputs.request.min_case_agreement,
+                              "dropped_cases": dropped})}}
 
 
 def add_unlabeled(inputs: Inputs, device: str = "cpu", num_processes: int = 2, log: Callable[[str], None] = print,
@@ -489,22 +566,53 @@ def add_unlabeled(inputs: Inputs, device: str = "cpu", num_processes: int = 2, l
                     f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): the part that labels the last "
                     f"one assembles and preprocesses the dataset (or rerun any part once they are all labelled)")
                 return None
+            kept = _drop_disagreed_cases(inputs, raw, ending, log)
             for case, (images, label) in inputs.real_cases.items():
                 for image in images:
                     _link(image, raw / "imagesTr" / Path(image).name)
                 _link(label, raw / "labelsTr" / f"{case}{ending}")
-            for files in inputs.unlabeled_cases.values():
+            for files in kept.unlabeled_cases.values():
                 for image in files:
                     _link(image, raw / "imagesTr" / Path(image).name)
-            dataset_json = derived_dataset_json(inputs)
+            dataset_json = derived_dataset_json(kept, dropped=_dropped(inputs, kept, raw))
             (raw / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
-            _preprocess(inputs, raw, pre, dataset_json, num_processes, log)
+            _preprocess(kept, raw, pre, dataset_json, num_processes, log)
             os.replace(pre, pre_final)
         os.replace(raw, raw_final)
         _remove_staging(inputs)
     log(f"{raw_final}: {len(inputs.real_cases)} labelled + {len(inputs.unlabeled_cases)} teacher-labelled cases; "
         f"preprocessed with the teacher's plans in {pre_final}")
     return raw_final
+
+
+DROPPED_LABELS = "dropped_labelsTr"  # beside labelsTr: the teacher's labels of the cases --min-case-agreement dropped
+
+
+def _drop_disagreed_cases(inputs: Inputs, raw: Path, ending: str, log: Callable[[str], None]) -> Inputs:
+    """The inputs without the teacher-labelled cases its members agree on less than min_case_agreement for some
+    foreground label; their labels move to dropped_labelsTr (kept for a look, out of nnU-Net's way). Logs each."""
+    threshold = inputs.request.min_case_agreement
+    if threshold is None:
+        return inputs
+    agreements = case_agreements(raw, sorted(inputs.unlabeled_cases))
+    dropped = {c: a for c, a in agreements.items() if min(a.values(), default=1.0) < threshold}
+    (raw / DROPPED_LABELS).mkdir(exist_ok=True)
+    for case, agreement in sorted(dropped.items()):
+        os.replace(raw / "labelsTr" / f"{case}{ending}", raw / DROPPED_LABELS / f"{case}{ending}")
+        log(f"dropped {case}: the teacher's members agree on it with mean pairwise Dice "
+            + ", ".join(f"{k}: {v:.3f}" for k, v in agreement.items()) + f" (below {threshold:g})")
+    log(f"--min-case-agreement {threshold:g}: {len(agreements) - len(dropped)} of {len(agreements)} teacher-labelled "
+        f"cases kept, {len(dropped)} dropped")
+    return dataclasses.replace(inputs, unlabeled_cases={c: f for c, f in inputs.unlabeled_cases.items()
+                                                        if c not in dropped})
+
+
+def _dropped(inputs: Inputs, kept: Inputs, raw: Path) -> Optional[dict]:
+    """{case: agreement} of the dropped cases, for dataset.json (None without --min-case-agreement)."""
+    if inputs.request.min_case_agreement is None:
+        return None
+    gone = sorted(set(inputs.unlabeled_cases) - set(kept.unlabeled_cases))
+    return case_agreements(raw, gone)
 
 
 def _preprocess_again(inputs: Inputs, request: str, num_processes: int, log: Callable[[str], None]) -> None:

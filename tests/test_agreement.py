@@ -4,13 +4,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunetv2_recokd.agreement import agreement_with, mirrorings, one_mirroring, predict_with_agreement
+from nnunetv2_recokd.agreement import (
+    agreement_with,
+    mirrorings,
+    one_fold,
+    one_mirroring,
+    pairwise_dice,
+    predict_with_agreement,
+)
 from nnunetv2_recokd.teacher import check_compatible
 from nnunetv2_recokd.unlabeled import (
     UnlabeledError,
@@ -143,3 +151,78 @@ def test_a_student_dataset_with_an_ignore_label_keeps_the_teachers_classes(tmp_p
     with pytest.raises(Exception, match="labels: teacher"):
         check_compatible(plans, dataset, "3d_fullres", plans, {**dataset, "labels": {"background": 0, "organ": 1}},
                          "3d_fullres")
+
+
+# ------------------------------------------------------------------------------------------ agreement of a whole case
+def test_pairwise_dice_of_the_members_hand_computed():
+    """Three members on four voxels, label 1 at [1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]: pairs 2*1/(2+1) = 2/3,
+    0/(2+0) = 0, 0/(1+0) = 0, mean 2/9; label 2 absent from every member: 1.0; one member: 1.0."""
+    votes = [torch.tensor(v) for v in ([1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0])]
+    assert pairwise_dice(votes, [1, 2]) == pytest.approx({1: 2 / 9, 2: 1.0})
+    assert pairwise_dice(votes[:1], [1]) == {1: 1.0}
+    with pytest.raises(ValueError, match="shapes"):
+        pairwise_dice([torch.zeros(4), torch.zeros(5)], [1])
+
+
+def test_one_fold_predicts_with_that_fold_alone_and_puts_every_fold_back():
+    class Plain:  # nnU-Net's predictor: a list of fold parameters
+        list_of_parameters = ["p0", "p1", "p2"]
+
+    class Compiled(Plain):  # the runtime predictor: one compiled network per fold
+        fold_networks = ["n0", "n1", "n2"]
+
+    plain, compiled = Plain(), Compiled()
+    with one_fold(plain, 1):
+        assert plain.list_of_parameters == ["p1"]
+    with one_fold(compiled, 2):
+        assert compiled.fold_networks == ["n2"] and compiled.list_of_parameters == ["p0", "p1", "p2"]
+    assert plain.list_of_parameters == ["p0", "p1", "p2"] and compiled.fold_networks == ["n0", "n1", "n2"]
+    torch_runtime = Compiled()
+    torch_runtime.fold_networks = [None, None, None]  # runtime "torch": nnU-Net's own loop over the parameters
+    with one_fold(torch_runtime, 0):
+        assert torch_runtime.list_of_parameters == ["p0"]
+
+
+def test_cases_the_teachers_members_disagree_on_are_dropped_and_listed(tmp_path, monkeypatch):
+    """--min-case-agreement 0.9 with the agreement of scan_000 {1: 0.95, 2: 0.97} and of scan_001 {1: 0.95, 2: 0.5}
+    (the members' Dice stood in for; the labelling is real): scan_001 is dropped from the dataset, listed with its
+    agreement in dataset.json and the log, its label kept aside."""
+    import os
+
+    from nnunetv2_recokd import agreement, unlabeled
+
+    teacher, images, raw = _world(tmp_path, monkeypatch, n_unlabeled=2)
+    preset = iter([{1: 0.95, 2: 0.97}, {1: 0.95, 2: 0.5}])  # the cases are labelled in sorted order
+    seen = []
+
+    def stand_in(votes, labels):
+        seen.append((len(votes), list(labels)))
+        return next(preset)
+
+    monkeypatch.setattr(agreement, "pairwise_dice", stand_in)
+    log: list[str] = []
+    inputs = check_inputs(teacher, images, 500, "Derived", labelled="991", min_case_agreement=0.9)
+    folder = unlabeled.add_unlabeled(inputs, num_processes=1, log=log.append)
+    assert seen == [(8, [1, 2]), (8, [1, 2])]  # one fold: its 8 mirrorings are the members
+    dataset = json.loads((folder / "dataset.json").read_text())[unlabeled.DATASET_KEY]
+    assert dataset["teacher_labelled"] == ["scan_000"] and dataset["min_case_agreement"] == 0.9
+    assert dataset["dropped_cases"] == {"scan_001": {"1": 0.95, "2": 0.5}}
+    assert any(m.startswith("dropped scan_001") and "2: 0.500" in m for m in log)
+    assert any("1 of 2 teacher-labelled cases kept, 1 dropped" in m for m in log)
+    assert not (folder / "imagesTr" / "scan_001_0000.nii.gz").exists()
+    assert not (folder / "labelsTr" / "scan_001.nii.gz").exists()
+    assert (folder / unlabeled.DROPPED_LABELS / "scan_001.nii.gz").is_file()
+    assert (folder / "labelsTr" / "scan_000.nii.gz").is_file()
+    splits = json.loads((Path(os.environ["nnUNet_preprocessed"]) / folder.name / "splits_final.json").read_text())
+    assert all("scan_001" not in fold["train"] + fold["val"] for fold in splits)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"min_case_agreement": 0.0}, r"in \(0, 1\]"),
+    ({"min_case_agreement": 0.9, "tta": False}, "leave mirroring on or give several folds"),
+    ({"min_case_agreement": 0.9, "min_agreement": 1.0}, "cannot be combined"),
+])
+def test_a_min_case_agreement_that_cannot_work_is_refused(tmp_path, monkeypatch, kwargs, message):
+    teacher, images, raw = _world(tmp_path, monkeypatch)
+    with pytest.raises(UnlabeledError, match=message):
+        check_inputs(teacher, images, 500, "Derived", labelled="991", **kwargs)

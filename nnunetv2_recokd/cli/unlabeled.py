@@ -28,6 +28,10 @@ def add_parser(sub) -> None:
                    help="write nnU-Net's ignore label where fewer than this fraction of the teacher's mirrorings agree "
                         "with its label (e.g. 0.75: 6 of 8), so no loss trains on those voxels; default: keep every "
                         "teacher label")
+    p.add_argument("--min-case-agreement", type=float, default=None, metavar="DICE",
+                   help="keep a teacher-labelled case only when the teacher's folds (one fold: its mirrorings) agree "
+                        "on it with a mean pairwise Dice of at least this for every foreground label (e.g. 0.9); "
+                        "the dropped cases and their agreement are listed in the derived dataset.json and the log")
     p.add_argument("-num_parts", type=int, default=1,
                    help="split the labelling into this many parts, run as separate commands at once (a SLURM array, "
                         "several GPUs or machines sharing the folders), as nnUNetv2_predict's -num_parts; the part "
@@ -48,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if _cuda() else "cpu")
     try:
         inputs = check_inputs(args.teacher, args.i, args.id, name, args.d, args.f, tta=not args.disable_tta,
-                              min_agreement=args.min_agreement)
+                              min_agreement=args.min_agreement, min_case_agreement=args.min_case_agreement)
     except (UnlabeledError, DeployError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
