@@ -165,7 +165,9 @@ def student_inputs_main(args: argparse.Namespace) -> int:
 
 def predict_main(args: argparse.Namespace) -> int:
     from nnunetv2_recokd.deploy.predictor import (
+        CaseFailures,
         build_predictor,
+        check_file_endings,
         check_input_folder,
         predict_cases,
         previous_stage_files,
@@ -173,8 +175,10 @@ def predict_main(args: argparse.Namespace) -> int:
     from nnunetv2_recokd.inputs.channels import ChannelError, student_input_files
 
     staging = None
+    failures: dict[str, str] = {}
     try:
         model = resolve_model(args)
+        check_file_endings(args.i, model.dataset_json["file_ending"])
         if dataset_layout(args.i, model):  # the dataset's files: hand the student its channels, renumbered
             staging = tempfile.TemporaryDirectory(prefix="recokd_student_inputs_")
             try:
@@ -194,15 +198,20 @@ def predict_main(args: argparse.Namespace) -> int:
               f"{'' if args.precision == 'f32' else ' ' + args.precision}, ready in "
               f"{time.perf_counter() - start:.1f} s; {len(cases)} case(s), TTA {'off' if args.disable_tta else 'on'}")
         if args.npp > 0 or args.nps > 0:
-            predictor.predict_from_files(cases, args.o, save_probabilities=args.save_probabilities,
-                                         overwrite=not args.continue_prediction,
-                                         num_processes_preprocessing=max(1, args.npp),
-                                         num_processes_segmentation_export=max(1, args.nps),
-                                         folder_with_segs_from_prev_stage=args.prev_stage_predictions)
+            cases, failures = readable_cases(cases, model, args)
+            if cases:
+                predictor.predict_from_files(cases, args.o, save_probabilities=args.save_probabilities,
+                                             overwrite=not args.continue_prediction,
+                                             num_processes_preprocessing=max(1, args.npp),
+                                             num_processes_segmentation_export=max(1, args.nps),
+                                             folder_with_segs_from_prev_stage=args.prev_stage_predictions)
         else:
             ready = time.perf_counter() - start
-            timings = predict_cases(predictor, cases, args.o, args.save_probabilities, not args.continue_prediction,
-                                    previous_stage=previous)
+            try:
+                timings = predict_cases(predictor, cases, args.o, args.save_probabilities,
+                                        not args.continue_prediction, previous_stage=previous, keep_going=True)
+            except CaseFailures as e:  # every other case was predicted
+                timings, failures = e.timings, e.failures
             if timings:
                 total = sum(t.total_s for t in timings)
                 print(f"{len(timings)} case(s) in {total:.1f} s, {total / len(timings):.2f} s per case")
@@ -210,11 +219,42 @@ def predict_main(args: argparse.Namespace) -> int:
                 Path(args.timings).write_text(json.dumps(
                     {"runtime": args.runtime, "folds": model.folds, "tta": not args.disable_tta,
                      "setup_s": ready, "compile_s": predictor.compile_seconds,
-                     "cases": [dataclasses.asdict(t) for t in timings]}, indent=1))
+                     "cases": [dataclasses.asdict(t) for t in timings], "failed": failures}, indent=1))
     except DeployError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         if staging is not None:
             staging.cleanup()
+    if failures:
+        listing = "\n  ".join(f"{case}: {why}" for case, why in failures.items())
+        print(f"error: {len(failures)} case(s) could not be predicted; every other case was written to {args.o}:\n  "
+              f"{listing}\nreplace (or remove) the failed cases' input files and rerun the same command with "
+              f"--continue_prediction: only the missing cases are predicted", file=sys.stderr)
+        return 1
     return 0
+
+
+def readable_cases(cases: list[list[str]], model: ModelFolder,
+                   args: argparse.Namespace) -> tuple[list[list[str]], dict[str, str]]:
+    """For nnU-Net's worker pipeline (-npp/-nps), which stops at the first file it cannot read: (the cases whose
+    files pass deploy/integrity.py's check, {case: why} for the others). With --continue_prediction, cases already
+    predicted are passed on unchecked (nnU-Net skips them)."""
+    from nnunetv2_recokd.deploy.integrity import CorruptInputError, check_image_file
+    from nnunetv2_recokd.deploy.predictor import case_done
+
+    ending = model.dataset_json["file_ending"]
+    kept, failures = [], {}
+    for files in cases:
+        case = os.path.basename(files[0])[: -len(ending) - 5]
+        extra = ([os.path.join(args.prev_stage_predictions, case + ending)] if args.prev_stage_predictions else [])
+        if not (args.continue_prediction and case_done(Path(args.o), case, ending, args.save_probabilities)):
+            try:
+                for file in files + extra:
+                    check_image_file(file)
+            except CorruptInputError as e:
+                failures[case] = str(e)
+                print(f"{case}: FAILED, {e}")
+                continue
+        kept.append(files)
+    return kept, failures

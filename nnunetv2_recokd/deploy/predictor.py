@@ -8,7 +8,9 @@ network before each sliding window.
 
 In-process prediction (``predict_cases``, the default: no worker processes to start) also times each case's
 stages and writes each case through a hidden staging folder, so an interrupted run leaves only complete files
-(``--continue_prediction`` then skips them).
+(``--continue_prediction`` then skips them), checks each input file before it is read (deploy/integrity.py: nnU-Net's
+default reader takes a truncated NIfTI file for a whole one) and, with ``keep_going``, goes on past a case that
+fails and names every failed case at the end (CaseFailures).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+from nnunetv2_recokd.deploy.integrity import CorruptInputError, check_image_file
 from nnunetv2_recokd.deploy.modelfolder import DeployError, ModelFolder
 from nnunetv2_recokd.deploy.quantize import (
     CALIBRATION_CASES,
@@ -39,6 +42,26 @@ from nnunetv2_recokd.deploy.quantize import (
 from nnunetv2_recokd.deploy.runtime import DEFAULT_RUNTIME, compile_network, onnx_cache_file, require_runtime
 
 STAGING = ".recokd_partial"
+# the file endings of nnU-Net's image readers (nnunetv2/imageio): an input file with one of these that is not the
+# model's file ending is an image nnU-Net would silently leave out
+IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gipl", ".png", ".bmp", ".tif", ".tiff",
+                 ".jpg", ".jpeg")
+
+
+class CaseFailures(DeployError):
+    """Some cases could not be predicted (predict_cases with keep_going); every other case was.
+
+    Attributes:
+        failures: {case: why}, in the order the cases were tried.
+        timings: the CaseTiming of every case that was predicted.
+    """
+
+    def __init__(self, failures: dict[str, str], timings: list[CaseTiming]):
+        self.failures = failures
+        self.timings = timings
+        listing = "\n  ".join(f"{case}: {why}" for case, why in failures.items())
+        super().__init__(f"{len(failures)} case(s) could not be predicted (the other {len(timings)} were):\n  "
+                         f"{listing}")
 
 
 @dataclasses.dataclass
@@ -265,6 +288,28 @@ def check_input_folder(folder: Union[str, Path], dataset_json: dict) -> list[lis
     return [[str(folder / f"{case}_{c:04d}{ending}") for c in range(n_channels)] for case in sorted(cases)]
 
 
+def check_file_endings(folder: Union[str, Path], ending: str) -> None:
+    """Refuse images in `folder` that end otherwise than the model's file ending.
+
+    nnU-Net (and check_input_folder) only look at files ending with dataset.json's file_ending, so a scan saved in
+    another format (``case_0000.nii`` where the model reads ``.nii.gz``) would be left out without a word. Files that
+    are no image (IMAGE_ENDINGS: the endings of nnU-Net's readers) and hidden files are ignored, as before.
+
+    Raises:
+        DeployError: naming every such file, before anything is predicted.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    foreign = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                     and not p.name.endswith(ending) and p.name.lower().endswith(IMAGE_ENDINGS))
+    if foreign:
+        raise DeployError(f"{len(foreign)} image file(s) in {folder} do not end with {ending}, the model's file ending "
+                          f"(dataset.json): {', '.join(foreign[:10])}{', ...' if len(foreign) > 10 else ''}; nnU-Net "
+                          f"reads one format per dataset and would leave them out: convert them to {ending}, or move "
+                          f"them out of the folder")
+
+
 def previous_stage_files(model: ModelFolder, cases: list[list[str]],
                          folder: Optional[Union[str, Path]]) -> Optional[list[str]]:
     """The previous stage's segmentation of each case for a cascade stage (None for any other configuration).
@@ -301,15 +346,25 @@ def previous_stage_files(model: ModelFolder, cases: list[list[str]],
 def predict_cases(predictor: nnUNetPredictor, cases: list[list[str]], output_folder: Union[str, Path],
                   save_probabilities: bool = False, overwrite: bool = True,
                   log=print, previous_stage: Optional[list[str]] = None,
-                  predict: Optional[Callable] = None, export: Optional[Callable] = None) -> list[CaseTiming]:
+                  predict: Optional[Callable] = None, export: Optional[Callable] = None,
+                  keep_going: bool = False) -> list[CaseTiming]:
     """Predict the cases in this process, one after the other, with nnU-Net's preprocessing and export.
 
-    Each case is exported into ``<output_folder>/.recokd_partial`` and moved into place once complete. Returns one
-    CaseTiming per predicted case (cases skipped because their output exists are not listed). previous_stage: a
-    cascade stage's input segmentation per case (previous_stage_files), appended one-hot as nnU-Net's predictor does.
-    predict(data) -> prediction and export(prediction, properties, output_truncated) -> note or None replace nnU-Net's
-    logits and export (default: predictor.predict_logits_from_preprocessed_data, export_prediction_from_logits); a
-    note ends the case's log line.
+    Each case is exported into ``<output_folder>/.recokd_partial`` and moved into place once complete, its
+    segmentation last: an output file is either complete or absent, and a case counts as done (overwrite=False, as
+    nnUNetv2_predict --continue_prediction: skipped, never rewritten) when its segmentation exists, and with
+    save_probabilities its .npz too. Each input file is checked before the case is read (deploy/integrity.py).
+    Returns one CaseTiming per predicted case (cases skipped because their output exists are not listed).
+    previous_stage: a cascade stage's input segmentation per case (previous_stage_files), appended one-hot as nnU-Net's
+    predictor does. predict(data) -> prediction and export(prediction, properties, output_truncated) -> note or None
+    replace nnU-Net's logits and export (default: predictor.predict_logits_from_preprocessed_data,
+    export_prediction_from_logits); a note ends the case's log line.
+
+    Raises:
+        CaseFailures: keep_going and some cases failed (an input file that cannot be read, an error in the network
+            or the export): raised after every other case was predicted, naming each failed case and why.
+        Exception: without keep_going, the first case's error as it is raised (CorruptInputError for a damaged
+            file).
     """
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
     from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
@@ -323,7 +378,8 @@ def predict_cases(predictor: nnUNetPredictor, cases: list[list[str]], output_fol
     _write_json(output / "dataset.json", predictor.dataset_json)
     _write_json(output / "plans.json", predictor.plans_manager.plans)
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=predictor.verbose)
-    timings = []
+    timings: list[CaseTiming] = []
+    failures: dict[str, str] = {}
     foreground = predictor.plans_manager.get_label_manager(predictor.dataset_json).foreground_labels
     if predict is None:
         def predict(data: torch.Tensor) -> torch.Tensor:
@@ -332,38 +388,88 @@ def predict_cases(predictor: nnUNetPredictor, cases: list[list[str]], output_fol
         def export(logits: torch.Tensor, properties: dict, output_truncated: str) -> None:
             export_prediction_from_logits(logits, properties, predictor.configuration_manager, predictor.plans_manager,
                                           predictor.dataset_json, output_truncated, save_probabilities)
+
+    def run(i: int, case: str, stage: list[str]) -> tuple[CaseTiming, Optional[str]]:
+        stage[0] = "reading"
+        t0 = time.perf_counter()
+        seg_file = previous_stage[i] if previous_stage is not None else None
+        for file in cases[i] + ([seg_file] if seg_file is not None else []):
+            check_image_file(file)
+        data, seg, properties = preprocessor.run_case(cases[i], seg_file, predictor.plans_manager,
+                                                      predictor.configuration_manager, predictor.dataset_json)
+        if seg_file is not None:  # nnU-Net's predictor: the previous stage's labels as one-hot input channels
+            data = np.vstack((data, convert_labelmap_to_one_hot(seg[0], foreground, data.dtype)))
+        stage[0] = "running the network"
+        t1 = time.perf_counter()
+        prediction = predict(torch.from_numpy(data))
+        del data
+        stage[0] = "exporting"
+        t2 = time.perf_counter()
+        note = export(prediction, properties, str(staging / case))
+        del prediction
+        produced = sorted(staging.glob(f"{case}.*"), key=lambda p: (p.name == f"{case}{ending}", p.name))
+        for file in produced:  # .npz/.pkl with probabilities first, the segmentation (what marks the case done) last
+            os.replace(file, output / file.name)
+        return CaseTiming(case, t1 - t0, t2 - t1, time.perf_counter() - t2), note
+
     try:
         for i, files in enumerate(cases):
             case = os.path.basename(files[0])[: -len(ending) - 5]
-            if not overwrite and (output / f"{case}{ending}").is_file():
+            if not overwrite and case_done(output, case, ending, save_probabilities):
                 log(f"{case}: exists, skipped (--continue_prediction)")
                 continue
-            t0 = time.perf_counter()
-            seg_file = previous_stage[i] if previous_stage is not None else None
-            data, seg, properties = preprocessor.run_case(files, seg_file, predictor.plans_manager,
-                                                          predictor.configuration_manager, predictor.dataset_json)
-            if seg_file is not None:  # nnU-Net's predictor: the previous stage's labels as one-hot input channels
-                data = np.vstack((data, convert_labelmap_to_one_hot(seg[0], foreground, data.dtype)))
-            t1 = time.perf_counter()
-            prediction = predict(torch.from_numpy(data))
-            t2 = time.perf_counter()
-            note = export(prediction, properties, str(staging / case))
-            for produced in sorted(staging.glob(f"{case}.*")):  # the segmentation, and .npz/.pkl with probabilities
-                os.replace(produced, output / produced.name)
-            t3 = time.perf_counter()
-            timing = CaseTiming(case, t1 - t0, t2 - t1, t3 - t2)
+            stage = ["reading"]
+            try:
+                timing, note = run(i, case, stage)
+            except Exception as e:
+                if not keep_going:
+                    raise
+                why = _reason(e, stage[0])
+                failures[case] = why
+                for leftover in staging.glob(f"{case}.*"):
+                    leftover.unlink()
+                log(f"{case}: FAILED, {why}")
+                continue
             timings.append(timing)
             log(f"{case}: {timing.total_s:.2f} s (preprocess {timing.preprocess_s:.2f}, network "
                 f"{timing.network_s:.2f}, resample + export {timing.export_s:.2f})" + (f"; {note}" if note else ""))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if failures:
+        raise CaseFailures(failures, timings)
     return timings
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    from batchgenerators.utilities.file_and_folder_operations import save_json
+def case_done(output: Path, case: str, ending: str, save_probabilities: bool) -> bool:
+    """nnUNetv2_predict's test of a case already predicted: its segmentation exists (and with save_probabilities
+    its .npz)."""
+    return (output / f"{case}{ending}").is_file() and (not save_probabilities or (output / f"{case}.npz").is_file())
 
-    save_json(obj, str(path), sort_keys=False)
+
+def _reason(error: Exception, stage: str) -> str:
+    """One line for a failed case: where it failed and the last line of the error (SimpleITK's messages run to many
+    lines of C++ source locations; the last line says what is wrong)."""
+    if isinstance(error, CorruptInputError):
+        return str(error)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = lines[-1] if lines else ""
+    return f"{stage}: {type(error).__name__}" + (f": {message}" if message else "")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """As nnU-Net's save_json(obj, path, sort_keys=False), written atomically and only when the content changes (a
+    rerun into the same folder rewrites nothing)."""
+    import json
+
+    text = json.dumps(obj, sort_keys=False, indent=4)
+    try:
+        if path.read_text() == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def build_predictor(model: ModelFolder, runtime: str, use_mirroring: bool, tile_step_size: float,
