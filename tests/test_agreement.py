@@ -200,6 +200,9 @@ def test_cases_the_teachers_members_disagree_on_are_dropped_and_listed(tmp_path,
         return next(preset)
 
     monkeypatch.setattr(agreement, "pairwise_dice", stand_in)
+    from tests.test_unlabeled import _fake_preprocess
+
+    monkeypatch.setattr(unlabeled, "_preprocess", _fake_preprocess)
     log: list[str] = []
     inputs = check_inputs(teacher, images, 500, "Derived", labelled="991", min_case_agreement=0.9)
     folder = unlabeled.add_unlabeled(inputs, num_processes=1, log=log.append)

@@ -213,3 +213,24 @@ def test_a_reused_output_folder_with_another_synthetic_set_is_planned_again(tmp_
     demo.drop_stale_synthetic(work, {**easy, "varied": True, "size": 32})
     assert not any(f.exists() for f in folders) and (work / "raw" / "Dataset004_Other").is_dir()
     assert not (work / demo.SYNTHETIC_SET).exists()
+
+
+def test_run_logged_echoes_each_epoch_and_labelled_case_with_the_elapsed_time(tmp_path, capsys):
+    """The demo's long steps print a line per nnU-Net epoch and per case add-unlabeled labels while they run (a
+    stand-in command writes nnU-Net's and add-unlabeled's lines 0.3 s apart); other lines stay in the log only."""
+    import sys as _sys
+
+    from nnunetv2_recokd.cli.demo import run_logged
+
+    script = tmp_path / "fake.py"
+    script.write_text("import time\n"
+                      "for line in ['2026-12-08 00:00:01.0: Epoch 0', 'train_loss 1.2',"
+                      " '2026-12-08 00:00:02.0: Epoch 1', '[1/2] scan_000: 1.0 s', '[2/2] scan_001: 1.0 s', 'done']:\n"
+                      "    print(line, flush=True); time.sleep(0.3)\n")
+    text = run_logged([_sys.executable, str(script)], {}, tmp_path / "log.txt", label="teacher", poll_seconds=0.1)
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(" (")[0] for line in out] == ["    teacher: Epoch 0", "    teacher: Epoch 1",
+                                                     "    teacher: [1/2] scan_000:", "    teacher: [2/2] scan_001:"]
+    assert all(line.endswith(" s)") for line in out) and "train_loss 1.2" in text
+    run_logged([_sys.executable, str(script)], {}, tmp_path / "quiet.txt", poll_seconds=0.1)  # no label: silent
+    assert capsys.readouterr().out == ""

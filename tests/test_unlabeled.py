@@ -193,6 +193,17 @@ def test_unlabeled_images_that_are_the_labelled_datasets_images_are_refused(tmp_
     check_inputs(teacher, images, 500, "Derived", labelled="991")  # none of them: accepted
 
 
+def _fake_preprocess(inputs, raw, pre, dataset_json, num_processes, log):
+    """unlabeled._preprocess without nnU-Net's preprocessing (a subprocess of several seconds): the splits and the
+    dataset.json it writes, and the raw folder it was handed."""
+    from nnunetv2_recokd.unlabeled import derived_splits
+
+    (pre / "dataset.json").write_text(json.dumps(dataset_json))
+    (pre / "splits_final.json").write_text(json.dumps(
+        derived_splits(list(inputs.real_cases), list(inputs.unlabeled_cases), inputs.source_splits)))
+    (pre / "preprocessed_from.txt").write_text(str(raw))
+
+
 def _label_times(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in sorted((folder / "labelsTr").glob("scan_*"))}
 
@@ -209,6 +220,7 @@ def test_a_rerun_after_the_preprocessed_folder_was_removed_keeps_every_label(tmp
     from nnunetv2_recokd import unlabeled
 
     teacher, images, raw = _world(tmp_path, monkeypatch)
+    monkeypatch.setattr(unlabeled, "_preprocess", _fake_preprocess)
     raw_final = unlabeled.add_unlabeled(check_inputs(teacher, images, 500, "Derived", labelled="991", tta=False),
                                         num_processes=1, log=lambda m: None)
     labels = _label_times(raw_final)
@@ -220,7 +232,8 @@ def test_a_rerun_after_the_preprocessed_folder_was_removed_keeps_every_label(tmp
     again = unlabeled.add_unlabeled(check_inputs(teacher, images, 500, "Derived", labelled="991", tta=False),
                                     num_processes=1, log=log.append)
     assert again == raw_final and _label_times(raw_final) == labels
-    assert (pre_final / "splits_final.json").is_file() and any(pre_final.glob("nnUNetPlans_3d_fullres/*"))
+    assert (pre_final / "splits_final.json").is_file()
+    assert (pre_final / "preprocessed_from.txt").read_text() == str(raw_final)  # the finished raw dataset's labels
     assert "preprocessing it again (the labels are kept)" in log[0]
     assert not (raw.parent / STAGING).exists() and not (pre_final.parent / STAGING).exists()
     other = tmp_path / "other_preprocessed"  # another nnUNet_preprocessed, the same raw dataset
@@ -235,7 +248,7 @@ def test_a_rerun_after_a_kill_during_preprocessing_keeps_every_label(tmp_path, m
     from nnunetv2_recokd import unlabeled
 
     teacher, images, raw = _world(tmp_path, monkeypatch)
-    preprocess = unlabeled._preprocess
+    preprocess = _fake_preprocess
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed while preprocessing")

@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import statistics
+import re
 import subprocess
 import sys
 import time
@@ -91,16 +92,49 @@ def nnunet_command(name: str) -> str:
     return found
 
 
-def run_logged(args: list[str], env: dict, log: Path, timeout: Optional[int] = None) -> str:
-    """Run an nnU-Net command with its output in `log`; on failure raise with the log's tail."""
+# the lines of a command's log the demo echoes while it runs: nnU-Net's epochs, add-unlabeled's cases
+PROGRESS_LINE = re.compile(r"(?:^|: )(Epoch \d+)$|^(\[\d+/\d+\] \S+)")
+
+
+def run_logged(args: list[str], env: dict, log: Path, timeout: Optional[int] = None,
+               label: Optional[str] = None, poll_seconds: float = 2.0) -> str:
+    """Run an nnU-Net command with its output in `log`; on failure raise with the log's tail. With `label`, every
+    epoch nnU-Net starts and every case add-unlabeled labels is echoed as it appears, with the elapsed time
+    ("    teacher: Epoch 3 (1 min 12 s)"), so minutes of training never pass in silence."""
+    start = time.time()
     with open(log, "w") as f:
-        proc = subprocess.run([nnunet_command(args[0]), *args[1:]], env=env, stdout=f, stderr=subprocess.STDOUT,
-                              timeout=timeout)
+        proc = subprocess.Popen([nnunet_command(args[0]), *args[1:]], env=env, stdout=f, stderr=subprocess.STDOUT)
+        seen = 0
+        while True:
+            try:
+                proc.wait(timeout=poll_seconds)
+                finished = True
+            except subprocess.TimeoutExpired:
+                finished = False
+            if timeout is not None and time.time() - start > timeout:
+                proc.kill()
+                proc.wait()
+                raise subprocess.TimeoutExpired(args, timeout)
+            if label is not None:
+                lines = log.read_text(errors="replace").splitlines()
+                for line in lines[seen:] if finished else lines[seen:-1]:  # a last line may still be written
+                    match = PROGRESS_LINE.search(line.strip())
+                    if match:
+                        print(f"    {label}: {match.group(1) or match.group(2)} ({_elapsed(time.time() - start)})",
+                              flush=True)
+                seen = len(lines) if finished else max(seen, len(lines) - 1)
+            if finished:
+                break
     text = log.read_text()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed (exit {proc.returncode}); last lines of {log}:\n"
                            f"{text[-3000:]}")
     return text
+
+
+def _elapsed(seconds: float) -> str:
+    minutes, rest = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
 
 
 class Progress:
@@ -173,7 +207,7 @@ def main(out: str, device: str, dataset: Optional[str], teacher_epochs: Optional
                                        "num_val_iterations_per_epoch": 2, "save_every": max(1, teacher_epochs),
                                        "seed": seed}))
     run_logged(["nnUNetv2_train", dataset_id, "3d_fullres", "0", "-tr", TEACHER, "-device", device],
-               {**train_env, "RECOKD_CONFIG": str(teacher_cfg)}, logs / f"train_{TEACHER}.log")
+               {**train_env, "RECOKD_CONFIG": str(teacher_cfg)}, logs / f"train_{TEACHER}.log", label="teacher")
     teacher_folder = setup.teacher_folder
     progress.step(f"trained the teacher ({TEACHER}, {teacher_epochs} x {iterations} iterations, seed {seed})")
     runs = {TEACHER: [evaluation.run(TEACHER, teacher_folder, env, seed)]}
@@ -196,7 +230,7 @@ def main(out: str, device: str, dataset: Optional[str], teacher_epochs: Optional
             cfg.write_text(json.dumps(values))
             run_logged(["nnUNetv2_train", data_id, "3d_fullres", fold, "-tr", trainer, "-device", device],
                        {**train_env, **seed_env, "RECOKD_CONFIG": str(cfg)},
-                       logs / f"train_{tag}_seed{student_seed}.log")
+                       logs / f"train_{tag}_seed{student_seed}.log", label=f"{label}, seed {student_seed}")
             progress.step(f"trained {label} ({trainer}, {student_epochs} x {iterations} iterations, "
                           f"seed {student_seed})")
             model_folder = Path(seed_env["nnUNet_results"]) / data_name / f"{trainer}__nnUNetPlans__3d_fullres"
@@ -349,7 +383,7 @@ def few_label_datasets(setup: Setup, progress: Progress, k: int, m: int) -> dict
                                        seed=1, varied=True)
         run_logged(["nnunetv2_recokd", "add-unlabeled", "-i", str(scans), "-t", str(s.teacher_folder), "-f", "0",
                     "-d", str(FEW_LABEL_ID), "--id", str(DERIVED_ID), "--name", derived.split("_", 1)[1],
-                    "-device", s.device, "-np", "1"], s.env, s.logs / "add_unlabeled.log")
+                    "-device", s.device, "-np", "1"], s.env, s.logs / "add_unlabeled.log", label="teacher labels")
     progress.step(f"{derived}: the {k} labelled cases + {m} new scans labelled by the teacher (add-unlabeled)")
     return {"few": (str(FEW_LABEL_ID), few, "all"), "derived": (str(DERIVED_ID), derived, "all")}
 
