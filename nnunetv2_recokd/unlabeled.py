@@ -360,11 +360,13 @@ def ignore_label_of(dataset_json: dict) -> int:
 
 # ----------------------------------------------------------------------------------------------- labelling
 def label_cases(inputs: Inputs, output: Path, device: str = "cpu", log: Callable[[str], None] = print,
-                num_threads: Optional[int] = None, part_id: int = 0, num_parts: int = 1) -> int:
+                num_threads: Optional[int] = None, part_id: int = 0, num_parts: int = 1,
+                runtime: Optional[str] = None) -> int:
     """The teacher's segmentation of the unlabeled cases of one part (every case with one part; part i of N: the
     sorted cases i, i + N, ...) into `output` (nnU-Net's prediction: every requested fold, mirroring unless
     disabled). Cases whose label exists are skipped (a rerun resumes); returns how many were labelled now.
 
+    runtime: the teacher's runtime on the CPU ("openvino", "torch"; None: OpenVINO where installed, else PyTorch).
     With several parts each labels into its own folder beside `output` (nnU-Net's predictor clears its staging folder
     when it starts) and moves every finished label into `output`, one complete file at a time."""
     from nnunetv2_recokd.deploy.predictor import build_predictor, predict_cases
@@ -386,11 +388,12 @@ def label_cases(inputs: Inputs, output: Path, device: str = "cpu", log: Callable
     if device == "cpu":
         from nnunetv2_recokd.deploy.runtime import require_runtime
 
-        try:  # OpenVINO runs nnU-Net networks several times faster than PyTorch on a CPU (README, deployment)
-            require_runtime("openvino")
-            runtime = "openvino"
-        except DeployError:
-            runtime = "torch"
+        if runtime is None:
+            try:  # OpenVINO runs nnU-Net networks several times faster than PyTorch on a CPU (README, deployment)
+                require_runtime("openvino")
+                runtime = "openvino"
+            except DeployError:
+                runtime = "torch"
         predictor = build_predictor(inputs.teacher, runtime, inputs.request.tta, 0.5, threads=num_threads)
     else:
         import torch
