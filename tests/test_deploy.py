@@ -25,7 +25,8 @@ import torch
 from nnunetv2_recokd import sandbox
 from nnunetv2_recokd.deploy.export import STOCK_TRAINER, build_stock_network, export_stock_model, write_install_zip
 from nnunetv2_recokd.deploy.modelfolder import DeployError, open_model_folder
-from nnunetv2_recokd.deploy.predictor import build_predictor, check_input_folder, dice_per_class, predict_cases
+from nnunetv2_recokd.deploy.inputfolder import check_input_folder
+from nnunetv2_recokd.deploy.predictor import build_predictor, dice_per_class, predict_cases
 from nnunetv2_recokd.deploy.runtime import compile_network, export_onnx
 from nnunetv2_recokd.synthetic import make_case
 from tests.tiny_nnunet import BLOCKER

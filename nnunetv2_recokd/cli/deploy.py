@@ -133,14 +133,8 @@ def student_inputs_main(args: argparse.Namespace) -> int:
 
 
 def predict_main(args: argparse.Namespace) -> int:
-    from nnunetv2_recokd.deploy.predictor import (
-        CaseFailures,
-        build_predictor,
-        check_file_endings,
-        check_input_folder,
-        predict_cases,
-        previous_stage_files,
-    )
+    from nnunetv2_recokd.deploy.inputfolder import check_file_endings, check_input_folder
+    from nnunetv2_recokd.deploy.predictor import CaseFailures, build_predictor, predict_cases, previous_stage_files
     from nnunetv2_recokd.inputs.channels import ChannelError, student_input_files
 
     staging = None

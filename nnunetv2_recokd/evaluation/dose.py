@@ -158,7 +158,7 @@ def evaluate(model: ModelFolder, images: Path, labels: Path, out: Path, doses: S
              step_size: float = 0.5, keep_images: bool = False, settings: Optional[dict[str, Any]] = None,
              log=print) -> dict[str, Any]:
     """The table as a dict (also written to out/dose_table.json and .md). Raises DeployError on bad inputs."""
-    from nnunetv2_recokd.deploy.predictor import check_input_folder
+    from nnunetv2_recokd.deploy.inputfolder import check_input_folder
 
     settings = dict(settings or {})
     doses = check_doses(doses)

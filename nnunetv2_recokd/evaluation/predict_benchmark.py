@@ -136,8 +136,9 @@ def parity(folder: Path, checkpoint: str, images: Path, runtime: str, num_cases:
     import torch
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
+    from nnunetv2_recokd.deploy.inputfolder import check_input_folder
     from nnunetv2_recokd.deploy.modelfolder import open_model_folder
-    from nnunetv2_recokd.deploy.predictor import build_predictor, check_input_folder
+    from nnunetv2_recokd.deploy.predictor import build_predictor
 
     model = open_model_folder(folder, None, checkpoint)
     cases = check_input_folder(images, model.dataset_json)[:num_cases]

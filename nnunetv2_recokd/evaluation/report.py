@@ -167,8 +167,9 @@ def runtime_seconds_per_case(model_folder: Path, fold: str, checkpoint: Path, im
                              tta: bool) -> tuple[Optional[float], Optional[str]]:
     """Seconds per case of the same prediction on the CPU with `nnunetv2_recokd predict`'s runtime (model load and
     compilation excluded, as for nnU-Net's predictor above), or (None, None) without the deploy extra."""
+    from nnunetv2_recokd.deploy.inputfolder import check_input_folder
     from nnunetv2_recokd.deploy.modelfolder import DeployError, open_model_folder
-    from nnunetv2_recokd.deploy.predictor import build_predictor, check_input_folder, predict_cases
+    from nnunetv2_recokd.deploy.predictor import build_predictor, predict_cases
 
     try:
         model = open_model_folder(model_folder, [fold], checkpoint.name)
