@@ -1,4 +1,5 @@
-"""The package's layout, checked (docs/how_it_works.md#layout): thin commands, measuring code once, no import circle.
+"""The package's layout (docs/how_it_works.md, below the code tree): thin commands, measuring code once, no
+import circle.
 
 1. Each command module (nnunetv2_recokd/cli/<name>.py, every one but the dispatcher __init__.py, __main__.py and
    common.py) imported alone in a fresh interpreter pulls no other command module. Allowed beside it: the package
