@@ -4,7 +4,7 @@
 # 5 teachers, one training step of each low-dose trainer under CUDA autocast, and a short real nnUNetv2_train of
 # nnUNetTrainerReCoKD with torch.compile left to nnU-Net. Each part runs in a child process with its own time
 # limit; the limits add up to 430 s (sized for 8 minutes on one H100 with the machine's start, Python start-up
-# included). What the parts do and what the JSON holds: nnunetv2_recokd/cli/gpu_check.py.
+# included). What the parts do and what the JSON holds: nnunetv2_recokd/evaluation/gpu_check.py.
 #
 #   bash examples/gpu_check.sh [OUT.json] [gpu-check options]     # default $OUT/gpu_check.json, else ./gpu_check.json
 #   source .device/setup.sh && bash examples/gpu_check.sh $OUT/gpu_check.json      # on the GPU machine

@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin
 
+from nnunetv2_recokd.trainer_names import PUBLIC_TRAINERS, lineage
+
 CONFIG_ENV = "RECOKD_CONFIG"
 # the forms of the logit term (losses/logits.py LOGIT_FORMS; written out here: the losses import torch)
 LOGIT_FORMS = ("hinton", "class_balanced", "cwd")
@@ -263,16 +265,15 @@ def _read_json(path: Union[str, Path], what: str) -> dict[str, Any]:
 
 
 def _lineage(trainer: Union[str, type]) -> list[str]:
-    """Class names from the most general to `trainer` itself (a class, or the name of one of our public trainers)."""
+    """Class names from the most general to `trainer` itself (a class, or the name of one of our public trainers,
+    walked up trainer_names.PARENTS: no trainer is imported, so the trainers can import this module)."""
     if isinstance(trainer, type):
         return [k.__name__ for k in reversed(trainer.__mro__)]
-    from nnunetv2_recokd import trainers  # lazy: the trainers import this module
-
-    cls = getattr(trainers, trainer, None)
-    if not isinstance(cls, type):
+    try:
+        return lineage(trainer)
+    except KeyError:
         raise SettingsError(f"{trainer} is not one of our trainers; shipped trainers: "
-                            f"{', '.join(trainers.PUBLIC_TRAINERS)}")
-    return _lineage(cls)
+                            f"{', '.join(PUBLIC_TRAINERS)}") from None
 
 
 def _config_folder():

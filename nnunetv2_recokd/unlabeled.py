@@ -244,7 +244,7 @@ def check_inputs(teacher: Union[str, Path], images: Union[str, Path], dataset_id
         splits = pre_root / labelled_raw.name / "splits_final.json"
         if splits.is_file():
             source_splits = json.loads(splits.read_text())
-    from nnunetv2_recokd.deploy.predictor import check_input_folder
+    from nnunetv2_recokd.deploy.inputfolder import check_input_folder
 
     ending = tds["file_ending"]
     foreign = sorted(p.name for p in Path(images).glob("*") if p.is_file() and not p.name.startswith(".")

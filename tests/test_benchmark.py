@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from nnunetv2_recokd import cli, sandbox
-from nnunetv2_recokd.cli import benchmark
+from nnunetv2_recokd.evaluation import benchmark
+from nnunetv2_recokd.evaluation.tables import benchmark_table
 
 
 def test_benchmark_tiny_setting_reports_ratios_and_latency():
@@ -40,7 +41,7 @@ def test_benchmark_tiny_setting_reports_ratios_and_latency():
     # dec0 at 16^3 and dec1 at 8^3 of make_batch's target: organ, one lesion (two in sample 1), background node
     assert graph["stages"] == ["dec0", "dec1"] and graph["ms"] > 0
     assert graph["nodes_per_graph"][:2] == [3, 4]
-    text = benchmark.to_markdown([result])
+    text = benchmark_table([result])
     assert "| nnUNetTrainerReCoKDGraph |" in text and "n/a (CPU)" in text and "| direct |" in text
     assert "Region-graph terms alone on dec0, dec1" in text
 
@@ -53,7 +54,7 @@ def test_terms_only_skips_the_training_steps():
                                    terms_only=True)
     assert result["trainers"] == [] and "floor_ms" not in result
     assert result["reco_terms"]["ours_ms"] > 0 and result["graph_terms"]["ms"] > 0
-    text = benchmark.to_markdown([result])
+    text = benchmark_table([result])
     assert "| ours |" in text and "ratio to floor" not in text
 
 
@@ -131,7 +132,7 @@ def test_benchmark_with_several_teachers_has_a_floor_per_teacher_count():
     for row in result["trainers"]:
         floor = next(f for f in result["floors"] if f["teachers"] == row["teachers"])
         assert row["ratio_to_floor"] == row["ms_per_step"] / floor["floor_ms"]
-    text = benchmark.to_markdown([result])
+    text = benchmark_table([result])
     assert "| 3 | nnUNetTrainerReCoKD |" in text and "3 teacher(s)" in text
     with pytest.raises(SystemExit, match="--teachers"):
         benchmark.run_setting("tiny", plans, ["nnUNetTrainerReCoKD"], torch.device("cpu"), 1, 0, teachers=[0])

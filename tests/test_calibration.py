@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunetv2_recokd import sandbox
-from nnunetv2_recokd.deploy import quantize
+from nnunetv2_recokd.deploy import export, quantize
 from nnunetv2_recokd.deploy.modelfolder import DeployError, open_model_folder
 from nnunetv2_recokd.inputs.channels import student_dataset_json, student_plans
 
@@ -123,11 +123,11 @@ def test_export_quantizes_each_fold_on_its_own_cases(two_folds, dataset_env, tmp
     quantization and writing replaced by recorders)."""
     _, student = two_folds
     quantized = {}
-    monkeypatch.setattr(quantize, "require_nncf", lambda: None)
-    monkeypatch.setattr(quantize, "calibration_tiles", lambda predictor, cases: _first_names(cases))
-    monkeypatch.setattr(quantize, "quantize_onnx", lambda onnx_file, tiles: tiles)
-    monkeypatch.setattr(quantize, "save_int8", lambda tiles, target: quantized.setdefault(target.parent.name, tiles))
-    written = quantize.write_int8_networks(open_model_folder(student), tmp_path)
+    monkeypatch.setattr(export, "require_nncf", lambda: None)
+    monkeypatch.setattr(export, "calibration_tiles", lambda predictor, cases: _first_names(cases))
+    monkeypatch.setattr(export, "quantize_onnx", lambda onnx_file, tiles: tiles)
+    monkeypatch.setattr(export, "save_int8", lambda tiles, target: quantized.setdefault(target.parent.name, tiles))
+    written = export.write_int8_networks(open_model_folder(student), tmp_path)
     assert [p.parent.name for p in written] == ["fold_0", "fold_1"]
     assert quantized == {"fold_0": ["case_000", "case_002", "case_003", "case_005"],
                          "fold_1": ["case_001", "case_002", "case_004"]}

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from nnunetv2_recokd import cli
-from nnunetv2_recokd.cli import demo
+from nnunetv2_recokd import demo
+from nnunetv2_recokd.evaluation import spread
 
 
 def test_demo_smallest_setting_writes_table_and_figure(smallest_demo):
@@ -52,10 +53,10 @@ def test_demo_smallest_setting_writes_table_and_figure(smallest_demo):
 
 def test_demo_ensemble_flag_reaches_main_and_is_checked(monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match="--ensemble takes 0"):  # before anything is written or trained
-        demo.main(str(tmp_path / "x"), "cpu", None, 1, 1, 1, 6, 2, ensemble=1)
+        demo.run(str(tmp_path / "x"), "cpu", None, 1, 1, 1, 6, 2, ensemble=1)
     assert not (tmp_path / "x").exists()
     seen = {}
-    monkeypatch.setattr(demo, "main", lambda *args, **kwargs: seen.update(kwargs) or 0)
+    monkeypatch.setattr(demo, "run", lambda *args, **kwargs: seen.update(kwargs) or 0)
     assert cli.main(["demo", "--device", "cpu", "--ensemble", "2"]) == 0 and seen["ensemble"] == 2
     assert cli.main(["demo", "--device", "cpu"]) == 0 and seen["ensemble"] == 0  # off by default
 
@@ -125,8 +126,8 @@ def _row(trainer: str, organ: list[float], lesion: list[float]) -> dict:
     means = [(a + b) / 2 for a, b in zip(organ, lesion)]
     return {"model": trainer, "trainer": trainer, "seeds": list(range(len(organ))),
             "dice": {"organ": sum(organ) / len(organ), "lesion": sum(lesion) / len(lesion)},
-            "dice_sd": {"organ": demo._spread(organ), "lesion": demo._spread(lesion)},
-            "mean_dice": sum(means) / len(means), "mean_dice_sd": demo._spread(means), "evaluated_on": "held-out",
+            "dice_sd": {"organ": spread(organ), "lesion": spread(lesion)},
+            "mean_dice": sum(means) / len(means), "mean_dice_sd": spread(means), "evaluated_on": "held-out",
             "cases": 4, "params": 1e6, "gflops_per_patch": 1.0, "latency_ms": 10.0, "patch_size": [8, 8, 8],
             "device": "cpu"}
 
@@ -183,11 +184,11 @@ def test_few_labels_is_refused_where_it_cannot_run(tmp_path):
     common = dict(out=str(tmp_path / "d"), device="cpu", teacher_epochs=1, student_epochs=1, iterations=1,
                   num_test=1)
     with pytest.raises(SystemExit, match="--few-labels is a story on the synthetic data"):
-        demo.main(dataset="4", num_train=8, few_labels=3, **common)
+        demo.run(dataset="4", num_train=8, few_labels=3, **common)
     with pytest.raises(SystemExit, match="2..7"):
-        demo.main(dataset=None, num_train=8, few_labels=8, **common)
+        demo.run(dataset=None, num_train=8, few_labels=8, **common)
     with pytest.raises(SystemExit, match="--unlabeled"):
-        demo.main(dataset=None, num_train=8, few_labels=3, unlabeled=0, **common)
+        demo.run(dataset=None, num_train=8, few_labels=3, unlabeled=0, **common)
     assert not (tmp_path / "d").exists()  # refused before anything is written
 
 
@@ -220,7 +221,7 @@ def test_run_logged_echoes_each_epoch_and_labelled_case_with_the_elapsed_time(tm
     stand-in command writes nnU-Net's and add-unlabeled's lines 0.3 s apart); other lines stay in the log only."""
     import sys as _sys
 
-    from nnunetv2_recokd.cli.demo import run_logged
+    from nnunetv2_recokd.nnunet_commands import run_logged
 
     script = tmp_path / "fake.py"
     script.write_text("import time\n"

@@ -25,7 +25,8 @@ import torch
 from nnunetv2_recokd import sandbox
 from nnunetv2_recokd.deploy.export import STOCK_TRAINER, build_stock_network, export_stock_model, write_install_zip
 from nnunetv2_recokd.deploy.modelfolder import DeployError, open_model_folder
-from nnunetv2_recokd.deploy.predictor import build_predictor, check_input_folder, dice_per_class, predict_cases
+from nnunetv2_recokd.deploy.inputfolder import check_input_folder
+from nnunetv2_recokd.deploy.predictor import build_predictor, dice_per_class, predict_cases
 from nnunetv2_recokd.deploy.runtime import compile_network, export_onnx
 from nnunetv2_recokd.synthetic import make_case
 from tests.tiny_nnunet import BLOCKER
@@ -499,7 +500,8 @@ def test_benchmark_predict_times_every_command_and_checks_parity(world, tmp_path
     """Teacher and student (2-fold ensembles), stock command and ours, TTA off: one row each, ratios to the
     teacher's stock command, our command's time split, label and logit parity, per-patch latencies with and without
     the graph rewrite; the Markdown names the machine."""
-    from nnunetv2_recokd.cli.predict_benchmark import run, to_markdown
+    from nnunetv2_recokd.evaluation.predict_benchmark import run
+    from nnunetv2_recokd.evaluation.tables import predict_benchmark_table as to_markdown
 
     _, results, student, images = world
     teacher = sandbox.write_random_teacher(tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres",
@@ -536,7 +538,7 @@ def test_benchmark_predict_times_every_command_and_checks_parity(world, tmp_path
 
 
 def test_report_times_held_out_cases_on_the_runtime(world, tmp_path, monkeypatch):
-    from nnunetv2_recokd.cli import report
+    from nnunetv2_recokd.evaluation import report
 
     _, _, student, images = world
     checkpoint = student / "fold_0" / "checkpoint_final.pth"

@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunetv2_recokd.cli.demo import nnunet_command, run_logged
+from nnunetv2_recokd.nnunet_commands import nnunet_command, run_logged
 from nnunetv2_recokd.synthetic import write_dataset
 
 DATASET_ID = 993

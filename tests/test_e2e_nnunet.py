@@ -25,8 +25,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunetv2_recokd.cli.demo import nnunet_command, run_logged
-from nnunetv2_recokd.cli.report import count_checkpoint_parameters
+from nnunetv2_recokd.nnunet_commands import nnunet_command, run_logged
+from nnunetv2_recokd.evaluation import count_checkpoint_parameters
 
 DATASET_ID = 990
 DATASET = "Dataset990_SyntheticLesions"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from nnunetv2_recokd import cli
-from nnunetv2_recokd.cli import benchmark, gpu_check
+from nnunetv2_recokd.evaluation import benchmark, gpu_check
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "gpu_check.sh"
 

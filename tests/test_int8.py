@@ -19,7 +19,8 @@ import torch
 from nnunetv2_recokd import sandbox
 from nnunetv2_recokd.deploy import quantize
 from nnunetv2_recokd.deploy.modelfolder import DeployError, open_model_folder
-from nnunetv2_recokd.deploy.predictor import build_predictor, check_input_folder, predict_cases
+from nnunetv2_recokd.deploy.inputfolder import check_input_folder
+from nnunetv2_recokd.deploy.predictor import build_predictor, predict_cases
 from nnunetv2_recokd.deploy.runtime import compile_network
 from nnunetv2_recokd.synthetic import make_case
 

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import torch
 
 from nnunetv2_recokd import sandbox
-from nnunetv2_recokd.cli import dose as dose_cli
+from nnunetv2_recokd.evaluation import dose as dose_evaluation
 from nnunetv2_recokd.cli import main as cli_main
 from nnunetv2_recokd.deploy.modelfolder import open_model_folder
 from nnunetv2_recokd.inputs import lowdose as L
@@ -313,7 +313,7 @@ def test_evaluate_dose_writes_the_table_and_degrades_only_below_full_dose(ct_wor
     assert not any(p.name.startswith(".degraded_") for p in out.iterdir())  # the scratch folder is gone
 
     # dose 1.0 is the prediction of the untouched images by nnU-Net's predictor
-    predictor = dose_cli.make_predictor(open_model_folder(model), torch.device("cpu"), False, 0.5)
+    predictor = dose_evaluation.make_predictor(open_model_folder(model), torch.device("cpu"), False, 0.5)
     direct = root / "direct"
     direct.mkdir()
     predictor.predict_from_files_sequential(str(images), str(direct), save_probabilities=False, overwrite=True)
@@ -339,7 +339,7 @@ def test_evaluate_dose_noise_is_seeded_per_case_and_in_the_axial_plane(ct_world,
     names = ["case_000", "case_001"]
     first, second = tmp_path / "a", tmp_path / "b"
     for folder, order in ((first, [0, 1]), (second, [1])):
-        dose_cli.write_degraded_inputs([cases[i] for i in order], [names[i] for i in order], [0], 0.25, folder,
+        dose_evaluation.write_degraded_inputs([cases[i] for i in order], [names[i] for i in order], [0], 0.25, folder,
                                        seed=0, device=torch.device("cpu"), settings={"i0": 1000.0})
     # the same case gets the same noise whatever else is evaluated with it
     assert np.array_equal(_array(first / "case_001_0000.nii.gz"), _array(second / "case_001_0000.nii.gz"))
@@ -351,10 +351,10 @@ def test_evaluate_dose_noise_is_seeded_per_case_and_in_the_axial_plane(ct_world,
     water = np.where(c[:, None, None] ** 2 + c[None, :, None] ** 2 <= 14 ** 2, 0.0, -1000.0)
     image = sitk.GetImageFromArray(np.broadcast_to(water, (size, size, size)).astype(np.float32))
     image.SetDirection((0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0))  # index axis x (array axis 2) is patient z
-    assert dose_cli.slice_axis(image) == 2
+    assert dose_evaluation.slice_axis(image) == 2
     source, target = tmp_path / "rot_0000.nii.gz", tmp_path / "rot_low_0000.nii.gz"
     sitk.WriteImage(image, str(source))
-    dose_cli.degrade_file(source, target, 0.1, 0, torch.device("cpu"), {"i0": 1000.0})
+    dose_evaluation.degrade_file(source, target, 0.1, 0, torch.device("cpu"), {"i0": 1000.0})
     noise = (_array(target) - _array(source))[8:24, 8:24, 4:28]
 
     def neighbour_correlation(axis: int) -> float:

@@ -49,7 +49,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunetv2_recokd.cli.demo import run_logged
+from nnunetv2_recokd.nnunet_commands import run_logged
 from nnunetv2_recokd.synthetic import write_dataset
 from tests.tiny_nnunet import BLOCKER
 

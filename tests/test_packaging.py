@@ -23,7 +23,8 @@ def test_wheel_contains_trainer_configs_and_shim(tmp_path):
     assert "nnunetv2_recokd/nnunet_ext/nnunetv2_recokd_trainers.py" in names
     assert "nnunetv2_recokd/__main__.py" in names  # `python -m nnunetv2_recokd` from an installed wheel
     assert {"nnunetv2_recokd/deploy/export.py", "nnunetv2_recokd/deploy/predictor.py",
-            "nnunetv2_recokd/deploy/runtime.py"} <= names
+            "nnunetv2_recokd/deploy/runtime.py", "nnunetv2_recokd/evaluation/summary.py",
+            "nnunetv2_recokd/evaluation/tables.py"} <= names
     assert not any(n.startswith(("tests/", "examples/")) for n in names)
 
 

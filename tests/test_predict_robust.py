@@ -23,7 +23,8 @@ from nnunetv2_recokd import sandbox
 from nnunetv2_recokd.cli import main
 from nnunetv2_recokd.deploy.integrity import CorruptInputError, check_image_file
 from nnunetv2_recokd.deploy.modelfolder import open_model_folder
-from nnunetv2_recokd.deploy.predictor import STAGING, build_predictor, check_input_folder, predict_cases
+from nnunetv2_recokd.deploy.inputfolder import check_input_folder
+from nnunetv2_recokd.deploy.predictor import STAGING, build_predictor, predict_cases
 from nnunetv2_recokd.synthetic import make_case
 
 STUDENT = "nnUNetTrainerReCoKD__nnUNetPlans__3d_fullres"

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from nnunetv2_recokd.profiling import conv_gflops, count_parameters, inference_latency_ms
+from nnunetv2_recokd.evaluation.networks import conv_gflops, count_parameters, inference_latency_ms
 
 
 def test_conv_gflops_hand_computed():

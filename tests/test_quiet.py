@@ -4,13 +4,13 @@ supported for cuda devices!" for every CPU predictor, whatever it is given; our 
 from __future__ import annotations
 
 from nnunetv2_recokd import sandbox
-from nnunetv2_recokd.cli.demo import build_network
+from nnunetv2_recokd.evaluation import load_inference_network
 
 
-def test_the_demo_builds_its_networks_on_the_cpu_silently(tmp_path, capsys):
+def test_the_demo_and_the_report_build_their_networks_on_the_cpu_silently(tmp_path, capsys):
     folder = sandbox.write_random_student(tmp_path / "nnUNetTrainerReCoKD__nnUNetPlans__3d_fullres",
                                           sandbox.unet_plans((8, 16, 32), (16, 16, 16)), sandbox.dataset_json())
-    network, patch = build_network(folder, "cpu")
-    assert list(patch) == [16, 16, 16] and network is not None
+    network, patch, channels = load_inference_network(folder, device="cpu")
+    assert list(patch) == [16, 16, 16] and network is not None and channels == 1
     out = capsys.readouterr()
     assert "cuda" not in out.out + out.err

@@ -19,7 +19,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_recokd import sandbox
 from nnunetv2_recokd.cli import main as cli_main
-from nnunetv2_recokd.cli import report
+from nnunetv2_recokd.evaluation import report
+from nnunetv2_recokd.evaluation.summary import class_names, read_summary
+from nnunetv2_recokd.evaluation.tables import NOT_VALIDATED, report_table
 from nnunetv2_recokd.student import build_student_network
 
 DATASET = "Dataset992_Report"
@@ -119,25 +121,25 @@ def test_default_out_folder_and_not_validated(results: tuple[Path, dict[str, int
     assert cli_main(["report", "992", "--no-latency"]) == 0
     out = root / DATASET / report.DEFAULT_OUT
     rows = {r["trainer"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
-    assert rows["nnUNetTrainerLogitKD"]["status"] == report.NOT_VALIDATED
-    assert rows["nnUNetTrainerStudent"]["status"] == report.NOT_VALIDATED
+    assert rows["nnUNetTrainerLogitKD"]["status"] == NOT_VALIDATED
+    assert rows["nnUNetTrainerStudent"]["status"] == NOT_VALIDATED
     assert rows["nnUNetTrainerStudent"]["params"] == params["nnUNetTrainerStudent"]  # checkpoint still counted
     assert rows["nnUNetTrainerReCoKD"]["mean_dice"] == DICE["nnUNetTrainerReCoKD"][2]
     text = (out / "report.md").read_text()
-    assert any(li.startswith("| nnUNetTrainerLogitKD ") and report.NOT_VALIDATED in li for li in text.splitlines())
+    assert any(li.startswith("| nnUNetTrainerLogitKD ") and NOT_VALIDATED in li for li in text.splitlines())
     assert (out / "report.png").is_file()
 
 
 def test_region_labels_and_unknown_reference(results: tuple[Path, dict[str, int]]) -> None:
     """Region keys ('(1, 2)') map to dataset.json's region names; a foreign trainer is a 'reference' row."""
-    names = report.class_names(sandbox.dataset_json(regions=True))
+    names = class_names(sandbox.dataset_json(regions=True))
     summary = {"foreground_mean": {"Dice": 0.5}, "mean": {"(1, 2)": {"Dice": 0.6}, "2": {"Dice": 0.4}},
                "metric_per_case": [{}]}
     path = results[0] / "summary.json"
     path.write_text(json.dumps(summary))
-    assert report.read_summary(path, names) == {"dice": {"whole": 0.6, "core": 0.4}, "mean_dice": 0.5, "n_cases": 1}
-    assert report._role("nnUNetTrainerSomeoneElse") == "reference"
-    assert report._role("nnUNetTrainerTeacher") == "teacher"
+    assert read_summary(path, names) == {"dice": {"whole": 0.6, "core": 0.4}, "mean_dice": 0.5, "n_cases": 1}
+    assert report.role("nnUNetTrainerSomeoneElse") == "reference"
+    assert report.role("nnUNetTrainerTeacher") == "teacher"
 
 
 def test_missing_dataset_results_and_configuration(results: tuple[Path, dict[str, int]], tmp_path: Path,
@@ -165,7 +167,7 @@ def test_latency_on_tiny_networks(results: tuple[Path, dict[str, int]]) -> None:
         row = rows[name]
         assert (isinstance(row["latency_ms"], float) and row["latency_ms"] > 0) or \
                (row["latency_ms"] is None and row["latency_note"]), row
-    assert "n/a" in report.to_markdown([{**rows["nnUNetTrainerStudent"], "latency_ms": None,
+    assert "n/a" in report_table([{**rows["nnUNetTrainerStudent"], "latency_ms": None,
                                          "latency_note": "RuntimeError: trainer not found"}])
 
 
@@ -178,14 +180,14 @@ def test_a_leaky_teachers_student_is_marked_optimistic(results: tuple[Path, dict
     torch.save(checkpoint, path)
     rows = report.collect_rows("992", latency=False)
     assert [r["validation_optimistic"] is not None for r in rows] == [False, False, True]
-    text = report.to_markdown(rows)
+    text = report_table(rows)
     line = next(li for li in text.splitlines() if li.startswith("| nnUNetTrainerReCoKD "))
     assert "0.7716 (optimistic)" in line
     assert "nnUNetTrainerReCoKD: validation OPTIMISTIC: its teacher was trained on 3 of the 3" in text
     assert "(optimistic)" not in next(li for li in text.splitlines() if li.startswith("| nnUNetTrainerStudent "))
     ensemble = {**rows[2], "validation_optimistic": {"cases": 3, "of": 3, "teacher_fold": [1, 2, 3, 4],
                                                      "source": "splits_final.json"}}
-    text = report.to_markdown([ensemble])
+    text = report_table([ensemble])
     assert "0.7716 (optimistic)" in text and "its teachers (folds 1, 2, 3, 4) were trained on 3 of the 3" in text
 
 
@@ -209,15 +211,15 @@ def test_held_out_table_lists_dice_and_seconds_per_case():
            "n_cases": 2, "test": {"dice": {"organ": 0.81234, "lesion": 0.5}, "mean_dice": 0.65617, "n_cases": 4,
                                   "seconds_per_case": 1.234}, "test_note": None}
     failed = {**row, "trainer": "nnUNetTrainerStudent", "test": None, "test_note": "RuntimeError: no trainer"}
-    text = report.to_markdown([row, failed])
+    text = report_table([row, failed])
     assert "Held-out cases (imagesTs/labelsTs, 4 cases" in text
     assert "| nnUNetTrainerReCoKD | 0.8123 | 0.5000 | 0.6562 | 1.23 |" in text
     assert "| nnUNetTrainerStudent | - | - | - | - |" in text
     assert "nnUNetTrainerStudent: held-out cases not evaluated: RuntimeError: no trainer" in text
-    assert "Held-out" not in report.to_markdown([{**row, "test": None}])
+    assert "Held-out" not in report_table([{**row, "test": None}])
     # with the deploy extra each model is also timed on the CPU runtime, in a column of its own
     timed = {**row, "test": {**row["test"], "runtime_seconds_per_case": 0.1234, "runtime": "openvino"}}
-    text = report.to_markdown([timed, failed])
+    text = report_table([timed, failed])
     assert "| mean Dice | s / case | s / case, CPU openvino |" in text
     assert "| nnUNetTrainerReCoKD | 0.8123 | 0.5000 | 0.6562 | 1.23 | 0.12 |" in text
     assert "| nnUNetTrainerStudent | - | - | - | - | - |" in text
@@ -232,7 +234,7 @@ def test_a_student_of_teacher_labelled_cases_says_how_many_and_what_its_validati
          "teacher_label_weight": 0.5, "teacher": "/t"}))
     try:
         rows = {r["trainer"]: r for r in report.collect_rows("992", latency=False)}
-        text = report.to_markdown(list(rows.values()))
+        text = report_table(list(rows.values()))
     finally:
         (fold / "recokd_training_cases.json").unlink()
     assert rows["nnUNetTrainerReCoKD"]["training_cases"]["teacher_labelled"] == 12
@@ -245,7 +247,7 @@ def test_a_student_of_teacher_labelled_cases_says_how_many_and_what_its_validati
     (fold / "recokd_training_cases.json").write_text(json.dumps(
         {"real": 8, "teacher_labelled": 4, "teacher_label_weight": 1.0, "min_agreement": 0.75}))
     try:
-        text = report.to_markdown(report.collect_rows("992", latency=False))
+        text = report_table(report.collect_rows("992", latency=False))
     finally:
         (fold / "recokd_training_cases.json").unlink()
     assert ("trained on 8 cases with real labels and 4 labelled by the teacher (seg-loss weight 1; ignore label "

@@ -36,7 +36,8 @@ def main() -> None:
 
     from nnunetv2_recokd.agreement import predict_with_agreement, segmentation_in_image, unsure_in_image
     from nnunetv2_recokd.deploy.modelfolder import open_model_folder
-    from nnunetv2_recokd.deploy.predictor import build_predictor, check_input_folder, dice_per_class
+    from nnunetv2_recokd.deploy.inputfolder import check_input_folder
+    from nnunetv2_recokd.deploy.predictor import build_predictor, dice_per_class
 
     model = open_model_folder(args.teacher, None)
     predictor = build_predictor(model, "openvino", True, 0.5, threads=args.threads)

@@ -13,33 +13,12 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from nnunetv2_recokd.deploy.modelfolder import DeployError, ModelFolder, model_folder_from_ids, open_model_folder
-from nnunetv2_recokd.deploy.quantize import CALIBRATION_CASES
+from nnunetv2_recokd.cli.common import add_calibration_arguments, add_model_arguments, resolve_model
+from nnunetv2_recokd.deploy.modelfolder import DeployError, ModelFolder
 from nnunetv2_recokd.deploy.runtime import DEFAULT_RUNTIME, RUNTIMES
-
-
-def add_model_arguments(p: argparse.ArgumentParser, trainer_default: str = "nnUNetTrainerReCoKD") -> None:
-    """-m MODEL_FOLDER, or nnUNetv2_predict's -d/-tr/-p/-c; -f; -chk."""
-    p.add_argument("-m", "--model", help="model folder <Trainer>__<plans>__<configuration> (instead of -d/-tr/-p/-c)")
-    p.add_argument("-d", help="dataset name or ID (with -tr/-p/-c: the folder in $nnUNet_results)")
-    p.add_argument("-tr", default=trainer_default, help=f"trainer (default {trainer_default})")
-    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-    p.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
-    p.add_argument("-f", nargs="+", default=None,
-                   help="folds (default: every fold_<f> that has the checkpoint; several folds are ensembled)")
-    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name (default checkpoint_final.pth)")
-
-
-def add_calibration_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calibration", help="int8: folder of images in nnU-Net's naming to calibrate every fold on (a few "
-                                         "training cases; a student that reads fewer channels takes the dataset's "
-                                         "layout too; default: $nnUNet_raw/<dataset>/imagesTr, each fold's own "
-                                         "training cases per $nnUNet_preprocessed/<dataset>/splits_final.json)")
-    p.add_argument("--calibration_cases", type=int, default=CALIBRATION_CASES,
-                   help=f"int8: how many cases of the calibration folder are used (default {CALIBRATION_CASES})")
+from nnunetv2_recokd.evaluation.timing import Stopwatch, seconds_per_case
 
 
 def add_parsers(sub) -> None:
@@ -95,16 +74,6 @@ def add_parsers(sub) -> None:
     p.add_argument("-i", required=True, help="folder with the dataset's channel files (e.g. imagesTs)")
     p.add_argument("-o", required=True, help="the student's input folder to write (symbolic links)")
     add_model_arguments(p)
-
-
-def resolve_model(args: argparse.Namespace) -> ModelFolder:
-    if args.model:
-        folder = Path(args.model)
-    elif args.d:
-        folder = model_folder_from_ids(args.d, args.tr, args.p, args.c)
-    else:
-        raise DeployError("name the model: -m MODEL_FOLDER, or -d DATASET [-tr TRAINER -p PLANS -c CONFIGURATION]")
-    return open_model_folder(folder, args.f, args.chk)
 
 
 def export_main(args: argparse.Namespace) -> int:
@@ -164,14 +133,8 @@ def student_inputs_main(args: argparse.Namespace) -> int:
 
 
 def predict_main(args: argparse.Namespace) -> int:
-    from nnunetv2_recokd.deploy.predictor import (
-        CaseFailures,
-        build_predictor,
-        check_file_endings,
-        check_input_folder,
-        predict_cases,
-        previous_stage_files,
-    )
+    from nnunetv2_recokd.deploy.inputfolder import check_file_endings, check_input_folder
+    from nnunetv2_recokd.deploy.predictor import CaseFailures, build_predictor, predict_cases, previous_stage_files
     from nnunetv2_recokd.inputs.channels import ChannelError, student_input_files
 
     staging = None
@@ -190,13 +153,13 @@ def predict_main(args: argparse.Namespace) -> int:
             args.i = staging.name
         cases = check_input_folder(args.i, model.dataset_json)
         previous = previous_stage_files(model, cases, args.prev_stage_predictions)
-        start = time.perf_counter()
+        setup = Stopwatch()
         predictor = build_predictor(model, args.runtime, not args.disable_tta, args.step_size, args.threads,
                                     args.verbose, use_cache=not args.no_cache, precision=args.precision,
                                     calibration=args.calibration, calibration_cases=args.calibration_cases)
         print(f"{model.describe()}: {len(model.folds)} fold(s) on {args.runtime}"
               f"{'' if args.precision == 'f32' else ' ' + args.precision}, ready in "
-              f"{time.perf_counter() - start:.1f} s; {len(cases)} case(s), TTA {'off' if args.disable_tta else 'on'}")
+              f"{setup.seconds:.1f} s; {len(cases)} case(s), TTA {'off' if args.disable_tta else 'on'}")
         if args.npp > 0 or args.nps > 0:
             cases, failures = readable_cases(cases, model, args)
             if cases:
@@ -206,7 +169,7 @@ def predict_main(args: argparse.Namespace) -> int:
                                              num_processes_segmentation_export=max(1, args.nps),
                                              folder_with_segs_from_prev_stage=args.prev_stage_predictions)
         else:
-            ready = time.perf_counter() - start
+            ready = setup.seconds
             try:
                 timings = predict_cases(predictor, cases, args.o, args.save_probabilities,
                                         not args.continue_prediction, previous_stage=previous, keep_going=True)
@@ -214,7 +177,8 @@ def predict_main(args: argparse.Namespace) -> int:
                 timings, failures = e.timings, e.failures
             if timings:
                 total = sum(t.total_s for t in timings)
-                print(f"{len(timings)} case(s) in {total:.1f} s, {total / len(timings):.2f} s per case")
+                print(f"{len(timings)} case(s) in {total:.1f} s, "
+                      f"{seconds_per_case(total, len(timings)):.2f} s per case")
             if args.timings:
                 Path(args.timings).write_text(json.dumps(
                     {"runtime": args.runtime, "folds": model.folds, "tta": not args.disable_tta,

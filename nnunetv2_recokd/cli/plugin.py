@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -13,6 +14,33 @@ from typing import Optional
 SHIM_NAME = "nnunetv2_recokd_trainers.py"
 _MAX_ERROR_LINES = 12  # of a teacher error the doctor prints
 SHIM_MARKER = "# written by `nnunetv2_recokd install`; remove with `nnunetv2_recokd install --uninstall`\n"
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("install", help="make our trainers visible to nnU-Net (writes a shim module into nnU-Net's "
+                                       "trainer folder)")
+    p.add_argument("--uninstall", action="store_true", help="remove the shim again")
+
+    sub.add_parser("ext-path", help="print the folder to export as nnUNet_extTrainer (alternative to install)")
+
+    p = sub.add_parser("doctor", help="check nnU-Net, trainer discovery and the teacher that would be used")
+    p.add_argument("-d", "--dataset", help="dataset name or ID, to also check its teacher")
+    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("-f", "--fold", default="0")
+    p.add_argument("-tr", "--trainer", default="nnUNetTrainerLogitKD", help="whose settings to resolve")
+    p.add_argument("-p", "--plans", default="nnUNetPlans")
+
+
+def install_main(args: argparse.Namespace) -> int:
+    return install(uninstall=args.uninstall)
+
+
+def ext_path_main(args: argparse.Namespace) -> int:
+    return print_ext_path()
+
+
+def doctor_main(args: argparse.Namespace) -> int:
+    return doctor(args.dataset, args.configuration, args.fold, args.trainer, args.plans)
 
 
 def ext_folder() -> Path:

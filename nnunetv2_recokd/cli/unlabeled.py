@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nnunetv2_recokd.cli.common import cuda_available
 
-def add_parser(sub) -> None:
+
+def add_parsers(sub) -> None:
     p = sub.add_parser("add-unlabeled", help="let a trained teacher label unlabeled scans and make a new nnU-Net "
                                              "dataset of the labelled and the teacher-labelled cases, preprocessed "
                                              "with the teacher's plans")
@@ -49,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
     name = args.name
     if name is None:
         name = "Unlabeled" if args.d is None else f"{_labelled_name(args.d)}Unlabeled"
-    device = args.device or ("cuda" if _cuda() else "cpu")
+    device = args.device or ("cuda" if cuda_available() else "cpu")
     try:
         inputs = check_inputs(args.teacher, args.i, args.id, name, args.d, args.f, tta=not args.disable_tta,
                               min_agreement=args.min_agreement, min_case_agreement=args.min_case_agreement)
@@ -80,9 +82,3 @@ def _labelled_name(dataset: str) -> str:
 
     folder = _dataset_folder(Path(os.environ.get("nnUNet_raw", ".")), dataset)
     return folder.name.split("_", 1)[1] if folder is not None else "Dataset"
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

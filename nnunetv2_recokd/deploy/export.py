@@ -26,8 +26,17 @@ from typing import Optional, Union
 
 import torch
 
+from nnunetv2_recokd.deploy.graph import split_concat_convs
 from nnunetv2_recokd.deploy.modelfolder import DeployError, ModelFolder
-from nnunetv2_recokd.deploy.quantize import CALIBRATION_CASES, require_nncf, write_int8_networks
+from nnunetv2_recokd.deploy.quantize import (
+    CALIBRATION_CASES,
+    INT8_SUFFIX,
+    calibration_cases,
+    calibration_tiles,
+    quantize_onnx,
+    require_nncf,
+    save_int8,
+)
 from nnunetv2_recokd.deploy.runtime import compile_network, export_onnx, max_logit_difference
 from nnunetv2_recokd.student import PLANS_KEY, student_arch_kwargs, student_spec
 
@@ -200,3 +209,43 @@ def write_install_zip(model_folder: Path, zip_file: Path) -> Path:
 
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2))
+
+
+def write_int8_networks(model: ModelFolder, target_root: Path, calibration: Optional[str] = None,
+                        num_cases: int = CALIBRATION_CASES) -> list[Path]:
+    """Quantize every fold of the model, each calibrated on its own cases (calibration_cases), and write
+    ``<target_root>/fold_<f>/<checkpoint stem>.int8.xml`` (+ .bin), which ``predict --precision int8`` then uses
+    without calibration images. Returns the written .xml files.
+
+    Raises:
+        DeployError: NNCF not installed, a cascade stage, or a fold's calibration cases not found (every fold's are
+            looked up before anything is quantized).
+    """
+    import onnx
+
+    from nnunetv2_recokd.deploy.predictor import RuntimePredictor
+
+    require_nncf()
+    reference = RuntimePredictor("torch")
+    reference.initialize_from_trained_model_folder(str(model.path), model.folds, model.checkpoint_name)
+    if reference.configuration_manager.previous_stage_name is not None:
+        raise DeployError("int8 is not available for a cascade stage (its calibration would need the previous "
+                          "stage's segmentations)")
+    cases = {fold: calibration_cases(model, calibration, num_cases, fold=fold) for fold in model.folds}
+    network = getattr(reference.network, "_orig_mod", reference.network).eval()
+    shape = (1, reference.num_input_channels(), *reference.configuration_manager.patch_size)
+    written = []
+    tiles, tiles_cases = None, None  # the last fold's tiles, reused while the cases are the same (--calibration)
+    for fold, params in zip(model.folds, reference.list_of_parameters):
+        if cases[fold] != tiles_cases:
+            tiles, tiles_cases = None, None  # the previous fold's tiles are freed before the next are made
+            tiles, tiles_cases = calibration_tiles(reference, cases[fold]), cases[fold]
+        network.load_state_dict(params)
+        with tempfile.TemporaryDirectory(prefix="recokd_int8_") as tmp:
+            onnx_file = Path(tmp) / "network.onnx"
+            export_onnx(network, shape, onnx_file)
+            onnx.save(split_concat_convs(onnx.load(str(onnx_file)))[0], str(onnx_file))
+            target = Path(target_root) / f"fold_{fold}" / (Path(model.checkpoint_name).stem + INT8_SUFFIX)
+            save_int8(quantize_onnx(onnx_file, tiles), target)
+        written.append(target)
+    return written

@@ -14,7 +14,8 @@ never used: no split, or none of the fold's training cases among the images, is 
 student that reads fewer channels than its dataset (``student_channels``) is fed the dataset channels it reads, in
 its order (``recokd_student_channels`` of its dataset.json). The quantized network is cached beside the ONNX export
 (keyed by the checkpoint, the calibration files and this module's settings); ``export --precision int8`` writes it
-into the model folder, where ``predict --precision int8`` uses it without any calibration images.
+into the model folder (export.py's write_int8_networks), where ``predict --precision int8`` uses it without any
+calibration images.
 
 Judge int8 by Dice against ground truth on held-out cases (within 0.005 of float32 per class is this project's
 bar) and by label agreement with float32: ``nnunetv2_recokd benchmark-predict --precisions f32 int8``.
@@ -79,7 +80,7 @@ def calibration_cases(model: ModelFolder, folder: Optional[str] = None, num_case
             any of the fold's training cases among the images not found (never a fallback to held-out cases); a
             folder whose files do not match the model's channels.
     """
-    from nnunetv2_recokd.deploy.predictor import check_input_folder
+    from nnunetv2_recokd.deploy.inputfolder import check_input_folder
     from nnunetv2_recokd.inputs.channels import (
         DATASET_KEY,
         ChannelError,
@@ -244,47 +245,3 @@ def save_int8(model, target: Path) -> None:
     ov.save_model(model, str(partial), compress_to_fp16=False)
     os.replace(partial.with_suffix(".bin"), target.with_suffix(".bin"))
     os.replace(partial, target)
-
-
-def write_int8_networks(model: ModelFolder, target_root: Path, calibration: Optional[str] = None,
-                        num_cases: int = CALIBRATION_CASES) -> list[Path]:
-    """Quantize every fold of the model, each calibrated on its own cases (calibration_cases), and write
-    ``<target_root>/fold_<f>/<checkpoint stem>.int8.xml`` (+ .bin), which ``predict --precision int8`` then uses
-    without calibration images. Returns the written .xml files.
-
-    Raises:
-        DeployError: NNCF not installed, a cascade stage, or a fold's calibration cases not found (every fold's are
-            looked up before anything is quantized).
-    """
-    import tempfile
-
-    import onnx
-
-    from nnunetv2_recokd.deploy.graph import split_concat_convs
-    from nnunetv2_recokd.deploy.predictor import RuntimePredictor
-    from nnunetv2_recokd.deploy.runtime import export_onnx
-
-    require_nncf()
-    reference = RuntimePredictor("torch")
-    reference.initialize_from_trained_model_folder(str(model.path), model.folds, model.checkpoint_name)
-    if reference.configuration_manager.previous_stage_name is not None:
-        raise DeployError("int8 is not available for a cascade stage (its calibration would need the previous "
-                          "stage's segmentations)")
-    cases = {fold: calibration_cases(model, calibration, num_cases, fold=fold) for fold in model.folds}
-    network = getattr(reference.network, "_orig_mod", reference.network).eval()
-    shape = (1, reference.num_input_channels(), *reference.configuration_manager.patch_size)
-    written = []
-    tiles, tiles_cases = None, None  # the last fold's tiles, reused while the cases are the same (--calibration)
-    for fold, params in zip(model.folds, reference.list_of_parameters):
-        if cases[fold] != tiles_cases:
-            tiles, tiles_cases = None, None  # the previous fold's tiles are freed before the next are made
-            tiles, tiles_cases = calibration_tiles(reference, cases[fold]), cases[fold]
-        network.load_state_dict(params)
-        with tempfile.TemporaryDirectory(prefix="recokd_int8_") as tmp:
-            onnx_file = Path(tmp) / "network.onnx"
-            export_onnx(network, shape, onnx_file)
-            onnx.save(split_concat_convs(onnx.load(str(onnx_file)))[0], str(onnx_file))
-            target = Path(target_root) / f"fold_{fold}" / (Path(model.checkpoint_name).stem + INT8_SUFFIX)
-            save_int8(quantize_onnx(onnx_file, tiles), target)
-        written.append(target)
-    return written

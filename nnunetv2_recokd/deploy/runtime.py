@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nnunetv2_recokd.deploy import quantize
 from nnunetv2_recokd.deploy.graph import GRAPH_VERSION, split_concat_convs
 from nnunetv2_recokd.deploy.modelfolder import DeployError
 
@@ -142,8 +143,6 @@ def compile_network(network: nn.Module, input_shape: Sequence[int], runtime: str
     if runtime == "torch":
         return network.eval()
     if precision == "int8":
-        from nnunetv2_recokd.deploy import quantize
-
         for ready in (int8_file, int8_cache):  # exported with the model, or quantized before: no export, no NNCF
             if ready is not None and ready.is_file() and ready.with_suffix(".bin").is_file():
                 return CompiledNetwork(_openvino(ready, threads, "f32"), input_shape, runtime)
