@@ -231,23 +231,33 @@ def test_fold_all_teacher_is_refused_before_training(workspace):
 
 
 def test_unlabeled_scans_through_nnunets_commands(workspace):
-    """add-unlabeled with the trained teacher: the 2 held-out scans become teacher-labelled training cases of a new
-    dataset, with nnU-Net's ignore label where the teacher's mirrorings disagree (--min-agreement 1); ReCo-KD trains on
-    it with the original dataset's teacher and no flags, continues with --c, predicts and is evaluated by nnU-Net's
-    commands; then the label-free variant (teacher labels only, all of them kept)."""
+    """add-unlabeled with the trained teacher: 2 new scans become teacher-labelled training cases of a new dataset,
+    with nnU-Net's ignore label where the teacher's mirrorings disagree (--min-agreement 1); the held-out scans, which
+    the student is scored on, are refused as unlabeled input; ReCo-KD trains on it with the original dataset's teacher
+    and no flags, continues with --c, predicts and is evaluated by nnU-Net's commands; then the label-free variant
+    (teacher labels only, all of them kept)."""
+    import SimpleITK as sitk
+
+    from nnunetv2_recokd.synthetic import write_unlabeled_images
+
     root, env = workspace
     env = {k: v for k, v in env.items() if k != "RECOKD_CONFIG"}
     teacher = root / "res" / DATASET / TEACHER_FOLDER
     images = root / "raw" / DATASET / "imagesTs"
-    text = _run(["nnunetv2_recokd", "add-unlabeled", "-i", str(images), "-t", str(teacher), "-d", str(DATASET_ID),
-                 "--id", "993", "-f", "0", "--min-agreement", "1", "-device", "cpu", "-np", "1"], env, root / "add.log")
-    assert "[2/2] case_011" in text and "10 labelled + 2 teacher-labelled cases" in text
+    add = ["nnunetv2_recokd", "add-unlabeled", "-t", str(teacher), "-d", str(DATASET_ID), "--id", "993", "-f", "0",
+           "--min-agreement", "1", "-device", "cpu", "-np", "1"]
+    refused = subprocess.run(add + ["-i", str(images)], env=env, capture_output=True, text=True)
+    assert refused.returncode == 1 and "are images of the labelled dataset" in refused.stderr
+    size = sitk.ReadImage(str(next(images.iterdir()))).GetSize()[0]
+    scans = write_unlabeled_images(root / "new_scans", 2, size=size, seed=7, varied=True, prefix="case_u")
+    text = _run(add + ["-i", str(scans)], env, root / "add.log")
+    assert "[2/2] case_u_001" in text and "10 labelled + 2 teacher-labelled cases" in text
     derived = root / "raw" / "Dataset993_SyntheticLesionsUnlabeled"
     ignore = json.loads((derived / "dataset.json").read_text())["labels"]["ignore"]
     assert ignore == 3  # background, organ, lesion: nnU-Net's ignore label is the highest + 1
-    assert sorted(p.name for p in (derived / "labelsTr").iterdir())[-2:] == ["case_010.nii.gz", "case_011.nii.gz"]
+    assert sorted(p.name for p in (derived / "labelsTr").iterdir())[-2:] == ["case_u_000.nii.gz", "case_u_001.nii.gz"]
     splits = json.loads((root / "pre" / derived.name / "splits_final.json").read_text())
-    assert all({"case_010", "case_011"} <= set(f["train"]) and not {"case_010", "case_011"} & set(f["val"])
+    assert all({"case_u_000", "case_u_001"} <= set(f["train"]) and not {"case_u_000", "case_u_001"} & set(f["val"])
                for f in splits)
 
     settings = {"num_epochs": 1, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1, "seed": 0,
