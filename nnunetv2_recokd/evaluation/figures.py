@@ -12,31 +12,48 @@ from nnunetv2_recokd.evaluation.tables import class_columns, report_label
 
 def demo_figure(rows: list[dict], classes: list[str], path: Path) -> None:
     """figure.png: Dice per class per model (bars with the spread over seeds) and latency per model with its
-    parameters."""
+    parameters (draw_demo_figure, saved)."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_demo_figure(rows, classes)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def draw_demo_figure(rows: list[dict], classes: list[str]):
+    """The demo's figure as a matplotlib Figure. Its text never overlaps (tests/test_figures.py checks the rendered
+    boxes): the legend sits below both panels, the latency panel's bars are horizontal with the model names wrapped on
+    the y axis."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_dice, ax_lat) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_dice, ax_lat) = plt.subplots(1, 2, figsize=(12, 4.5 + 0.35 * len(rows)))
     width = 0.8 / len(rows)
     for i, r in enumerate(rows):
         xs = [j + i * width for j in range(len(classes))]
         errors = [r["dice_sd"][c] for c in classes] if len(r["seeds"]) > 1 else None
         bars = ax_dice.bar(xs, [r["dice"][c] for c in classes], width, yerr=errors, capsize=3, label=r["model"])
-        ax_dice.bar_label(bars, fmt="%.2f", fontsize=8)
+        ax_dice.bar_label(bars, fmt="%.2f", fontsize=7)
     ax_dice.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(classes))], classes)
-    ax_dice.set(ylim=(0, 1.25), ylabel="Dice", title="Dice per class")
-    ax_dice.legend(loc="upper center", ncol=len(rows), fontsize=8)  # above the bars, never over them
-    bars = ax_lat.bar([r["model"] for r in rows], [r["latency_ms"] for r in rows],
-                      color=[f"C{i}" for i in range(len(rows))])
-    ax_lat.bar_label(bars, labels=[f"{r['latency_ms']:.0f} ms\n{r['params'] / 1e6:.2f} M params" for r in rows],
+    ax_dice.set(ylim=(0, 1.15), ylabel="Dice", title="Dice per class")
+    names = ["\n".join(textwrap.wrap(r["model"], 22)) for r in rows]
+    positions = list(range(len(rows)))[::-1]  # the first model on top, as in the legend
+    bars = ax_lat.barh(positions, [r["latency_ms"] for r in rows], color=[f"C{i}" for i in range(len(rows))])
+    ax_lat.set_yticks(positions, names, fontsize=8)
+    ax_lat.bar_label(bars, labels=[f" {r['latency_ms']:.0f} ms, {r['params'] / 1e6:.2f} M params" for r in rows],
                      fontsize=8)
-    ax_lat.set(ylabel="ms per patch", title=f"inference latency ({rows[0]['device']})")
-    ax_lat.set_ylim(0, max(r["latency_ms"] for r in rows) * 1.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ax_lat.set(xlabel="ms per patch", title=f"inference latency ({rows[0]['device']})")
+    ax_lat.set_xlim(0, max(r["latency_ms"] for r in rows) * 1.7)
+    handles, labels = ax_dice.get_legend_handles_labels()
+    n_cols = min(len(rows), 3)
+    legend_rows = math.ceil(len(rows) / n_cols)
+    fig.legend(handles, labels, loc="lower center", ncol=n_cols, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * legend_rows + 0.02, 1, 1))
+    return fig
 
 
 def report_figure(rows: list[dict[str, Any]], path: Union[str, Path]) -> None:
