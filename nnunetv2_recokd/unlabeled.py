@@ -569,7 +569,7 @@ def add_unlabeled(inputs: Inputs, device: str = "cpu", num_processes: int = 2, l
                     f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): the part that labels the last "
                     f"one assembles and preprocesses the dataset (or rerun any part once they are all labelled)")
                 return None
-            kept = _drop_disagreed_cases(inputs, raw, ending, log)
+            kept, dropped = _drop_disagreed_cases(inputs, raw, ending, log)
             for case, (images, label) in inputs.real_cases.items():
                 for image in images:
                     _link(image, raw / "imagesTr" / Path(image).name)
@@ -577,7 +577,7 @@ def add_unlabeled(inputs: Inputs, device: str = "cpu", num_processes: int = 2, l
             for files in kept.unlabeled_cases.values():
                 for image in files:
                     _link(image, raw / "imagesTr" / Path(image).name)
-            dataset_json = derived_dataset_json(kept, dropped=_dropped(inputs, kept, raw))
+            dataset_json = derived_dataset_json(kept, dropped=dropped)
             (raw / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
             _preprocess(kept, raw, pre, dataset_json, num_processes, log)
             os.replace(pre, pre_final)
@@ -591,12 +591,14 @@ def add_unlabeled(inputs: Inputs, device: str = "cpu", num_processes: int = 2, l
 DROPPED_LABELS = "dropped_labelsTr"  # beside labelsTr: the teacher's labels of the cases --min-case-agreement dropped
 
 
-def _drop_disagreed_cases(inputs: Inputs, raw: Path, ending: str, log: Callable[[str], None]) -> Inputs:
+def _drop_disagreed_cases(inputs: Inputs, raw: Path, ending: str, log: Callable[[str], None]
+                          ) -> tuple[Inputs, Optional[dict]]:
     """The inputs without the teacher-labelled cases its members agree on less than min_case_agreement for some
-    foreground label; their labels move to dropped_labelsTr (kept for a look, out of nnU-Net's way). Logs each."""
+    foreground label, and {case: agreement} of those dropped (None without --min-case-agreement); their labels move
+    to dropped_labelsTr (kept for a look, out of nnU-Net's way). Logs each."""
     threshold = inputs.request.min_case_agreement
     if threshold is None:
-        return inputs
+        return inputs, None
     agreements = case_agreements(raw, sorted(inputs.unlabeled_cases))
     dropped = {c: a for c, a in agreements.items() if min(a.values(), default=1.0) < threshold}
     (raw / DROPPED_LABELS).mkdir(exist_ok=True)
@@ -606,16 +608,9 @@ def _drop_disagreed_cases(inputs: Inputs, raw: Path, ending: str, log: Callable[
             + ", ".join(f"{k}: {v:.3f}" for k, v in agreement.items()) + f" (below {threshold:g})")
     log(f"--min-case-agreement {threshold:g}: {len(agreements) - len(dropped)} of {len(agreements)} teacher-labelled "
         f"cases kept, {len(dropped)} dropped")
-    return dataclasses.replace(inputs, unlabeled_cases={c: f for c, f in inputs.unlabeled_cases.items()
+    kept = dataclasses.replace(inputs, unlabeled_cases={c: f for c, f in inputs.unlabeled_cases.items()
                                                         if c not in dropped})
-
-
-def _dropped(inputs: Inputs, kept: Inputs, raw: Path) -> Optional[dict]:
-    """{case: agreement} of the dropped cases, for dataset.json (None without --min-case-agreement)."""
-    if inputs.request.min_case_agreement is None:
-        return None
-    gone = sorted(set(inputs.unlabeled_cases) - set(kept.unlabeled_cases))
-    return case_agreements(raw, gone)
+    return kept, dropped
 
 
 def _preprocess_again(inputs: Inputs, request: str, num_processes: int, log: Callable[[str], None]) -> None:

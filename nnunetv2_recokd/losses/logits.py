@@ -84,8 +84,16 @@ class LogitKDLoss(nn.Module):
             ls_t = _log_mean([F.logsigmoid(z) for z in zts], weights)
             lns_t = _log_mean([F.logsigmoid(-z) for z in zts], weights)
             return (ls_t.exp() * (ls_t - ls_s) + lns_t.exp() * (lns_t - lns_s)).mean(1, keepdim=True)
-        log_ps = F.log_softmax(zs, 1)
-        log_pt = _log_mean([F.log_softmax(z, 1) for z in zts], weights)
+        return self.softmax_kl(student, self.teacher_log_probs(teachers, weights))
+
+    def teacher_log_probs(self, teachers: Sequence[torch.Tensor], weights: Optional[Sequence[float]] = None
+                          ) -> torch.Tensor:
+        """log of the (weighted mean of the) teachers' softened probabilities, (B, C, *spatial) float32."""
+        return _log_mean([F.log_softmax(z.detach().float() / self.temperature, 1) for z in teachers], weights)
+
+    def softmax_kl(self, student: torch.Tensor, log_pt: torch.Tensor) -> torch.Tensor:
+        """KL(p_t || softmax(z_s / T)) of every voxel, (B, 1, *spatial) float32, from the teachers' log_pt."""
+        log_ps = F.log_softmax(student.float() / self.temperature, 1)
         return (log_pt.exp() * (log_pt - log_ps)).sum(1, keepdim=True)
 
 
@@ -122,8 +130,8 @@ class ClassBalancedLogitKDLoss(LogitKDLoss):
         teachers = _checked(student, teacher, weights)
         t = self.temperature
         with float32_region(student.device):
-            per_voxel = self.per_voxel(student, teachers, weights)  # (B, 1, *spatial)
-            log_pt = _log_mean([F.log_softmax(z.detach().float() / t, 1) for z in teachers], weights)
+            log_pt = self.teacher_log_probs(teachers, weights)  # once: the KL's target and the voxels' classes
+            per_voxel = self.softmax_kl(student, log_pt)  # (B, 1, *spatial)
             classes = log_pt.argmax(1, keepdim=True)  # (B, 1, *spatial)
             weight = (torch.ones_like(per_voxel) if valid is None else valid.to(per_voxel.dtype)).flatten()
             n_classes = student.shape[1]
